@@ -1,0 +1,155 @@
+// C++ CPU implementation of gather_pieces / scatter_pieces: parallel over the batch, one
+// pass over memory. Row-contiguous pieces (no column permutation) become straight
+// vectorizable loops; the first layer, which holds almost all parameters, is always one.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "piece_table.h"
+
+namespace hyforget {
+namespace {
+
+void check_table(const at::Tensor& table) {
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == NUM_PIECE_COLS && table.scalar_type() == at::kLong &&
+                  table.device().is_cpu(),
+              "hyforget: piece table must be a CPU int64 tensor of shape (n_pieces, ", int(NUM_PIECE_COLS), ")");
+}
+
+const float* norm_ptr(const c10::optional<at::Tensor>& norm, const at::Tensor& table) {
+  if (!norm.has_value()) return nullptr;
+  TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->dim() == 2 && norm->size(1) == 2 && norm->is_contiguous(),
+              "hyforget: norm must be a contiguous float32 (n_pieces, 2) tensor");
+  auto t = table.accessor<int64_t, 2>();
+  for (int64_t p = 0; p < table.size(0); ++p)
+    TORCH_CHECK(t[p][NORM] >= 0 && t[p][NORM] < norm->size(0), "hyforget: norm table has too few rows");
+  return norm->data_ptr<float>();
+}
+
+template <typename T>
+void gather_sample(const T* src, T* dst, const int64_t* perm, int64_t perm_width, const int64_t* tab,
+                   int64_t npieces, const float* norm, bool* bad) {
+  for (int64_t p = 0; p < npieces; ++p) {
+    const int64_t* e = tab + p * NUM_PIECE_COLS;
+    const int64_t rows = e[ROWS], cols = e[COLS];
+    const int64_t* rp = (perm && e[RPERM] >= 0) ? perm + e[RPERM] : nullptr;
+    const int64_t* cp = (perm && e[CPERM] >= 0) ? perm + e[CPERM] : nullptr;
+    const T* s = src + e[SRC];
+    T* d = dst + e[DST];
+    const float shift = norm ? norm[2 * e[NORM]] : 0.f;
+    const float scale = norm ? norm[2 * e[NORM] + 1] : 1.f;
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t sr = rp ? rp[r] : r;
+      if (static_cast<uint64_t>(sr) >= static_cast<uint64_t>(rows)) { *bad = true; sr = 0; }
+      const T* srow = s + sr * cols;
+      T* drow = d + r * cols;
+      if (cp) {
+        for (int64_t c = 0; c < cols; ++c) {
+          int64_t sc = cp[c];
+          if (static_cast<uint64_t>(sc) >= static_cast<uint64_t>(cols)) { *bad = true; sc = 0; }
+          drow[c] = norm ? static_cast<T>((static_cast<float>(srow[sc]) - shift) * scale) : srow[sc];
+        }
+      } else if (norm) {
+        for (int64_t c = 0; c < cols; ++c) drow[c] = static_cast<T>((static_cast<float>(srow[c]) - shift) * scale);
+      } else {
+        std::copy(srow, srow + cols, drow);
+      }
+    }
+    std::fill(d + rows * cols, d + e[DLEN], T(0));
+  }
+  (void)perm_width;
+}
+
+at::Tensor gather_pieces_cpu(const at::Tensor& params, const at::Tensor& table, const c10::optional<at::Tensor>& perms,
+                             const c10::optional<at::Tensor>& norm, int64_t out_width) {
+  check_table(table);
+  TORCH_CHECK(params.dim() == 2, "hyforget: params must be (B, P), got ", params.sizes());
+  auto x = params.contiguous();
+  const int64_t B = x.size(0), P = x.size(1);
+  const int64_t* tab = table.data_ptr<int64_t>();
+  const int64_t npieces = table.size(0);
+  for (int64_t p = 0; p < npieces; ++p) {
+    const int64_t* e = tab + p * NUM_PIECE_COLS;
+    TORCH_CHECK(e[SRC] >= 0 && e[SRC] + e[ROWS] * e[COLS] <= P, "hyforget: piece ", p, " reads past P=", P);
+    TORCH_CHECK(e[DST] >= 0 && e[DST] + e[DLEN] <= out_width && e[DLEN] >= e[ROWS] * e[COLS],
+                "hyforget: piece ", p, " writes past out_width=", out_width);
+  }
+  const int64_t* pp = nullptr;
+  int64_t pw = 0;
+  at::Tensor pc;
+  if (perms.has_value()) {
+    TORCH_CHECK(perms->scalar_type() == at::kLong && perms->dim() == 2 && perms->size(0) == B && perms->device().is_cpu(),
+                "hyforget: perms must be a CPU int64 (B, H) tensor");
+    pc = perms->contiguous();
+    pp = pc.data_ptr<int64_t>();
+    pw = pc.size(1);
+    for (int64_t p = 0; p < npieces; ++p) {
+      const int64_t* e = tab + p * NUM_PIECE_COLS;
+      TORCH_CHECK(e[RPERM] < 0 || e[RPERM] + e[ROWS] <= pw, "hyforget: perms too narrow for piece ", p);
+      TORCH_CHECK(e[CPERM] < 0 || e[CPERM] + e[COLS] <= pw, "hyforget: perms too narrow for piece ", p);
+    }
+  }
+  const float* np = norm_ptr(norm, table);
+  auto out = at::empty({B, out_width}, x.options());
+  std::atomic<bool> any_bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_pieces_cpu", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      bool bad = false;
+      for (int64_t b = b0; b < b1; ++b)
+        gather_sample(src + b * P, dst + b * out_width, pp ? pp + b * pw : nullptr, pw, tab, npieces, np, &bad);
+      if (bad) any_bad = true;
+    });
+  });
+  TORCH_CHECK(!any_bad.load(), "hyforget: perms contains an index out of range for its hidden layer");
+  return out;
+}
+
+at::Tensor scatter_pieces_cpu(const at::Tensor& tokens, const at::Tensor& table, const c10::optional<at::Tensor>& norm,
+                              int64_t out_width) {
+  check_table(table);
+  TORCH_CHECK(tokens.dim() == 2, "hyforget: tokens must be (B, T*chunk), got ", tokens.sizes());
+  auto x = tokens.contiguous();
+  const int64_t B = x.size(0), W = x.size(1);
+  const int64_t* tab = table.data_ptr<int64_t>();
+  const int64_t npieces = table.size(0);
+  for (int64_t p = 0; p < npieces; ++p) {
+    const int64_t* e = tab + p * NUM_PIECE_COLS;
+    TORCH_CHECK(e[SRC] >= 0 && e[SRC] + e[ROWS] * e[COLS] <= out_width, "hyforget: piece ", p, " writes past P");
+    TORCH_CHECK(e[DST] >= 0 && e[DST] + e[ROWS] * e[COLS] <= W, "hyforget: piece ", p, " reads past the token row");
+  }
+  const float* np = norm_ptr(norm, table);
+  auto out = at::empty({B, out_width}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_pieces_cpu", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t p = 0; p < npieces; ++p) {
+          const int64_t* e = tab + p * NUM_PIECE_COLS;
+          const int64_t n = e[ROWS] * e[COLS];
+          const scalar_t* s = src + b * W + e[DST];
+          scalar_t* d = dst + b * out_width + e[SRC];
+          if (np) {
+            const float shift = np[2 * e[NORM]], scale = np[2 * e[NORM] + 1];
+            for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(static_cast<float>(s[i]) / scale + shift);
+          } else {
+            std::copy(s, s + n, d);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hyforget, CPU, m) {
+  m.impl("gather_pieces", &gather_pieces_cpu);
+  m.impl("scatter_pieces", &scatter_pieces_cpu);
+}
+
+}  // namespace hyforget

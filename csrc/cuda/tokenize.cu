@@ -1,0 +1,123 @@
+// CUDA gather_pieces / scatter_pieces. No torch headers: plain kernels plus launchers that
+// csrc/cuda/tokenize_cuda.cpp calls. One thread per output value, grid-stride; the piece
+// table (a few dozen int64) sits in shared memory. Normalization uses __fsub_rn/__fmul_rn/
+// __fdiv_rn/__fadd_rn so nvcc cannot contract it into FMAs: results equal the PyTorch
+// reference bit for bit.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../piece_table.h"
+#include "launchers.h"
+
+namespace hyforget {
+namespace {
+
+constexpr int kMaxPieces = 128;
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ int find_piece(const int64_t* tab, int npieces, int64_t d, int col) {
+  // Pieces are few and sorted by their column `col`; a linear scan in shared memory is enough.
+  int p = 0;
+  while (p + 1 < npieces && tab[(p + 1) * NUM_PIECE_COLS + col] <= d) ++p;
+  return p;
+}
+
+template <typename T>
+__global__ void gather_pieces_kernel(const T* __restrict__ src, T* __restrict__ dst, const int64_t* __restrict__ table,
+                                     int npieces, const int64_t* __restrict__ perms, int64_t pw,
+                                     const float* __restrict__ norm, int64_t B, int64_t P, int64_t W) {
+  __shared__ int64_t tab[kMaxPieces * NUM_PIECE_COLS];
+  for (int i = threadIdx.x; i < npieces * NUM_PIECE_COLS; i += blockDim.x) tab[i] = table[i];
+  __syncthreads();
+  const int64_t total = B * W;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = idx / W, d = idx - b * W;
+    const int64_t* e = tab + find_piece(tab, npieces, d, DST) * NUM_PIECE_COLS;
+    const int64_t pos = d - e[DST], rows = e[ROWS], cols = e[COLS];
+    T v = from_f<T>(0.f);
+    if (pos < rows * cols) {
+      int64_t r = pos / cols, c = pos - r * cols;
+      if (perms && e[RPERM] >= 0) r = perms[b * pw + e[RPERM] + r];
+      if (perms && e[CPERM] >= 0) c = perms[b * pw + e[CPERM] + c];
+      // validate=False with a broken permutation gives unspecified values, never a wild read.
+      r = (r < 0 || r >= rows) ? 0 : r;
+      c = (c < 0 || c >= cols) ? 0 : c;
+      v = src[b * P + e[SRC] + r * cols + c];
+      if (norm) v = from_f<T>(__fmul_rn(__fsub_rn(to_f(v), norm[2 * e[NORM]]), norm[2 * e[NORM] + 1]));
+    }
+    dst[idx] = v;
+  }
+}
+
+template <typename T>
+__global__ void scatter_pieces_kernel(const T* __restrict__ src, T* __restrict__ dst, const int64_t* __restrict__ table,
+                                      int npieces, const float* __restrict__ norm, int64_t B, int64_t W, int64_t P) {
+  __shared__ int64_t tab[kMaxPieces * NUM_PIECE_COLS];
+  for (int i = threadIdx.x; i < npieces * NUM_PIECE_COLS; i += blockDim.x) tab[i] = table[i];
+  __syncthreads();
+  const int64_t total = B * P;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = idx / P, i = idx - b * P;
+    const int64_t* e = tab + find_piece(tab, npieces, i, SRC) * NUM_PIECE_COLS;
+    T v = src[b * W + e[DST] + (i - e[SRC])];
+    if (norm) v = from_f<T>(__fadd_rn(__fdiv_rn(to_f(v), norm[2 * e[NORM] + 1]), norm[2 * e[NORM]]));
+    dst[idx] = v;
+  }
+}
+
+int grid_for(int64_t total, int threads) {
+  int64_t blocks = (total + threads - 1) / threads;
+  return static_cast<int>(blocks < 65536 * 8 ? (blocks > 0 ? blocks : 1) : 65536 * 8);
+}
+
+}  // namespace
+
+int max_pieces() { return kMaxPieces; }
+
+cudaError_t launch_gather_pieces(DType dtype, const void* src, void* dst, const int64_t* table, int npieces,
+                                 const int64_t* perms, int64_t perm_width, const float* norm, int64_t B, int64_t P,
+                                 int64_t W, cudaStream_t stream) {
+  const int threads = 256;
+  const int grid = grid_for(B * W, threads);
+#define HYF_LAUNCH(T)                                                                                       \
+  gather_pieces_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(src), static_cast<T*>(dst), \
+                                                         table, npieces, perms, perm_width, norm, B, P, W)
+  switch (dtype) {
+    case DType::kFloat32: HYF_LAUNCH(float); break;
+    case DType::kFloat16: HYF_LAUNCH(__half); break;
+    case DType::kBFloat16: HYF_LAUNCH(__nv_bfloat16); break;
+  }
+#undef HYF_LAUNCH
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scatter_pieces(DType dtype, const void* src, void* dst, const int64_t* table, int npieces,
+                                  const float* norm, int64_t B, int64_t W, int64_t P, cudaStream_t stream) {
+  const int threads = 256;
+  const int grid = grid_for(B * P, threads);
+#define HYF_LAUNCH(T)                                                                                        \
+  scatter_pieces_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(src), static_cast<T*>(dst), \
+                                                          table, npieces, norm, B, W, P)
+  switch (dtype) {
+    case DType::kFloat32: HYF_LAUNCH(float); break;
+    case DType::kFloat16: HYF_LAUNCH(__half); break;
+    case DType::kBFloat16: HYF_LAUNCH(__nv_bfloat16); break;
+  }
+#undef HYF_LAUNCH
+  return cudaGetLastError();
+}
+
+}  // namespace hyforget

@@ -1,0 +1,15 @@
+// Every hyforget op is declared once, here. Each backend registers its implementation in
+// its own file (csrc/cpu/*.cpp for CPU, csrc/cuda/*_cuda.cpp for CUDA); the Python
+// wrappers in hyforget_fast/ops.py validate inputs and register fake (meta) kernels.
+#include <torch/library.h>
+
+TORCH_LIBRARY(hyforget, m) {
+  // Fused permute + normalize + tokenize: out[b, DST + i] = norm(params[b, SRC + perm(i)]),
+  // zero in each piece's padding. `table` is a piece table (see hyforget_fast/spec.py).
+  m.def("gather_pieces(Tensor params, Tensor table, Tensor? perms, Tensor? norm, int out_width) -> Tensor");
+  // Inverse of gather_pieces without permutation: out[b, SRC + i] = denorm(tokens[b, DST + i]).
+  m.def("scatter_pieces(Tensor tokens, Tensor table, Tensor? norm, int out_width) -> Tensor");
+  // Fused evaluation of B ReLU MLPs on one labelled set: per-class sums of cross-entropy
+  // and of correct predictions, both (B, num_classes) float32.
+  m.def("class_metrics(Tensor params, Tensor X, Tensor y, int[] layer_sizes, int num_classes) -> (Tensor, Tensor)");
+}

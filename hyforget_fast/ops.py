@@ -1,0 +1,152 @@
+"""Public ops: validate inputs, then dispatch to a backend (see hyforget_fast.backends).
+
+Every op takes `backend=None` (fastest available for the tensors' device) or one of
+"reference", "cpp", "cuda", "triton" to force an implementation.
+"""
+from __future__ import annotations
+
+import torch
+
+from .backends import import_kernels as _kernels
+from .backends import native_loaded as _native_loaded
+from .backends import pick as _pick
+from . import reference as _ref
+from .spec import MLPSpec, ParamNorm, TokenLayout
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# Fake (meta) kernels so the native ops trace under torch.compile / FakeTensor.
+if _native_loaded():
+    @torch.library.register_fake("hyforget::gather_pieces")
+    def _gather_pieces_fake(params, table, perms, norm, out_width):
+        return params.new_empty((params.shape[0], out_width))
+
+    @torch.library.register_fake("hyforget::scatter_pieces")
+    def _scatter_pieces_fake(tokens, table, norm, out_width):
+        return tokens.new_empty((tokens.shape[0], out_width))
+
+
+def _check_params(params: torch.Tensor, spec: MLPSpec, what: str = "params") -> None:
+    if not isinstance(params, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(params).__name__}")
+    if params.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, float16, bfloat16 or float64, got {params.dtype}")
+    if params.ndim != 2 or params.shape[1] != spec.num_params:
+        raise ValueError(f"{what} must have shape (B, {spec.num_params}) for MLPSpec{spec.layer_sizes}, "
+                         f"got {tuple(params.shape)}")
+
+
+def validate_perms(perms: torch.Tensor, spec: MLPSpec, batch: int, device: torch.device) -> None:
+    """Raise if perms is not (batch, H) int64 on `device` with a true permutation per hidden layer."""
+    H = spec.num_hidden_units
+    if not isinstance(perms, torch.Tensor):
+        raise TypeError(f"perms must be a torch.Tensor, got {type(perms).__name__}")
+    if perms.dtype != torch.int64:
+        raise TypeError(f"perms must be int64, got {perms.dtype}")
+    if perms.shape != (batch, H):
+        raise ValueError(f"perms must have shape ({batch}, {H}) for hidden sizes {spec.hidden_sizes}, "
+                         f"got {tuple(perms.shape)}")
+    if perms.device != device:
+        raise ValueError(f"perms is on {perms.device} but params are on {device}")
+    for k, (o, h) in enumerate(zip(spec.hidden_offsets, spec.hidden_sizes)):
+        seg = perms[:, o:o + h]
+        ok = torch.equal(seg.sort(dim=1).values, torch.arange(h, device=device).expand(batch, h))
+        if not ok:
+            bad = int((seg.sort(dim=1).values != torch.arange(h, device=device)).any(1).nonzero()[0, 0])
+            raise ValueError(f"perms row {bad} is not a permutation of hidden layer {k} (size {h}): "
+                             f"{seg[bad].tolist()}")
+
+
+def sample_perms(spec: MLPSpec, batch: int, *, generator: torch.Generator | None = None,
+                 seed: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """One uniformly random hidden-unit permutation per sample and hidden layer -> (batch, H) int64.
+
+    Drawn on `device` (the generator's device when a generator is given) from `generator`,
+    or from a fresh generator seeded with `seed`.
+    """
+    if generator is None:
+        device = torch.device(device or "cpu")
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0 if seed is None else int(seed))
+    else:
+        device = generator.device
+    keys = torch.rand(batch, spec.num_hidden_units, generator=generator, device=device)  # (B, H)
+    segs = [keys[:, o:o + h].argsort(dim=1) for o, h in zip(spec.hidden_offsets, spec.hidden_sizes)]
+    return torch.cat(segs, 1)
+
+
+def _norm_table(norm: ParamNorm | None, spec: MLPSpec, device: torch.device) -> torch.Tensor | None:
+    if norm is None:
+        return None
+    if not isinstance(norm, ParamNorm):
+        raise TypeError(f"norm must be a ParamNorm, got {type(norm).__name__}")
+    if norm.spec != spec:
+        raise ValueError(f"norm was fitted for MLPSpec{norm.spec.layer_sizes}, not MLPSpec{spec.layer_sizes}")
+    return norm.stats.to(device)
+
+
+def _gather(params, table, perms, norm_t, out_width, backend):
+    if backend == "triton":
+        _tk = _kernels().tokenize
+        return _tk.gather_pieces(params, table.to(params.device), perms, norm_t, out_width)
+    return torch.ops.hyforget.gather_pieces(params, table.to(params.device), perms, norm_t, out_width)
+
+
+def tokenize(params: torch.Tensor, layout: TokenLayout, perms: torch.Tensor | None = None,
+             norm: ParamNorm | None = None, *, validate: bool = True, backend: str | None = None) -> torch.Tensor:
+    """Fused permute + normalize + tokenize, one pass over memory: (B, P) -> (B, T, chunk).
+
+    perms: (B, H) int64 hidden-unit permutations (see sample_perms), applied as in
+    reference.permute. norm: a ParamNorm applied per piece. Padding is zero.
+    validate=True checks that every perms row is a permutation (one extra pass over perms).
+    """
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+    spec = layout.spec
+    _check_params(params, spec)
+    if perms is not None and validate:
+        validate_perms(perms, spec, params.shape[0], params.device)
+    be = _pick("gather_pieces", params.device, backend)
+    if be == "reference" or params.dtype == torch.float64 and be != "cpp":
+        return _ref.tokenize(params, layout, perms, norm)
+    out = _gather(params, layout.table, perms, _norm_table(norm, spec, params.device),
+                  layout.num_tokens * layout.chunk, be)
+    return out.view(params.shape[0], layout.num_tokens, layout.chunk)  # (B, T, chunk)
+
+
+def detokenize(tokens: torch.Tensor, layout: TokenLayout, norm: ParamNorm | None = None, *,
+               backend: str | None = None) -> torch.Tensor:
+    """Exact inverse of tokenize (without perms): (B, T, chunk) -> (B, P), padding dropped."""
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"tokens must be a floating-point tensor, got "
+                        f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+    if tokens.ndim != 3 or tokens.shape[1:] != (layout.num_tokens, layout.chunk):
+        raise ValueError(f"tokens must have shape (B, {layout.num_tokens}, {layout.chunk}) for {layout}, "
+                         f"got {tuple(tokens.shape)}")
+    be = _pick("scatter_pieces", tokens.device, backend)
+    if be == "reference" or tokens.dtype == torch.float64 and be != "cpp":
+        return _ref.detokenize(tokens, layout, norm)
+    flat = tokens.reshape(tokens.shape[0], -1)  # (B, T*chunk)
+    norm_t = _norm_table(norm, layout.spec, tokens.device)
+    P = layout.spec.num_params
+    if be == "triton":
+        _tk = _kernels().tokenize
+        return _tk.scatter_pieces(flat, layout.table.to(tokens.device), norm_t, P)
+    return torch.ops.hyforget.scatter_pieces(flat, layout.table.to(tokens.device), norm_t, P)
+
+
+def permute(params: torch.Tensor, spec: MLPSpec, perms: torch.Tensor, *, validate: bool = True,
+            backend: str | None = None) -> torch.Tensor:
+    """Permute hidden units of flat parameter vectors (B, P) -> (B, P); the MLP's function is unchanged."""
+    if not isinstance(spec, MLPSpec):
+        raise TypeError(f"spec must be an MLPSpec, got {type(spec).__name__}")
+    _check_params(params, spec)
+    if validate:
+        validate_perms(perms, spec, params.shape[0], params.device)
+    be = _pick("gather_pieces", params.device, backend)
+    if be == "reference" or params.dtype == torch.float64 and be != "cpp":
+        return _ref.permute(params, spec, perms)
+    return _gather(params, spec.flat_table, perms, None, spec.num_params, be)

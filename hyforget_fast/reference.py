@@ -1,0 +1,61 @@
+"""Plain-PyTorch references of every op. Tests and benchmarks import these; the kernels must
+equal them bit for bit (gathers) or within the stated tolerance (arithmetic).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .spec import MLPSpec, ParamNorm, TokenLayout
+
+
+def permute(params: torch.Tensor, spec: MLPSpec, perms: torch.Tensor) -> torch.Tensor:
+    """Permute hidden units: W'_l[r, c] = W_l[pi_l[r], pi_{l-1}[c]], b'_l[r] = b_l[pi_l[r]].
+
+    params (B, P), perms (B, H) int64 with H = spec.num_hidden_units -> (B, P).
+    """
+    out = []
+    for l, (W, b) in enumerate(spec.unflatten(params)):  # (B, out, in), (B, out)
+        rperm, cperm = spec._perm_offsets(l)
+        if rperm >= 0:
+            pr = perms[:, rperm:rperm + W.shape[1]]  # (B, out)
+            W = W.gather(1, pr[:, :, None].expand_as(W))
+            b = b.gather(1, pr)
+        if cperm >= 0:
+            pc = perms[:, cperm:cperm + W.shape[2]]  # (B, in)
+            W = W.gather(2, pc[:, None, :].expand_as(W))
+        out += [W.flatten(1), b]
+    return torch.cat(out, 1)
+
+
+def _pieces(params: torch.Tensor, spec: MLPSpec) -> list[torch.Tensor]:
+    return [params[:, o:o + r * c] for o, (_, _, r, c) in zip(spec.piece_offsets, spec.pieces)]
+
+
+def tokenize(params: torch.Tensor, layout: TokenLayout, perms: torch.Tensor | None = None,
+             norm: ParamNorm | None = None) -> torch.Tensor:
+    """(B, P) -> (B, T, chunk): permute, normalize per piece, cut pieces into zero-padded tokens."""
+    spec, chunk = layout.spec, layout.chunk
+    x = permute(params, spec, perms) if perms is not None else params
+    out = []
+    for p, piece in enumerate(_pieces(x, spec)):
+        if norm is not None:
+            shift, scale = norm.stats[p, 0].to(x.device), norm.stats[p, 1].to(x.device)
+            piece = ((piece.float() - shift) * scale).to(x.dtype)
+        n = piece.shape[1]
+        out.append(F.pad(piece, (0, -(-n // chunk) * chunk - n)))  # zero padding of the last token
+    return torch.cat(out, 1).view(x.shape[0], layout.num_tokens, chunk)  # (B, T, chunk)
+
+
+def detokenize(tokens: torch.Tensor, layout: TokenLayout, norm: ParamNorm | None = None) -> torch.Tensor:
+    """(B, T, chunk) -> (B, P): drop padding, undo normalization (x = y / scale + shift)."""
+    flat = tokens.reshape(tokens.shape[0], -1)  # (B, T*chunk)
+    out, t0 = [], 0
+    for p, (_, _, r, c) in enumerate(layout.spec.pieces):
+        piece = flat[:, t0 * layout.chunk:t0 * layout.chunk + r * c]
+        if norm is not None:
+            shift, scale = norm.stats[p, 0].to(flat.device), norm.stats[p, 1].to(flat.device)
+            piece = (piece.float() / scale + shift).to(flat.dtype)
+        out.append(piece)
+        t0 += -(-r * c // layout.chunk)
+    return torch.cat(out, 1)

@@ -1,0 +1,1 @@
+"""Triton stub: filled in below."""
