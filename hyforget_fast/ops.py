@@ -5,6 +5,8 @@ Every op takes `backend=None` (fastest available for the tensors' device) or one
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .backends import import_kernels as _kernels
@@ -150,3 +152,30 @@ def permute(params: torch.Tensor, spec: MLPSpec, perms: torch.Tensor, *, validat
     if be == "reference" or params.dtype == torch.float64 and be != "cpp":
         return _ref.permute(params, spec, perms)
     return _gather(params, spec.flat_table, perms, None, spec.num_params, be)
+
+
+class ClassMetrics(NamedTuple):
+    """Metrics of B networks on one labelled set with m classes.
+
+    class_loss (B, m) mean cross-entropy per class; class_acc (B, m) accuracy per class;
+    loss (B,) and acc (B,) over all N inputs. A class absent from y is NaN in class_loss and
+    class_acc (never 0): its mean is undefined. A network with NaN/Inf parameters gets NaN
+    losses; its accuracy is whatever its (NaN) logits' argmax gives, and neighbours are unaffected.
+    """
+
+    class_loss: torch.Tensor
+    class_acc: torch.Tensor
+    loss: torch.Tensor
+    acc: torch.Tensor
+
+
+def class_metrics(params: torch.Tensor, spec: MLPSpec | TokenLayout, X: torch.Tensor, y: torch.Tensor,
+                  num_classes: int | None = None, *, max_batch: int | None = None,
+                  backend: str | None = None) -> ClassMetrics:
+    """Per-class loss and accuracy of B ReLU MLPs on the same inputs, fused (SPEC §3).
+
+    params: (B, P) flat vectors, or (B, T, chunk) tokens when `spec` is a TokenLayout.
+    X (N, D), y (N,) int64 labels in [0, num_classes). num_classes defaults to the output width.
+    B is processed in slices of at most `max_batch` networks so memory stays bounded.
+    """
+    raise NotImplementedError("class_metrics is being implemented (issue 3)")

@@ -59,3 +59,40 @@ def detokenize(tokens: torch.Tensor, layout: TokenLayout, norm: ParamNorm | None
         out.append(piece)
         t0 += -(-r * c // layout.chunk)
     return torch.cat(out, 1)
+
+
+def mlp_logits(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor) -> torch.Tensor:
+    """Batched forward of B MLPs on shared inputs, the batched-einsum way.
+
+    params (B, P), X (N, D) -> logits (B, N, m). Materializes every (B, N, width) activation.
+    """
+    h = None
+    for l, (W, b) in enumerate(spec.unflatten(params)):  # (B, out, in), (B, out)
+        h = torch.einsum("nd,bhd->bnh", X, W) if h is None else torch.einsum("bnd,bhd->bnh", h, W)  # (B, N, out)
+        h = h + b[:, None, :]
+        if l < spec.num_layers - 1:
+            h = torch.relu(h)
+    return h
+
+
+def class_sums(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch.Tensor,
+               num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of cross-entropy and of correct predictions, each (B, m) float32.
+
+    This is exactly what the native class_metrics op returns; dividing by the class counts
+    gives the means. Predictions are torch.argmax of the logits (first maximum on ties).
+    """
+    logits = mlp_logits(params, spec, X)  # (B, N, m)
+    logp = torch.log_softmax(logits, dim=-1)
+    yb = y[None, :].expand(logits.shape[0], -1)  # (B, N)
+    loss = -logp.gather(2, yb[:, :, None]).squeeze(2)  # (B, N)
+    correct = (logits.argmax(dim=-1) == yb).to(loss.dtype)  # (B, N)
+    loss_sum = loss.new_zeros(logits.shape[0], num_classes).index_add_(1, y, loss)
+    correct_sum = loss.new_zeros(logits.shape[0], num_classes).index_add_(1, y, correct)
+    return loss_sum.float(), correct_sum.float()
+
+
+def class_outputs(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample softmax probabilities (B, N, m) and predictions (B, N) for a few models."""
+    logits = mlp_logits(params, spec, X)
+    return torch.softmax(logits, dim=-1), logits.argmax(dim=-1)
