@@ -101,12 +101,14 @@ def _check(x: torch.Tensor, table: torch.Tensor) -> None:
 
 
 def gather_pieces(params: torch.Tensor, table: torch.Tensor, perms: torch.Tensor | None,
-                  norm: torch.Tensor | None, out_width: int, block: int = 1024) -> torch.Tensor:
+                  norm: torch.Tensor | None, out_width: int, block: int = 1024,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, P) -> (B, out_width): out[b, DST + i] = norm(params[b, SRC + perm(i)]), zero padding."""
     _check(params, table)
     x = params.contiguous()
     B, P = x.shape
-    out = torch.empty(B, out_width, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(B, out_width, dtype=x.dtype, device=x.device)
     pc = perms.contiguous() if perms is not None else x  # dummy pointer when unused
     nc = norm.contiguous() if norm is not None else x
     for b0 in range(0, B, _MAX_GRID_Y):  # grid axis 1 is limited to 65535

@@ -36,6 +36,9 @@ def test_tokenize_matches_reference(backend, device, spec, chunk, batch, seed, d
     want = ref.tokenize(x, layout, perms, norm)
     assert got.shape == (batch, layout.num_tokens, chunk) and got.dtype == dtype
     assert torch.equal(got, want)
+    buf = torch.full_like(want, float("nan"))  # a reused buffer: every value, padding too, is overwritten
+    hf.tokenize(x, layout, perms, norm, backend=backend, out=buf)
+    assert torch.equal(buf, want)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -145,6 +148,8 @@ def test_bad_input_is_refused_with_a_clear_error():
         hf.detokenize(torch.randn(2, 3, 5), layout)
     with pytest.raises(ValueError, match="fitted for MLPSpec"):
         hf.tokenize(x, layout, norm=hf.ParamNorm.fit(torch.randn(3, 17), hf.MLPSpec([2, 3, 2])))
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of shape \(2, 9, 5\)"):
+        hf.tokenize(x, layout, out=torch.empty(2, 9, 4))
     with pytest.raises(ValueError, match="unknown backend"):
         hf.tokenize(x, layout, backend="fortran")
     # the C++ kernel itself refuses an out-of-range index when validation is skipped

@@ -61,10 +61,14 @@ void gather_sample(const T* src, T* dst, const int64_t* perm, int64_t perm_width
   (void)perm_width;
 }
 
-at::Tensor gather_pieces_cpu(const at::Tensor& params, const at::Tensor& table, const c10::optional<at::Tensor>& perms,
-                             const c10::optional<at::Tensor>& norm, int64_t out_width) {
+void gather_pieces_out_cpu(const at::Tensor& params, const at::Tensor& table, const c10::optional<at::Tensor>& perms,
+                           const c10::optional<at::Tensor>& norm, const at::Tensor& out) {
   check_table(table);
   TORCH_CHECK(params.dim() == 2, "hyforget: params must be (B, P), got ", params.sizes());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == params.size(0) && out.is_contiguous() &&
+                  out.scalar_type() == params.scalar_type() && out.device().is_cpu(),
+              "hyforget: out must be a contiguous CPU (B, out_width) tensor of the params' dtype");
+  const int64_t out_width = out.size(1);
   auto x = params.contiguous();
   const int64_t B = x.size(0), P = x.size(1);
   const int64_t* tab = table.data_ptr<int64_t>();
@@ -91,7 +95,6 @@ at::Tensor gather_pieces_cpu(const at::Tensor& params, const at::Tensor& table, 
     }
   }
   const float* np = norm_ptr(norm, table);
-  auto out = at::empty({B, out_width}, x.options());
   std::atomic<bool> any_bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_pieces_cpu", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
@@ -104,6 +107,13 @@ at::Tensor gather_pieces_cpu(const at::Tensor& params, const at::Tensor& table, 
     });
   });
   TORCH_CHECK(!any_bad.load(), "hyforget: perms contains an index out of range for its hidden layer");
+}
+
+at::Tensor gather_pieces_cpu(const at::Tensor& params, const at::Tensor& table, const c10::optional<at::Tensor>& perms,
+                             const c10::optional<at::Tensor>& norm, int64_t out_width) {
+  TORCH_CHECK(params.dim() == 2, "hyforget: params must be (B, P), got ", params.sizes());
+  auto out = at::empty({params.size(0), out_width}, params.options().memory_format(at::MemoryFormat::Contiguous));
+  gather_pieces_out_cpu(params, table, perms, norm, out);
   return out;
 }
 
@@ -149,6 +159,7 @@ at::Tensor scatter_pieces_cpu(const at::Tensor& tokens, const at::Tensor& table,
 
 TORCH_LIBRARY_IMPL(hyforget, CPU, m) {
   m.impl("gather_pieces", &gather_pieces_cpu);
+  m.impl("gather_pieces_out", &gather_pieces_out_cpu);
   m.impl("scatter_pieces", &scatter_pieces_cpu);
 }
 
