@@ -24,6 +24,10 @@ if _native_loaded():
     def _gather_pieces_fake(params, table, perms, norm, out_width):
         return params.new_empty((params.shape[0], out_width))
 
+    @torch.library.register_fake("hyforget::gather_pieces_out")
+    def _gather_pieces_out_fake(params, table, perms, norm, out):
+        return None
+
     @torch.library.register_fake("hyforget::scatter_pieces")
     def _scatter_pieces_fake(tokens, table, norm, out_width):
         return tokens.new_empty((tokens.shape[0], out_width))

@@ -166,3 +166,18 @@ def test_backends_report_and_cuda_was_compiled_when_nvcc_exists():
         assert torch._C._dispatch_has_kernel_for_dispatch_key("hyforget::gather_pieces", "CUDA")
     if not torch.cuda.is_available():
         assert not status["cuda"].available and "no CUDA device" in status["cuda"].reason
+
+
+def test_native_ops_pass_torch_opcheck():
+    """Schemas, fake (meta) kernels and dispatch registrations are consistent (torch.compile-ready)."""
+    spec = hf.MLPSpec([9, 5, 3, 4])
+    layout = hf.TokenLayout(spec, 7)
+    x = torch.randn(3, spec.num_params)
+    perms = hf.sample_perms(spec, 3, seed=0)
+    norm = hf.ParamNorm.fit(torch.randn(5, spec.num_params), spec).stats
+    W = layout.num_tokens * layout.chunk
+    torch.library.opcheck(torch.ops.hyforget.gather_pieces.default, (x, layout.table, perms, norm, W))
+    torch.library.opcheck(torch.ops.hyforget.gather_pieces_out.default,
+                          (x, layout.table, perms, None, torch.empty(3, W)))
+    torch.library.opcheck(torch.ops.hyforget.scatter_pieces.default,
+                          (torch.randn(3, W), layout.table, norm, spec.num_params))
