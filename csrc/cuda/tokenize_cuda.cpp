@@ -34,6 +34,8 @@ void gather_pieces_out_cuda(const at::Tensor& params, const at::Tensor& table, c
                   out.scalar_type() == params.scalar_type() && out.device() == params.device(),
               "hyforget: out must be a contiguous (B, out_width) tensor of the params' dtype on ", params.device());
   const int64_t out_width = out.size(1);
+  TORCH_CHECK(out_width < (int64_t(1) << 31) && params.size(1) < (int64_t(1) << 31),
+              "hyforget: CUDA gather supports rows of fewer than 2^31 values");
   check_table_cuda(table, params);
   c10::cuda::CUDAGuard guard(params.device());
   auto x = params.contiguous();
@@ -69,6 +71,8 @@ at::Tensor gather_pieces_cuda(const at::Tensor& params, const at::Tensor& table,
 at::Tensor scatter_pieces_cuda(const at::Tensor& tokens, const at::Tensor& table, const c10::optional<at::Tensor>& norm,
                                int64_t out_width) {
   TORCH_CHECK(tokens.dim() == 2, "hyforget: tokens must be (B, T*chunk)");
+  TORCH_CHECK(tokens.size(1) < (int64_t(1) << 31) && out_width < (int64_t(1) << 31),
+              "hyforget: CUDA gather supports rows of fewer than 2^31 values");
   check_table_cuda(table, tokens);
   c10::cuda::CUDAGuard guard(tokens.device());
   auto x = tokens.contiguous();
