@@ -91,37 +91,35 @@ dim3 grid_for(int64_t B, int64_t width, int threads) {
 
 int max_pieces() { return kMaxPieces; }
 
+template <typename F>
+cudaError_t with_dtype(DType dtype, F&& launch) {
+  switch (dtype) {
+    case DType::kFloat32: launch(float{}); break;
+    case DType::kFloat16: launch(__half{}); break;
+    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
+  }
+  return cudaGetLastError();
+}
+
 cudaError_t launch_gather_pieces(DType dtype, const void* src, void* dst, const int64_t* table, int npieces,
                                  const int64_t* perms, int64_t perm_width, const float* norm, int64_t B, int64_t P,
                                  int64_t W, cudaStream_t stream) {
   const int threads = 256;
-  const dim3 grid = grid_for(B, W, threads);
-#define HYF_LAUNCH(T)                                                                                       \
-  gather_pieces_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(src), static_cast<T*>(dst), \
-                                                         table, npieces, perms, perm_width, norm, B, P, W)
-  switch (dtype) {
-    case DType::kFloat32: HYF_LAUNCH(float); break;
-    case DType::kFloat16: HYF_LAUNCH(__half); break;
-    case DType::kBFloat16: HYF_LAUNCH(__nv_bfloat16); break;
-  }
-#undef HYF_LAUNCH
-  return cudaGetLastError();
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gather_pieces_kernel<T><<<grid_for(B, W, threads), threads, 0, stream>>>(
+        static_cast<const T*>(src), static_cast<T*>(dst), table, npieces, perms, perm_width, norm, B, P, W);
+  });
 }
 
 cudaError_t launch_scatter_pieces(DType dtype, const void* src, void* dst, const int64_t* table, int npieces,
                                   const float* norm, int64_t B, int64_t W, int64_t P, cudaStream_t stream) {
   const int threads = 256;
-  const dim3 grid = grid_for(B, P, threads);
-#define HYF_LAUNCH(T)                                                                                        \
-  scatter_pieces_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(src), static_cast<T*>(dst), \
-                                                          table, npieces, norm, B, W, P)
-  switch (dtype) {
-    case DType::kFloat32: HYF_LAUNCH(float); break;
-    case DType::kFloat16: HYF_LAUNCH(__half); break;
-    case DType::kBFloat16: HYF_LAUNCH(__nv_bfloat16); break;
-  }
-#undef HYF_LAUNCH
-  return cudaGetLastError();
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    scatter_pieces_kernel<T><<<grid_for(B, P, threads), threads, 0, stream>>>(
+        static_cast<const T*>(src), static_cast<T*>(dst), table, npieces, norm, B, W, P);
+  });
 }
 
 }  // namespace hyforget
