@@ -110,12 +110,12 @@ def make_splits(X: np.ndarray, y: np.ndarray, classes: Sequence[int], seed: int 
         cut = [len(idx) - n_val - n_test, len(idx) - n_test]
         for name, sl in zip(("train", "val", "test"), np.split(idx, cut)):
             parts[name].append((sl, k))
-    scale = 1.0 / 255.0 if X.dtype == np.uint8 else 1.0
+    scale = 255.0 if X.dtype == np.uint8 else 1.0
 
     def build(name):
         idx = np.concatenate([s for s, _ in parts[name]])
         lab = np.concatenate([np.full(len(s), k, np.int64) for s, k in parts[name]])
-        xs = torch.from_numpy(X[idx].astype(np.float32) * np.float32(scale))
+        xs = torch.from_numpy(X[idx].astype(np.float32) / np.float32(scale))
         return xs.contiguous(), torch.from_numpy(lab)
 
     (Xtr, ytr), (Xva, yva), (Xte, yte) = build("train"), build("val"), build("test")
