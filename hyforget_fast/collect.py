@@ -189,6 +189,11 @@ class BlockTrainer:
         self.class_count = counts.to(dev)                                   # (m,)
         self.class_start = (torch.cumsum(counts, 0) - counts).to(dev)       # (m,)
         self.Xv, self.yv = splits.X_val.to(dev), splits.y_val.to(dev)        # validation only
+        # Pixels that are 0 in every train and val image (the border) get zero gradient, so their
+        # first-layer weights stay at init and add nothing to any logit: compute without them.
+        self.active = ((self.Xtr != 0).any(0) | (self.Xv != 0).any(0)).nonzero().squeeze(1)  # (Da,)
+        self.Xtr, self.Xv = self.Xtr[:, self.active].contiguous(), self.Xv[:, self.active].contiguous()
+        self.eval_spec = MLPSpec((len(self.active), *self.spec.layer_sizes[1:]))
         first = block * cfg.block_runs
         self.R = min(cfg.block_runs, cfg.runs - first)
         if self.R <= 0:
@@ -211,6 +216,8 @@ class BlockTrainer:
             bound = 1.0 / math.sqrt(fan_in)
             self.W.append((self._rand(R, fan_out, fan_in) * 2 - 1) * bound)
             self.b.append((self._rand(R, fan_out) * 2 - 1) * bound)
+        self.W0_full = self.W[0]                                            # (R, H, 784) init, kept
+        self.W[0] = self.W0_full[:, :, self.active].contiguous()            # (R, H, Da) trained part
         lo, hi = math.log(cfg.lr_range[0]), math.log(cfg.lr_range[1])
         self.lr = torch.exp(lo + (hi - lo) * self._rand(R))                 # (R,)
         free = torch.zeros(m, dtype=torch.bool, device=dev)
@@ -241,12 +248,17 @@ class BlockTrainer:
         w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
         return torch.cumsum(w, 1)                                            # (R, m)
 
-    def flat_params(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, P) flat parameters (spec order: W_l row-major then b_l) of runs `rows` (all if None)."""
+    def flat_params(self, rows: torch.Tensor | None = None, full: bool = True) -> torch.Tensor:
+        """(n, P) flat parameters (spec order: W_l row-major then b_l) of runs `rows` (all if None).
+        full=False: first layer restricted to the active pixels, for eval_spec (cheaper scoring)."""
         parts = []
-        for W, b in zip(self.W, self.b):
+        for l, (W, b) in enumerate(zip(self.W, self.b)):
             if rows is not None:
                 W, b = W[rows], b[rows]
+            if l == 0 and full:
+                W0 = (self.W0_full if rows is None else self.W0_full[rows]).clone()
+                W0[:, :, self.active] = W
+                W = W0
             parts += [W.flatten(1), b]
         return torch.cat(parts, 1)
 
@@ -301,7 +313,7 @@ class BlockTrainer:
             rec["phase"].append(phase.cpu().to(torch.int8))
 
         all_rows = torch.arange(R, device=dev)
-        loss0, acc0 = class_metrics_any(self.flat_params(), self.spec, self.Xv, self.yv, m)
+        loss0, acc0 = class_metrics_any(self.flat_params(full=False), self.eval_spec, self.Xv, self.yv, m)
         record(all_rows, loss0, acc0, 0, torch.full((R,), PHASE_INIT, device=dev))
         n_cells = cfg.num_bins ** len(self.free_idx)
         bin_count = torch.zeros(n_cells, dtype=torch.long, device=dev)
@@ -322,7 +334,7 @@ class BlockTrainer:
                     break  # every run is full: training further could save nothing
                 continue
             n_offers += len(rows)
-            loss, acc = class_metrics_any(self.flat_params(rows), self.spec, self.Xv, self.yv, m)
+            loss, acc = class_metrics_any(self.flat_params(rows, full=False), self.eval_spec, self.Xv, self.yv, m)
             ok = (acc[:, self.pivot_idx] >= cfg.gamma).all(1) & torch.isfinite(loss).all(1)
             rows, loss, acc = rows[ok], loss[ok], acc[ok]
             if len(rows) == 0:
