@@ -1,8 +1,11 @@
 """Checkpoint collection: naive single-run PyTorch loop vs the batched engine, same schedule.
 
 Both sides follow the same run plan (init params, learning rate, per-class undersampling,
-forgetting phase, offer probabilities, pivot rule, bin caps) drawn by BlockTrainer; the naive
-side trains one nn.Module with one optimizer per run and evaluates then saves each offer.
+forgetting phase, offer probabilities, pivot rule, bin caps) drawn by BlockTrainer, and the
+same objective: a minibatch that walks a random permutation of the training set each epoch and
+the weighted mean cross-entropy with per-example weights keep[r, y] (0 for forgotten classes).
+The naive side trains one nn.Module with one optimizer per run (its own minibatches) and
+evaluates then saves each offer.
 Reports MLP-SGD-steps/s, checkpoints/s and FLOP rate vs a GEMM measured in the same process.
 
     PYTHONPATH=. python bench/bench_collect.py --preset mnist10 --runs 256 --naive-runs 3
@@ -71,13 +74,18 @@ def naive(cfg, splits, n_runs):
             layers += [lin, torch.nn.ReLU()]
         model = torch.nn.Sequential(*layers[:-1])
         opt = torch.optim.SGD(model.parameters(), lr=float(bt.lr[r]))
-        w_keep = bt.keep[r][ytr]                                   # per-sample sampling weights
-        w_forget = torch.where(bt.forget_mask[r][ytr], 0.0, w_keep)
-        saved = 0
+        w_keep = bt.keep[r]                                        # per-class loss weights
+        w_forget = torch.where(bt.forget_mask[r], 0.0, w_keep)
+        saved, B = 0, cfg.batch_size
         for step in range(1, bt.total_steps + 1):
-            w = w_forget if step >= float(bt.forget_step[r]) else w_keep
-            idx = torch.multinomial(w, cfg.batch_size, replacement=True, generator=g)
-            loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
+            e = (step - 1) % bt.steps_per_epoch
+            if e == 0:
+                perm = torch.randperm(len(ytr), generator=g)
+            idx = perm[e * B:(e + 1) * B]
+            yb = ytr[idx]
+            w = (w_forget if step >= float(bt.forget_step[r]) else w_keep)[yb]
+            ce = F.cross_entropy(model(Xtr[idx]), yb, reduction="none")
+            loss = (ce * w).sum() / w.sum().clamp_min(1e-30)       # weighted mean CE
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -112,12 +120,18 @@ def batched(cfg, splits, device):
     _sync(device)
     dt = time.perf_counter() - t0
     saved = int((res.phase != 0).sum())
-    return {"runs": bt.R, "steps": bt.R * res.stats["steps"], "evals": res.stats["offers"] + bt.R,
-            "saved": saved, "time": dt}
+    extra = 0
+    if cfg.score == "incremental":   # Zv update + resyncs + pre-screen epilogues, executed FLOPs
+        H, m, n_val, T = cfg.hidden[0], len(cfg.classes), len(bt.yv), res.stats["steps"]
+        extra = (2 * n_val * cfg.batch_size * bt.R * H * T + (T // cfg.resync_every) * bt.R * 2 * n_val * H * 784
+                 + res.stats["offers"] * 2 * n_val * H * m)
+    return {"runs": bt.R, "steps": bt.R * res.stats["steps"], "evals": res.stats["exact_scored"],
+            "saved": saved, "time": dt, "extra_flops": extra}
 
 
 def report(name, r, spec, cfg, n_val, gemm):
-    flops = r["steps"] * step_flops(spec, cfg.batch_size) + r["evals"] * mlp_flops(spec, n_val)
+    flops = (r["steps"] * step_flops(spec, cfg.batch_size) + r["evals"] * mlp_flops(spec, n_val)
+             + r.get("extra_flops", 0))
     rate = flops / r["time"]
     print(f"| {name} | {r['runs']} | {r['time']:.2f} | {r['steps'] / r['time']:,.0f} | {r['saved']} | "
           f"{r['saved'] / r['time']:,.1f} | {rate / 1e9:.1f} | {100 * rate / gemm:.0f}% |", flush=True)
@@ -131,11 +145,12 @@ def main():
     ap.add_argument("--naive-runs", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--score", choices=["incremental", "direct"], help="engine scoring (default: the preset's)")
     a = ap.parse_args()
-    cfg = preset(a.preset, runs=a.runs, block_runs=a.runs)
+    cfg = preset(a.preset, runs=a.runs, block_runs=a.runs, **({"score": a.score} if a.score else {}))
     splits = load_digits(cfg.classes, cfg.split_seed, fractions=cfg.fractions)
     spec, n_val = cfg.spec(), len(splits.y_val)
-    print(f"preset {a.preset}: spec {spec.layer_sizes}, batch {cfg.batch_size}, epochs {cfg.epochs}, "
+    print(f"preset {a.preset}: spec {spec.layer_sizes}, batch {cfg.batch_size}, epochs {cfg.epochs}, score {cfg.score}, "
           f"{cfg.ckpts_per_run} ckpts/run, train {len(splits.y_train)}, val {n_val}")
     print("| provider | runs | s | MLP-SGD-steps/s | ckpts saved | ckpts/s | GFLOP/s | of GEMM |")
     print("|---|---|---|---|---|---|---|---|")

@@ -5,12 +5,37 @@ One *block* = `block_runs` runs trained as a single batched computation, seeded 
 so resume (skip finished shards) and multi-rank (rank r does blocks k ≡ r mod W) reproduce a
 1-process run exactly.
 
-Per run: log-uniform learning rate, per-class undersampling (keep) rates realised as sampling
-weights over the training set, optional forgetting phase (from a random step on, chosen
-non-pivot classes get weight 0, so their losses rise). At random steps a run *offers* its
-parameters; offers are scored on the VALIDATION split and saved only if every pivot class has
-accuracy >= gamma and the checkpoint's loss bin (joint cell of the non-pivot classes' loss
-levels) holds fewer than `bin_cap` checkpoints in the block. Initial parameters are saved too.
+Per run: log-uniform learning rate, per-class undersampling (keep) rates, optional forgetting
+phase (from a random step on, chosen non-pivot classes get weight 0, so their losses rise). At
+random steps a run *offers* its parameters; offers are scored on the VALIDATION split and saved
+only if every pivot class has accuracy >= gamma and the checkpoint's loss bin (joint cell of the
+non-pivot classes' loss levels) holds fewer than `bin_cap` checkpoints in the block. Initial
+parameters are saved too.
+
+Shared minibatch, importance-weighted loss (format 2 of the training objective). Every step
+draws ONE minibatch of `batch_size` training indices for the whole block (the next slice of a
+per-epoch random permutation, shared by all runs). A run's undersampling rates and forgetting
+phase are realised as per-example loss weights w[r, i] = keep[r, y_i] (0 for a forgotten class)
+and each run minimises its weighted mean cross-entropy sum_i w[r,i] CE_i / sum_i w[r,i]. This is
+importance weighting instead of subsampling: a run whose sampling distribution is
+p_r(i) ∝ keep[r, y_i] sees the same expected loss / gradient (the weighted mean is the
+self-normalised importance-sampling estimate of E_{p_r}[CE], exact up to its O(1/batch) ratio
+bias), forgotten classes get exactly zero gradient, but the per-run effective batch is
+(sum w)^2 / sum w^2 <= batch_size (e.g. ~26 of 32 for a run with 2 of 10 classes removed). What
+it buys: the first layer of all R runs is one GEMM X_b (S, D) @ W1_all^T (D, R*H) forward and
+one GEMM G^T (R*H, S) @ X_b (S, D) for its weight gradient, with no (R, S, D) gather.
+
+Scoring (`score="incremental"`, the default): the block keeps the validation pre-activations of
+the first layer Zv (N_val, R*H) = X_val W1^T + b1 up to date with one GEMM per step through the
+fixed Gram matrix K = X_train X_val^T (Zv -= K[batch]^T G), so an offer costs only the cheap
+epilogue (ReLU, later layers, log-softmax, CE, argmax, per-class sums). Zv is recomputed exactly
+every `resync_every` steps so its float drift stays ~1e-6. These incremental values are only a
+PRE-SCREEN, made conservative by `screen_tol` (far above the drift): a validation sample whose
+top-two logits are within screen_tol counts as possibly correct, and a checkpoint whose screened
+bin is full still passes if a loss lies within screen_tol of a bin edge. Offers that pass are
+re-scored exactly with the fused per-class evaluator on their parameters, and the pivot rule and
+bin caps are applied to those exact values, so every saved loss / accuracy is a re-evaluation of
+the saved parameters and the rules hold exactly. `score="direct"` scores every offer exactly.
 """
 from __future__ import annotations
 
@@ -50,6 +75,9 @@ class CollectConfig:
     bin_cap_frac: float = 0.05         # cap per bin = this fraction of a block's save slots
     offer_factor: float = 1.5          # expected offers per save slot
     schedule: str = "uniform"          # "uniform" or "early_late" (DiHyFo-2, §3.4.1)
+    score: str = "incremental"         # "incremental" (pre-screen via Zv, exact re-score) or "direct"
+    resync_every: int = 64             # incremental: exact recompute of Zv every this many steps
+    screen_tol: float = 1e-3           # incremental: logit / loss tolerance of the pre-screen
     seed: int = 0
     split_seed: int = 0
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
@@ -65,6 +93,10 @@ class CollectConfig:
         for name in ("ckpts_per_run", "runs", "block_runs", "epochs", "batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.score not in ("incremental", "direct"):
+            raise ValueError(f"score must be 'incremental' or 'direct', got {self.score!r}")
+        if int(self.resync_every) <= 0:
+            raise ValueError(f"resync_every must be positive, got {self.resync_every}")
         if self.schedule not in ("uniform", "early_late"):
             raise ValueError(f"schedule must be 'uniform' or 'early_late', got {self.schedule!r}")
         if list(self.bin_edges) != sorted(self.bin_edges):
@@ -168,8 +200,10 @@ class BlockResult:
 class BlockTrainer:
     """Trains runs [k*block_runs, ...) of a config as one batched computation.
 
-    Parameters live as per-layer tensors W_l (R, out, in), b_l (R, out); the forward is one
-    torch.bmm per layer, the backward is written by hand (no autograd graph per step).
+    First-layer weights of all runs live in one (R*H, Da) matrix `W1` (viewed as W[0] (R, H, Da));
+    its forward and weight gradient on the shared minibatch are one GEMM each. Later layers are
+    per-run tensors W_l (R, out, in), b_l (R, out) with one torch.bmm per layer. The backward is
+    written by hand (no autograd graph per step).
     """
 
     def __init__(self, cfg: CollectConfig, splits, block: int, device="cpu"):
@@ -181,14 +215,13 @@ class BlockTrainer:
         self.m = len(cfg.classes)
         self.pivot_idx = torch.tensor([cfg.classes.index(c) for c in cfg.pivots], device=dev, dtype=torch.long)
         self.free_idx = torch.tensor([cfg.classes.index(c) for c in cfg.free_classes], device=dev, dtype=torch.long)
-        # Training data sorted by class so sampling is: pick a class by weight, then a uniform sample in it.
-        order = torch.argsort(splits.y_train, stable=True)
+        order = torch.argsort(splits.y_train, stable=True)                  # training data sorted by class
         self.Xtr = splits.X_train[order].to(dev)                            # (N, D)
         self.ytr = splits.y_train[order].to(dev)                            # (N,)
         counts = torch.bincount(self.ytr, minlength=self.m)
         self.class_count = counts.to(dev)                                   # (m,)
-        self.class_start = (torch.cumsum(counts, 0) - counts).to(dev)       # (m,)
         self.Xv, self.yv = splits.X_val.to(dev), splits.y_val.to(dev)        # validation only
+        self.val_count = torch.bincount(self.yv, minlength=self.m).float()  # (m,)
         # Pixels that are 0 in every train and val image (the border) get zero gradient, so their
         # first-layer weights stay at init and add nothing to any logit: compute without them.
         self.active = ((self.Xtr != 0).any(0) | (self.Xv != 0).any(0)).nonzero().squeeze(1)  # (Da,)
@@ -204,6 +237,7 @@ class BlockTrainer:
         self.gen = torch.Generator(device=dev)
         self.gen.manual_seed(block_seed(cfg.seed, block))
         self._init_runs()
+        self._perm = None
 
     def _rand(self, *shape):
         return torch.rand(*shape, generator=self.gen, device=self.device)
@@ -217,7 +251,10 @@ class BlockTrainer:
             self.W.append((self._rand(R, fan_out, fan_in) * 2 - 1) * bound)
             self.b.append((self._rand(R, fan_out) * 2 - 1) * bound)
         self.W0_full = self.W[0]                                            # (R, H, 784) init, kept
-        self.W[0] = self.W0_full[:, :, self.active].contiguous()            # (R, H, Da) trained part
+        self.H = self.W0_full.shape[1]
+        self.W1 = self.W0_full[:, :, self.active].reshape(R * self.H, -1).contiguous()  # (R*H, Da) trained
+        self.W[0] = self.W1.view(R, self.H, -1)                             # (R, H, Da) view of W1
+        self.b1 = self.b[0].view(-1)                                        # (R*H,) view of b[0]
         lo, hi = math.log(cfg.lr_range[0]), math.log(cfg.lr_range[1])
         self.lr = torch.exp(lo + (hi - lo) * self._rand(R))                 # (R,)
         free = torch.zeros(m, dtype=torch.bool, device=dev)
@@ -241,12 +278,10 @@ class BlockTrainer:
         self.class_w = self._class_weights(torch.zeros(R, dtype=torch.bool, device=dev))
 
     def _class_weights(self, forgetting: torch.Tensor) -> torch.Tensor:
-        """(R, m) cumulative class-choice distribution: P(class c) ∝ keep[r, c] * count_c, i.e.
-        sampling weight keep[r, y_i] on every training sample; forgotten classes get 0."""
-        w = self.keep * self.class_count[None, :].float()
-        w = torch.where(forgetting[:, None] & self.forget_mask, torch.zeros_like(w), w)
-        w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
-        return torch.cumsum(w, 1)                                            # (R, m)
+        """(R, m) per-class loss weights: keep[r, c], and 0 for a class run r is forgetting now.
+        Weighting example i by class_w[r, y_i] under uniform sampling is importance weighting for
+        the sampling distribution p_r(i) ∝ keep[r, y_i] (with forgotten classes removed)."""
+        return torch.where(forgetting[:, None] & self.forget_mask, torch.zeros_like(self.keep), self.keep)
 
     def flat_params(self, rows: torch.Tensor | None = None, full: bool = True) -> torch.Tensor:
         """(n, P) flat parameters (spec order: W_l row-major then b_l) of runs `rows` (all if None).
@@ -262,35 +297,50 @@ class BlockTrainer:
             parts += [W.flatten(1), b]
         return torch.cat(parts, 1)
 
-    def sample_batch(self) -> torch.Tensor:
-        """(R, B) training indices, per run: class by weight, then uniform within the class."""
-        R, B = self.R, self.cfg.batch_size
-        u = self._rand(R, B)
-        cls = torch.searchsorted(self.class_w, u).clamp_(max=self.m - 1)     # (R, B)
-        v = self._rand(R, B)
-        return self.class_start[cls] + (v * self.class_count[cls]).long().clamp_max(self.class_count[cls] - 1)
+    def sample_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared minibatch of step `step` (1-based): (S,) training indices, the next slice of this
+        epoch's random permutation, and (R, S) per-run loss weights normalised to sum 1 per run
+        (all 0 for a run whose weights in this batch are all 0)."""
+        B, e = self.cfg.batch_size, (step - 1) % self.steps_per_epoch
+        if e == 0 or self._perm is None:
+            self._perm = torch.randperm(len(self.ytr), generator=self.gen, device=self.device)
+        idx = self._perm[e * B:(e + 1) * B]
+        w = self.class_w[:, self.ytr[idx]]                                  # (R, S)
+        return idx, w / w.sum(1, keepdim=True).clamp_min(1e-30)
 
-    def sgd_step(self, idx: torch.Tensor) -> None:
-        """One SGD step of every run on its own minibatch idx (R, B); mean cross-entropy."""
-        x = self.Xtr[idx]                                                    # (R, B, D)
-        yb = self.ytr[idx]                                                   # (R, B)
-        hs, zs = [x], []
+    def sgd_step(self, idx: torch.Tensor, wn: torch.Tensor) -> torch.Tensor:
+        """One SGD step of every run on the shared minibatch idx (S,) with normalised per-run loss
+        weights wn (R, S): the weighted mean cross-entropy. Activations are kept feature-major,
+        (R, width, S), so per-class reductions run over contiguous rows.
+        -> GT (R*H, S), lr-scaled gradient of the first-layer pre-activations (W1 -= GT X_b,
+        b1 -= GT.sum(1))."""
+        R, H, S = self.R, self.H, len(idx)
+        x = self.Xtr[idx]                                                    # (S, Da)
+        yb = self.ytr[idx]                                                   # (S,)
+        z1 = torch.addmm(self.b1[:, None], self.W1, x.t())                   # (R*H, S): one GEMM
+        zs = [z1.view(R, H, S)]
+        hs = [torch.relu(zs[0])]
         L = len(self.W)
-        for l in range(L):
-            z = torch.baddbmm(self.b[l][:, None, :], hs[-1], self.W[l].transpose(1, 2))  # (R, B, out)
+        for l in range(1, L):
+            z = torch.baddbmm(self.b[l][:, :, None], self.W[l], hs[-1])      # (R, out, S)
             zs.append(z)
             if l < L - 1:
                 hs.append(torch.relu(z))
-        g = torch.softmax(zs[-1], dim=2)                                      # dLoss/dlogits * B
-        g.scatter_add_(2, yb[:, :, None], torch.full_like(g[:, :, :1], -1.0))
-        g.mul_(self.lr[:, None, None] / idx.shape[1])                        # fold lr / B in once
-        for l in range(L - 1, -1, -1):
-            gW = torch.bmm(g.transpose(1, 2), hs[l])                         # (R, out, in)
-            gb = g.sum(1)                                                    # (R, out)
-            if l > 0:
-                g = torch.bmm(g, self.W[l]) * (zs[l - 1] > 0)                # (R, B, in) through ReLU
+        z = zs[-1]
+        g = (z - z.amax(1, keepdim=True)).exp_()
+        g.div_(g.sum(1, keepdim=True))                                       # softmax over classes
+        g[:, yb, torch.arange(S, device=g.device)] -= 1.0                    # dCE/dlogits per example
+        g.mul_((wn * self.lr[:, None])[:, None, :])                          # fold weight and lr in once
+        for l in range(L - 1, 0, -1):
+            gW = torch.bmm(g, hs[l - 1].transpose(1, 2))                     # (R, out, in)
+            gb = g.sum(2)                                                    # (R, out)
+            g = torch.bmm(self.W[l].transpose(1, 2), g).mul_(zs[l - 1] > 0)  # (R, in, S) through ReLU
             self.W[l].sub_(gW)
             self.b[l].sub_(gb)
+        GT = g.view(R * H, S)
+        self.W1.addmm_(GT, x, alpha=-1.0)                                    # one GEMM
+        self.b1.sub_(GT.sum(1))
+        return GT
 
     def bin_cells(self, class_loss: torch.Tensor) -> torch.Tensor:
         """(n, m) losses -> (n,) joint bin cell of the free classes' loss levels."""
@@ -299,9 +349,67 @@ class BlockTrainer:
         mult = self.cfg.num_bins ** torch.arange(lev.shape[1], device=lev.device)
         return (lev * mult).sum(1)
 
+    def score_exact(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact per-class validation loss / accuracy (n, m) of runs `rows`, one batched call: the
+        fused evaluator when it is built, else one first-layer GEMM on the gathered weights plus
+        the epilogue below (the same sums as reference.class_sums)."""
+        from . import ops
+        try:
+            cm = ops.class_metrics(self.flat_params(rows, full=False), self.eval_spec, self.Xv, self.yv, self.m)
+            return cm.class_loss, cm.class_acc
+        except NotImplementedError:
+            pass
+        H, n = self.H, len(rows)
+        W1r = self.W[0][rows].view(n * H, -1)                                # (n*H, Da), gathered once
+        z1 = torch.addmm(self.b[0][rows].view(-1, 1), W1r, self.Xv.t())      # (n*H, N_val)
+        return self._epilogue(z1.view(n, H, -1), rows, exact=True)
+
+    def _epilogue(self, z1: torch.Tensor, rows: torch.Tensor, exact: bool):
+        """First-layer validation pre-activations z1 (n, H, N_val) of runs `rows` -> per-class
+        (mean CE (n, m), accuracy (n, m)). exact=False: the accuracy is an upper bound that counts
+        samples whose top-two logits are within screen_tol as correct (for the pre-screen)."""
+        h = torch.relu(z1)
+        L = len(self.W)
+        for l in range(1, L):
+            h = torch.baddbmm(self.b[l][rows][:, :, None], self.W[l][rows], h)  # (n, out, N_val)
+            if l < L - 1:
+                h = torch.relu(h)
+        n, m, N = h.shape
+        onehot, below = self._val_masks()                                    # (1, m, N) bool each
+        mx = h.amax(1, keepdim=True)                                         # (n, 1, N)
+        lse = (h - mx).exp_().sum(1).log_().add_(mx.squeeze(1))             # (n, N)
+        zy = h.gather(1, self.yv[None, None, :].expand(n, 1, N)).squeeze(1)  # (n, N) true-class logit
+        if exact:   # correct iff the true class is the FIRST maximum (torch.argmax on ties)
+            good = (zy >= mx.squeeze(1)) & ~((h == mx) & below).any(1)
+        else:       # possibly correct: no wrong logit above the true one by more than screen_tol
+            other = h.masked_fill(onehot, float("-inf")).amax(1)
+            good = zy > other - self.cfg.screen_tol
+        sums = torch.cat([lse - zy, good.to(h.dtype)]) @ self._val_onehot    # (2n, m): one GEMM
+        return sums[:n] / self.val_count, sums[n:] / self.val_count
+
+    def _val_masks(self):
+        if not hasattr(self, "_masks"):
+            c = torch.arange(self.m, device=self.yv.device)[:, None]
+            self._masks = ((c == self.yv)[None], (c < self.yv)[None])
+            self._val_onehot = self._masks[0][0].t().to(self.Xv.dtype).contiguous()  # (N_val, m)
+        return self._masks
+
+    # --- incremental validation pre-activations
+    def _zv_exact(self) -> torch.Tensor:
+        return torch.addmm(self.b1[:, None], self.W1, self.Xv.t())           # (R*H, N_val)
+
+    def screen(self, ZvT: torch.Tensor, rows: torch.Tensor):
+        """Pre-screen of runs `rows` from the incremental pre-activations ZvT (R*H, N_val).
+        -> (class_loss (n, m), acc_hi (n, m)), acc_hi an upper bound on the exact accuracy."""
+        return self._epilogue(ZvT.view(self.R, self.H, -1)[rows], rows, exact=False)
+
+    def _near_edge(self, loss: torch.Tensor) -> torch.Tensor:
+        edges = torch.tensor(self.cfg.bin_edges, device=loss.device, dtype=loss.dtype)
+        d = (loss[:, self.free_idx, None] - edges).abs()                     # (n, f, E)
+        return (d <= self.cfg.screen_tol * (1 + edges)).flatten(1).any(1)
+
     def run(self, progress=None) -> BlockResult:
         cfg, R, dev = self.cfg, self.R, self.device
-        m = self.m
         rec = {k: [] for k in ("params", "loss", "acc", "run", "step", "phase")}
 
         def record(rows, loss, acc, step, phase):
@@ -313,20 +421,30 @@ class BlockTrainer:
             rec["phase"].append(phase.cpu().to(torch.int8))
 
         all_rows = torch.arange(R, device=dev)
-        loss0, acc0 = class_metrics_any(self.flat_params(full=False), self.eval_spec, self.Xv, self.yv, m)
+        loss0, acc0 = self.score_exact(all_rows)
         record(all_rows, loss0, acc0, 0, torch.full((R,), PHASE_INIT, device=dev))
         n_cells = cfg.num_bins ** len(self.free_idx)
         bin_count = torch.zeros(n_cells, dtype=torch.long, device=dev)
         saved = torch.zeros(R, dtype=torch.long, device=dev)
         forgetting = torch.zeros(R, dtype=torch.bool, device=dev)
         p_offer = offer_probs(cfg, self.total_steps).to(dev)
-        n_offers = 0
+        incremental = cfg.score == "incremental"
+        if incremental:
+            Kt = self.Xtr @ self.Xv.t()                                      # (N_train, N_val) Gram
+            ZvT = self._zv_exact()                                           # (R*H, N_val)
+        n_offers = n_exact = 0
         for step in range(1, self.total_steps + 1):
             now = self.forget_step <= step
             if bool((now != forgetting).any()):
                 forgetting = now
                 self.class_w = self._class_weights(forgetting)
-            self.sgd_step(self.sample_batch())
+            idx, wn = self.sample_batch(step)
+            GT = self.sgd_step(idx, wn)
+            if incremental:                                                  # ZvT -= GT K[batch] (+ bias)
+                if step % cfg.resync_every == 0:
+                    ZvT = self._zv_exact()
+                else:
+                    ZvT.addmm_(GT, Kt[idx], alpha=-1.0).sub_(GT.sum(1, keepdim=True))
             offer = (self._rand(R) < p_offer[step - 1]) & (saved < cfg.ckpts_per_run)
             rows = offer.nonzero().squeeze(1)
             if len(rows) == 0:
@@ -334,7 +452,15 @@ class BlockTrainer:
                     break  # every run is full: training further could save nothing
                 continue
             n_offers += len(rows)
-            loss, acc = class_metrics_any(self.flat_params(rows, full=False), self.eval_spec, self.Xv, self.yv, m)
+            if incremental:                                                  # conservative pre-screen
+                sl, sa = self.screen(ZvT, rows)
+                ok = (sa[:, self.pivot_idx] >= cfg.gamma).all(1) & ~torch.isnan(sl).any(1)
+                ok &= (bin_count[self.bin_cells(sl)] < cfg.bin_cap) | self._near_edge(sl) | torch.isinf(sl).any(1)
+                rows = rows[ok]
+                if len(rows) == 0:
+                    continue
+            n_exact += len(rows)
+            loss, acc = self.score_exact(rows)
             ok = (acc[:, self.pivot_idx] >= cfg.gamma).all(1) & torch.isfinite(loss).all(1)
             rows, loss, acc = rows[ok], loss[ok], acc[ok]
             if len(rows) == 0:
@@ -362,8 +488,8 @@ class BlockTrainer:
         info = {"lr": self.lr.cpu().tolist(), "keep": self.keep.cpu().tolist(),
                 "forget_step": [None if math.isinf(s) else int(s) for s in self.forget_step.cpu().tolist()],
                 "forget_classes": [[cfg.classes[c] for c in np.flatnonzero(r)] for r in self.forget_mask.cpu().numpy()]}
-        stats = {"runs": R, "steps": step, "offers": n_offers, "saved": int(saved.sum()),
-                 "full_bins": int((bin_count >= cfg.bin_cap).sum())}
+        stats = {"runs": R, "steps": step, "offers": n_offers, "exact_scored": n_exact + R,
+                 "saved": int(saved.sum()), "full_bins": int((bin_count >= cfg.bin_cap).sum())}
         return BlockResult(self.block, cat["params"].numpy()[order], cat["loss"].numpy()[order],
                            cat["acc"].numpy()[order], cat["run"].numpy()[order], cat["step"].numpy()[order],
                            cat["phase"].numpy()[order], info, stats)

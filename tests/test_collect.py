@@ -112,20 +112,60 @@ def test_forgetting_phase_follows_the_run_plan(coll):
     assert n_forget_runs > 0
 
 
-def test_forgotten_class_is_never_sampled(splits):
+def test_forgotten_class_gets_zero_loss_weight(splits):
     bt = BlockTrainer(TINY.replace(forget_prob=1.0), splits, 0)
     bt.class_w = bt._class_weights(torch.ones(bt.R, dtype=torch.bool))
-    for _ in range(20):
-        lab = bt.ytr[bt.sample_batch()]                    # (R, B)
-        assert not bt.forget_mask.gather(1, lab).any()
+    for step in range(1, 21):
+        idx, wn = bt.sample_batch(step)                    # (S,), (R, S)
+        forgotten = bt.forget_mask[:, bt.ytr[idx]]         # (R, S)
+        assert forgotten.any() and (wn[forgotten] == 0).all() and (wn[~forgotten] > 0).all()
+        torch.testing.assert_close(wn.sum(1), torch.ones(bt.R))
 
 
-def test_undersampling_rates_are_sampling_weights(splits):
+def test_undersampling_rates_are_importance_weights(splits):
     bt = BlockTrainer(TINY.replace(block_runs=4, undersample_prob=1.0, keep_range=(0.1, 0.1)), splits, 0)
-    lab = torch.cat([bt.ytr[bt.sample_batch()] for _ in range(300)], 1)   # (R, 9600)
-    freq = torch.stack([torch.bincount(l, minlength=4) for l in lab]).float() / lab.shape[1]
+    freq = torch.zeros(bt.R, 4)
+    seen = []
+    for step in range(1, 301):
+        idx, wn = bt.sample_batch(step)
+        freq.index_add_(1, bt.ytr[idx], wn)                # weighted class frequencies
+        seen.append(idx)
     want = bt.keep * bt.class_count / (bt.keep * bt.class_count).sum(1, keepdim=True)
-    torch.testing.assert_close(freq, want, atol=0.02, rtol=0)
+    torch.testing.assert_close(freq / 300, want, atol=0.02, rtol=0)
+    # the shared minibatches walk a fresh permutation of the training set every epoch
+    ep = torch.cat(seen[:bt.steps_per_epoch])
+    assert torch.equal(ep.sort().values, torch.arange(len(bt.ytr)))
+
+
+def test_sgd_step_is_the_weighted_mean_ce_gradient_step(splits):
+    cfg = preset("mnist4", runs=3, block_runs=3, hidden=(5, 3), forget_prob=1.0, undersample_prob=1.0)
+    bt = BlockTrainer(cfg, splits, 0)
+    bt.class_w = bt._class_weights(torch.ones(bt.R, dtype=torch.bool))
+    before = bt.flat_params(full=False).clone()
+    idx, wn = bt.sample_batch(1)
+    bt.sgd_step(idx, wn)
+    after = bt.flat_params(full=False)
+    for r in range(bt.R):
+        pieces = [p.squeeze(0).clone().requires_grad_() for Wb in bt.eval_spec.unflatten(before[r:r + 1]) for p in Wb]
+        h = bt.Xtr[idx]
+        for l in range(0, len(pieces), 2):
+            h = h @ pieces[l].t() + pieces[l + 1]
+            if l + 2 < len(pieces):
+                h = torch.relu(h)
+        ce = torch.nn.functional.cross_entropy(h, bt.ytr[idx], reduction="none")
+        (ce * wn[r]).sum().backward()                      # weighted mean CE (weights sum to 1)
+        want = torch.cat([(p - bt.lr[r] * p.grad).detach().flatten() for p in pieces])
+        torch.testing.assert_close(after[r], want, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(after[r], before[r])
+
+
+def test_incremental_prescreen_saves_exactly_what_direct_scoring_saves(splits):
+    a = collect_block(TINY, splits, 0)
+    b = collect_block(TINY.replace(score="direct"), splits, 0)
+    assert a.stats["exact_scored"] < b.stats["exact_scored"]
+    for k in ("params", "class_acc", "run", "step", "phase"):       # the same saved set
+        assert np.array_equal(getattr(a, k), getattr(b, k)), k
+    np.testing.assert_allclose(a.class_loss, b.class_loss, rtol=1e-5)  # GEMM batch size differs
 
 
 def test_block_is_deterministic_and_independent_of_other_blocks(splits):
