@@ -144,7 +144,7 @@ def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def plan(layer_sizes: Sequence[int], B: int, cols: int = 64, max_out: int = 128) -> tuple[int, int, int]:
+def plan(layer_sizes: Sequence[int], B: int, cols: int = 64, max_out: int = 64) -> tuple[int, int, int]:
     """(G, COLS1, WP): networks per program, packed first-layer columns, padded later width.
 
     G is a power of two (the logits are reshaped to (BLOCK_N, G, WP)) with G * H1 <= cols
