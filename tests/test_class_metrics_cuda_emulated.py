@@ -166,3 +166,30 @@ def test_emulated_cuda_kernel_isolates_nan_networks(emulator, tmp_path):
     keep = [b for b in range(B) if b != 4]
     torch.testing.assert_close(loss[keep], clean[0][keep])
     torch.testing.assert_close(corr[keep], clean[1][keep])
+
+
+def tied_case(sizes=(13, 7, 6), B=3, N=97):
+    """Classes 1 and 4 have identical output rows and a large bias: their logits tie exactly.
+
+    Small integers everywhere, so every sum is exact in any order and precision."""
+    g = torch.Generator().manual_seed(1)
+    spec = MLPSpec(sizes)
+    p = torch.randint(-3, 4, (B, spec.num_params), generator=g).float()
+    W, b = spec.layer_slices(spec.num_layers - 1)
+    h = sizes[-2]
+    Wv = p[:, W].view(B, sizes[-1], h)
+    Wv[:, 4] = Wv[:, 1]
+    p[:, b.start + 1] = p[:, b.start + 4] = 1000.0
+    X = torch.randint(-2, 3, (N, sizes[0]), generator=g).float()
+    y = torch.randint(0, sizes[-1], (N,), generator=g)
+    y[::2] = 4  # the second of the tied classes: never predicted
+    y[1::4] = 1
+    return spec, p, X, y
+
+
+def test_emulated_cuda_kernel_breaks_ties_like_argmax(emulator, tmp_path):
+    spec, p, X, y = tied_case()
+    loss, corr = run_emulated(emulator, tmp_path, p, spec.layer_sizes, X, y, spec.num_classes)
+    _, c64 = ref.class_sums(p.double(), spec, X.double(), y, spec.num_classes)
+    assert c64[:, 1].sum() > 0 and c64[:, 4].sum() == 0
+    torch.testing.assert_close(corr, c64.float())

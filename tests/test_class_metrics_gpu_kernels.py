@@ -148,6 +148,17 @@ def test_nonfinite_params_poison_only_their_network(which, bad):
     torch.testing.assert_close(corr[keep], clean[1][keep])
 
 
+@pytest.mark.parametrize("which", ["triton", "cuda"])
+def test_exact_ties_pick_the_first_class(which):
+    op = _triton_op() if which == "triton" else _cuda_op()
+    from test_class_metrics_cuda_emulated import tied_case
+    spec, p, X, y = tied_case()
+    _, corr = op(p.to(DEV), spec.layer_sizes, X.to(DEV), y.to(DEV), spec.num_classes)
+    _, c64 = ref.class_sums(p.double(), spec, X.double(), y, spec.num_classes)
+    assert c64[:, 1].sum() > 0 and c64[:, 4].sum() == 0
+    torch.testing.assert_close(corr.cpu(), c64.float())
+
+
 def test_triton_rejects_bad_input():
     k = _triton()
     spec, p, X, y = make_case((13, 7, 10), 2, 20, torch.float32, seed=0)
