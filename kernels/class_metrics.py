@@ -18,9 +18,10 @@ of its neighbours' blocks, and NaN * 0 = NaN. So non-finite hidden values are re
 before each dot and tracked in a per-(row, network) flag instead; flagged rows get a NaN loss
 and a correct count of 0 (finite), so a broken network never poisons its neighbours.
 
-Kernels are wrapped with triton.jit lazily, per TRITON_INTERPRET mode at launch time: triton
-decides interpreter vs compiler when the decorator runs, and this module may be imported
-before a test sets TRITON_INTERPRET=1.
+The kernel is wrapped with triton.jit lazily, per TRITON_INTERPRET mode at launch time
+(triton picks interpreter vs compiler when the decorator runs). triton's own library
+functions are wrapped when triton is first imported, so for the interpreter TRITON_INTERPRET=1
+must still be set before the first `import triton`.
 """
 from __future__ import annotations
 

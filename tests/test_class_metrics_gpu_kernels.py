@@ -1,14 +1,18 @@
 """GPU kernels of class_metrics vs hyforget_fast.reference.class_sums run in float64.
 
-Triton runs under the interpreter on CPU tensors when no GPU is present. Triton reads
-TRITON_INTERPRET when a kernel is wrapped by triton.jit; hyforget_fast.kernels.class_metrics
-wraps lazily at launch time, so setting the variable here works whatever was imported first.
+Triton runs under the interpreter on CPU tensors when no GPU is present. triton 3.8 reads
+TRITON_INTERPRET when a function is wrapped by triton.jit, and its own library functions
+(tl.zeros, tl.max, ...) are wrapped when triton is first imported: the variable must be set
+before that. This module sets it when no GPU is present; if another module imported triton
+first without it, the Triton tests skip with that reason (set it in tests/conftest.py then).
 The CUDA kernel tests run only where a GPU is visible.
 """
 import os
+import sys
 
 import torch
 
+_TRITON_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -27,6 +31,8 @@ DEV = "cuda" if HAS_GPU else "cpu"
 
 
 def _triton():
+    if _TRITON_TOO_EARLY and not torch.cuda.is_available():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py")
     try:
         return import_kernels().class_metrics
     except Exception as e:  # no triton on this machine
