@@ -1,46 +1,15 @@
-"""The CUDA class_metrics kernel's logic, run on the CPU: csrc/cuda/class_metrics.cu compiled by
-g++ with thin shims (one std::thread per CUDA thread, std::barrier for __syncthreads, atomic_ref
-for atomicAdd, shared memory pre-filled with NaN so reads of unwritten values show up), one
-block at a time. It checks the tiling, index math, barriers and the epilogue on machines with
-no GPU; it says nothing about speed or about nvcc's code generation (the GPU tests do that).
+"""The CUDA class_metrics kernel's logic, run on the CPU (tests/cuda_emulation.py): dynamic
+shared memory is pre-filled with NaN so reads of unwritten values show up.
 """
-import os
-import re
-import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
+from cuda_emulation import build, load_kernel_source
 
 from hyforget_fast import reference as ref
 from hyforget_fast.spec import MLPSpec
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA_INC = next((os.path.join(h, "include") for h in (os.environ.get("CUDA_HOME"), "/usr/local/cuda-13.0",
-                                                        "/usr/local/cuda") if h and os.path.exists(
-                                                            os.path.join(h, "include", "cuda_fp16.h"))), None)
-
-SHIMS = r"""
-#include <atomic>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <thread>
-#include <vector>
-#include <cuda_runtime_api.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-struct Idx { unsigned x = 0, y = 0, z = 0; };
-thread_local Idx threadIdx, blockIdx;
-#define __global__
-#define __launch_bounds__(a, b)
-static std::barrier<>* g_bar;
-static float4* g_smem;
-inline void __syncthreads() { g_bar->arrive_and_wait(); }
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
-"""
 
 MAIN = r"""
 namespace hyforget { namespace {
@@ -97,23 +66,9 @@ int main(int argc, char** argv) {  // dir dtype B N numc sizes...
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    if CUDA_INC is None or shutil.which("g++") is None:
-        pytest.skip("needs g++ and the CUDA headers")
-    src = open(os.path.join(ROOT, "csrc", "cuda", "class_metrics.cu")).read()
-    src = re.sub(r"#include <cuda[^>]*>\n", "", src)
-    src = src.replace('#include "launchers.h"', '#include "%s"' % os.path.join(ROOT, "csrc", "cuda", "launchers.h"))
+    src = load_kernel_source("class_metrics.cu", "template <typename T, bool DEEP>\ncudaError_t launch_t")
     src = src.replace("extern __shared__ float4 smem4[];", "float4* smem4 = g_smem;")
-    # keep the kernel, drop the launchers (<<<>>> and the runtime API are GPU-only)
-    cut = src.index("template <typename T, bool DEEP>\ncudaError_t launch_t")
-    src = SHIMS + src[:cut] + "}  // namespace\n}  // namespace hyforget\n" + MAIN
-    d = tmp_path_factory.mktemp("cuda_emu")
-    (d / "emu.cpp").write_text(src)
-    exe = d / "emu"
-    r = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", f"-I{CUDA_INC}", str(d / "emu.cpp"), "-o",
-                        str(exe)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail("emulator build failed:\n" + r.stderr[-3000:])
-    return exe
+    return build(tmp_path_factory.mktemp("cuda_emu"), src + "}  // namespace\n}  // namespace hyforget\n" + MAIN)
 
 
 def run_emulated(exe, tmp_path, p, sizes, X, y, numc):
@@ -123,7 +78,7 @@ def run_emulated(exe, tmp_path, p, sizes, X, y, numc):
         t.contiguous().view(torch.uint8).numpy().tofile(tmp_path / name)
     B, N = p.shape[0], X.shape[0]
     subprocess.run([str(exe), str(tmp_path), str(code), str(B), str(N), str(numc), *map(str, sizes)], check=True)
-    out = torch.from_numpy(__import__("numpy").fromfile(tmp_path / "out.bin", dtype="float32"))
+    out = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype="float32"))
     return out[:B * numc].view(B, numc), out[B * numc:].view(B, numc)
 
 
