@@ -25,7 +25,11 @@ bias), forgotten classes get exactly zero gradient, but the per-run effective ba
 it buys: the first layer of all R runs is one GEMM X_b (S, D) @ W1_all^T (D, R*H) forward and
 one GEMM G^T (R*H, S) @ X_b (S, D) for its weight gradient, with no (R, S, D) gather.
 
-Scoring (`score="incremental"`, the default): the block keeps the validation pre-activations of
+Scoring. `score="direct"` (the default) scores all offers of a step exactly in one batched
+call: the first-layer weights of the offered runs are gathered once, one GEMM against X_val,
+then a fused-style epilogue (or the native fused `class_metrics` when it is built).
+`score="incremental"` (measured no faster on mnist10, about equal on mnist4; see
+bench/RESULTS_collect.md): the block keeps the validation pre-activations of
 the first layer Zv (N_val, R*H) = X_val W1^T + b1 up to date with one GEMM per step through the
 fixed Gram matrix K = X_train X_val^T (Zv -= K[batch]^T G), so an offer costs only the cheap
 epilogue (ReLU, later layers, log-softmax, CE, argmax, per-class sums). Zv is recomputed exactly
@@ -35,7 +39,7 @@ top-two logits are within screen_tol counts as possibly correct, and a checkpoin
 bin is full still passes if a loss lies within screen_tol of a bin edge. Offers that pass are
 re-scored exactly with the fused per-class evaluator on their parameters, and the pivot rule and
 bin caps are applied to those exact values, so every saved loss / accuracy is a re-evaluation of
-the saved parameters and the rules hold exactly. `score="direct"` scores every offer exactly.
+the saved parameters and the rules hold exactly (a test checks both modes save the same set).
 """
 from __future__ import annotations
 
@@ -75,7 +79,7 @@ class CollectConfig:
     bin_cap_frac: float = 0.05         # cap per bin = this fraction of a block's save slots
     offer_factor: float = 1.5          # expected offers per save slot
     schedule: str = "uniform"          # "uniform" or "early_late" (DiHyFo-2, §3.4.1)
-    score: str = "incremental"         # "incremental" (pre-screen via Zv, exact re-score) or "direct"
+    score: str = "direct"              # "direct" (exact scoring of every offer) or "incremental"
     resync_every: int = 64             # incremental: exact recompute of Zv every this many steps
     screen_tol: float = 1e-3           # incremental: logit / loss tolerance of the pre-screen
     seed: int = 0

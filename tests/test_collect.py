@@ -160,7 +160,7 @@ def test_sgd_step_is_the_weighted_mean_ce_gradient_step(splits):
 
 
 def test_incremental_prescreen_saves_exactly_what_direct_scoring_saves(splits):
-    a = collect_block(TINY, splits, 0)
+    a = collect_block(TINY.replace(score="incremental"), splits, 0)
     b = collect_block(TINY.replace(score="direct"), splits, 0)
     assert a.stats["exact_scored"] < b.stats["exact_scored"]
     for k in ("params", "class_acc", "run", "step", "phase"):       # the same saved set
