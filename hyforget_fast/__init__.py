@@ -9,3 +9,14 @@ from .spec import MLPSpec, ParamNorm, TokenLayout
 __all__ = ["MLPSpec", "TokenLayout", "ParamNorm", "backends", "tokenize", "detokenize", "permute",
            "sample_perms", "validate_perms", "class_metrics", "class_outputs", "ClassMetrics"]
 __version__ = "0.1.0"
+
+# Checkpoint collection (issue 4), loaded lazily so `import hyforget_fast` stays light.
+_LAZY = {"CollectConfig": "collect", "preset": "collect", "CheckpointStore": "store",
+         "PairDataset": "pairs", "load_digits": "data"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hyforget_fast' has no attribute {name!r}")

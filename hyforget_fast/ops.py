@@ -24,6 +24,10 @@ if _native_loaded():
     def _gather_pieces_fake(params, table, perms, norm, out_width):
         return params.new_empty((params.shape[0], out_width))
 
+    @torch.library.register_fake("hyforget::gather_pieces_out")
+    def _gather_pieces_out_fake(params, table, perms, norm, out):
+        return None
+
     @torch.library.register_fake("hyforget::scatter_pieces")
     def _scatter_pieces_fake(tokens, table, norm, out_width):
         return tokens.new_empty((tokens.shape[0], out_width))
@@ -93,20 +97,34 @@ def _norm_table(norm: ParamNorm | None, spec: MLPSpec, device: torch.device) -> 
     return norm.stats.to(device)
 
 
-def _gather(params, table, perms, norm_t, out_width, backend):
+def _gather(params, table, perms, norm_t, out_width, backend, out=None):
+    table = table.to(params.device)
     if backend == "triton":
-        _tk = _kernels().tokenize
-        return _tk.gather_pieces(params, table.to(params.device), perms, norm_t, out_width)
-    return torch.ops.hyforget.gather_pieces(params, table.to(params.device), perms, norm_t, out_width)
+        return _kernels().tokenize.gather_pieces(params, table, perms, norm_t, out_width, out=out)
+    if out is None:
+        return torch.ops.hyforget.gather_pieces(params, table, perms, norm_t, out_width)
+    torch.ops.hyforget.gather_pieces_out(params, table, perms, norm_t, out)
+    return out
+
+
+def _check_out(out: torch.Tensor, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A caller's output buffer: right shape, dtype, device, contiguous. Returns its (B, W) view."""
+    if out.shape != shape or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {shape} on {like.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out.view(shape[0], -1)
 
 
 def tokenize(params: torch.Tensor, layout: TokenLayout, perms: torch.Tensor | None = None,
-             norm: ParamNorm | None = None, *, validate: bool = True, backend: str | None = None) -> torch.Tensor:
+             norm: ParamNorm | None = None, *, validate: bool = True, backend: str | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused permute + normalize + tokenize, one pass over memory: (B, P) -> (B, T, chunk).
 
     perms: (B, H) int64 hidden-unit permutations (see sample_perms), applied as in
     reference.permute. norm: a ParamNorm applied per piece. Padding is zero.
     validate=True checks that every perms row is a permutation (one extra pass over perms).
+    out: an optional (B, T, chunk) buffer to write into (saves allocating, and on the CPU
+    page-faulting, a fresh output every call).
     """
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
@@ -114,12 +132,15 @@ def tokenize(params: torch.Tensor, layout: TokenLayout, perms: torch.Tensor | No
     _check_params(params, spec)
     if perms is not None and validate:
         validate_perms(perms, spec, params.shape[0], params.device)
+    shape = (params.shape[0], layout.num_tokens, layout.chunk)
+    flat_out = _check_out(out, shape, params) if out is not None else None
     be = _pick("gather_pieces", params.device, backend)
     if be == "reference" or params.dtype == torch.float64 and be != "cpp":
-        return _ref.tokenize(params, layout, perms, norm)
-    out = _gather(params, layout.table, perms, _norm_table(norm, spec, params.device),
-                  layout.num_tokens * layout.chunk, be)
-    return out.view(params.shape[0], layout.num_tokens, layout.chunk)  # (B, T, chunk)
+        res = _ref.tokenize(params, layout, perms, norm)
+        return res if out is None else out.copy_(res)
+    res = _gather(params, layout.table, perms, _norm_table(norm, spec, params.device),
+                  layout.num_tokens * layout.chunk, be, flat_out)
+    return res.view(shape)  # (B, T, chunk)
 
 
 def detokenize(tokens: torch.Tensor, layout: TokenLayout, norm: ParamNorm | None = None, *,

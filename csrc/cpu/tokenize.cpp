@@ -17,6 +17,21 @@ void check_table(const at::Tensor& table) {
               "hyforget: piece table must be a CPU int64 tensor of shape (n_pieces, ", int(NUM_PIECE_COLS), ")");
 }
 
+// Every piece must read inside a row of `src_width` values and write inside a row of
+// `dst_width` values; `padded` pieces own DLEN output values (gather), others ROWS*COLS.
+void check_pieces(const int64_t* tab, int64_t npieces, int64_t src_width, int64_t dst_width, bool gather) {
+  for (int64_t p = 0; p < npieces; ++p) {
+    const int64_t* e = tab + p * NUM_PIECE_COLS;
+    const int64_t n = e[ROWS] * e[COLS];
+    const int64_t in_off = gather ? e[SRC] : e[DST], out_off = gather ? e[DST] : e[SRC];
+    const int64_t out_len = gather ? e[DLEN] : n;
+    TORCH_CHECK(e[DLEN] >= n, "hyforget: piece ", p, " has DLEN < ROWS*COLS");
+    TORCH_CHECK(in_off >= 0 && in_off + n <= src_width, "hyforget: piece ", p, " reads past a row of ", src_width);
+    TORCH_CHECK(out_off >= 0 && out_off + out_len <= dst_width, "hyforget: piece ", p, " writes past a row of ",
+                dst_width);
+  }
+}
+
 const float* norm_ptr(const c10::optional<at::Tensor>& norm, const at::Tensor& table) {
   if (!norm.has_value()) return nullptr;
   TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->dim() == 2 && norm->size(1) == 2 && norm->is_contiguous(),
@@ -28,7 +43,7 @@ const float* norm_ptr(const c10::optional<at::Tensor>& norm, const at::Tensor& t
 }
 
 template <typename T>
-void gather_sample(const T* src, T* dst, const int64_t* perm, int64_t perm_width, const int64_t* tab,
+void gather_sample(const T* src, T* dst, const int64_t* perm, const int64_t* tab,
                    int64_t npieces, const float* norm, bool* bad) {
   for (int64_t p = 0; p < npieces; ++p) {
     const int64_t* e = tab + p * NUM_PIECE_COLS;
@@ -58,23 +73,21 @@ void gather_sample(const T* src, T* dst, const int64_t* perm, int64_t perm_width
     }
     std::fill(d + rows * cols, d + e[DLEN], T(0));
   }
-  (void)perm_width;
 }
 
-at::Tensor gather_pieces_cpu(const at::Tensor& params, const at::Tensor& table, const c10::optional<at::Tensor>& perms,
-                             const c10::optional<at::Tensor>& norm, int64_t out_width) {
+void gather_pieces_out_cpu(const at::Tensor& params, const at::Tensor& table, const c10::optional<at::Tensor>& perms,
+                           const c10::optional<at::Tensor>& norm, const at::Tensor& out) {
   check_table(table);
   TORCH_CHECK(params.dim() == 2, "hyforget: params must be (B, P), got ", params.sizes());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == params.size(0) && out.is_contiguous() &&
+                  out.scalar_type() == params.scalar_type() && out.device().is_cpu(),
+              "hyforget: out must be a contiguous CPU (B, out_width) tensor of the params' dtype");
+  const int64_t out_width = out.size(1);
   auto x = params.contiguous();
   const int64_t B = x.size(0), P = x.size(1);
   const int64_t* tab = table.data_ptr<int64_t>();
   const int64_t npieces = table.size(0);
-  for (int64_t p = 0; p < npieces; ++p) {
-    const int64_t* e = tab + p * NUM_PIECE_COLS;
-    TORCH_CHECK(e[SRC] >= 0 && e[SRC] + e[ROWS] * e[COLS] <= P, "hyforget: piece ", p, " reads past P=", P);
-    TORCH_CHECK(e[DST] >= 0 && e[DST] + e[DLEN] <= out_width && e[DLEN] >= e[ROWS] * e[COLS],
-                "hyforget: piece ", p, " writes past out_width=", out_width);
-  }
+  check_pieces(tab, npieces, P, out_width, /*gather=*/true);
   const int64_t* pp = nullptr;
   int64_t pw = 0;
   at::Tensor pc;
@@ -91,7 +104,6 @@ at::Tensor gather_pieces_cpu(const at::Tensor& params, const at::Tensor& table, 
     }
   }
   const float* np = norm_ptr(norm, table);
-  auto out = at::empty({B, out_width}, x.options());
   std::atomic<bool> any_bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_pieces_cpu", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
@@ -99,11 +111,18 @@ at::Tensor gather_pieces_cpu(const at::Tensor& params, const at::Tensor& table, 
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
       bool bad = false;
       for (int64_t b = b0; b < b1; ++b)
-        gather_sample(src + b * P, dst + b * out_width, pp ? pp + b * pw : nullptr, pw, tab, npieces, np, &bad);
+        gather_sample(src + b * P, dst + b * out_width, pp ? pp + b * pw : nullptr, tab, npieces, np, &bad);
       if (bad) any_bad = true;
     });
   });
   TORCH_CHECK(!any_bad.load(), "hyforget: perms contains an index out of range for its hidden layer");
+}
+
+at::Tensor gather_pieces_cpu(const at::Tensor& params, const at::Tensor& table, const c10::optional<at::Tensor>& perms,
+                             const c10::optional<at::Tensor>& norm, int64_t out_width) {
+  TORCH_CHECK(params.dim() == 2, "hyforget: params must be (B, P), got ", params.sizes());
+  auto out = at::empty({params.size(0), out_width}, params.options().memory_format(at::MemoryFormat::Contiguous));
+  gather_pieces_out_cpu(params, table, perms, norm, out);
   return out;
 }
 
@@ -115,11 +134,7 @@ at::Tensor scatter_pieces_cpu(const at::Tensor& tokens, const at::Tensor& table,
   const int64_t B = x.size(0), W = x.size(1);
   const int64_t* tab = table.data_ptr<int64_t>();
   const int64_t npieces = table.size(0);
-  for (int64_t p = 0; p < npieces; ++p) {
-    const int64_t* e = tab + p * NUM_PIECE_COLS;
-    TORCH_CHECK(e[SRC] >= 0 && e[SRC] + e[ROWS] * e[COLS] <= out_width, "hyforget: piece ", p, " writes past P");
-    TORCH_CHECK(e[DST] >= 0 && e[DST] + e[ROWS] * e[COLS] <= W, "hyforget: piece ", p, " reads past the token row");
-  }
+  check_pieces(tab, npieces, W, out_width, /*gather=*/false);
   const float* np = norm_ptr(norm, table);
   auto out = at::empty({B, out_width}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_pieces_cpu", [&] {
@@ -149,6 +164,7 @@ at::Tensor scatter_pieces_cpu(const at::Tensor& tokens, const at::Tensor& table,
 
 TORCH_LIBRARY_IMPL(hyforget, CPU, m) {
   m.impl("gather_pieces", &gather_pieces_cpu);
+  m.impl("gather_pieces_out", &gather_pieces_out_cpu);
   m.impl("scatter_pieces", &scatter_pieces_cpu);
 }
 

@@ -17,4 +17,13 @@ cudaError_t launch_gather_pieces(DType dtype, const void* src, void* dst, const 
 cudaError_t launch_scatter_pieces(DType dtype, const void* src, void* dst, const int64_t* table, int npieces,
                                   const float* norm, int64_t B, int64_t W, int64_t P, cudaStream_t stream);
 
+// class_metrics: per-class loss / correct sums (B, num_classes) float32 of B ReLU MLPs on X (N, D).
+// The sums must be zero-filled by the caller. Hidden widths and classes <= kClassMetricsMaxWidth,
+// at most kClassMetricsMaxLayers layers; labels outside [0, min(m, num_classes)) are skipped.
+constexpr int kClassMetricsMaxLayers = 16;
+constexpr int kClassMetricsMaxWidth = 64;
+cudaError_t launch_class_metrics(DType dtype, const void* params, const void* X, const int64_t* y, float* loss_sum,
+                                 float* correct_sum, const int64_t* layer_sizes, int num_sizes, int64_t B, int64_t N,
+                                 int num_classes, cudaStream_t stream);
+
 }  // namespace hyforget

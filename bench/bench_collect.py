@@ -1,0 +1,159 @@
+"""Checkpoint collection: naive single-run PyTorch loop vs the batched engine, same schedule.
+
+Both sides follow the same run plan (init params, learning rate, per-class undersampling,
+forgetting phase, offer probabilities, pivot rule, bin caps) drawn by BlockTrainer; the naive
+side trains one nn.Module with one optimizer per run and evaluates then saves each offer.
+Reports MLP-SGD-steps/s, checkpoints/s and FLOP rate vs a GEMM measured in the same process.
+
+    PYTHONPATH=. python bench/bench_collect.py --preset mnist10 --runs 256 --naive-runs 3
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hyforget_fast.collect import BlockTrainer, offer_probs, preset
+from hyforget_fast.data import load_digits
+
+
+def mlp_flops(spec, n):
+    """Forward FLOPs of one MLP on n inputs."""
+    return 2 * n * sum(a * b for a, b in zip(spec.layer_sizes[:-1], spec.layer_sizes[1:]))
+
+
+def step_flops(spec, B):
+    """Forward + weight grads + input grads of hidden layers (not of the input layer)."""
+    sizes = list(zip(spec.layer_sizes[:-1], spec.layer_sizes[1:]))
+    return 2 * B * (2 * sum(a * b for a, b in sizes) + sum(a * b for a, b in sizes[1:]))
+
+
+def gemm_rate(device, n=1024, reps=10):
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def naive(cfg, splits, n_runs):
+    """One nn.Module + one optimizer per run, the plan of block 0's first n_runs runs."""
+    bt = BlockTrainer(cfg, splits, 0)
+    spec, m = bt.spec, bt.m
+    order = torch.argsort(splits.y_train, stable=True)                # same order as the engine's
+    Xtr, ytr, Xv, yv = splits.X_train[order], bt.ytr, splits.X_val, bt.yv  # all 784 pixels
+    p_offer = offer_probs(cfg, bt.total_steps)
+    cnt_v = torch.bincount(yv, minlength=m).float()
+    bin_count = torch.zeros(cfg.num_bins ** len(bt.free_idx), dtype=torch.long)
+    g = torch.Generator().manual_seed(1)
+    steps = saved_total = evals = 0
+    saved_list = []
+    t0 = time.perf_counter()
+    for r in range(n_runs):
+        layers = []
+        for l, (a, b) in enumerate(zip(spec.layer_sizes[:-1], spec.layer_sizes[1:])):
+            lin = torch.nn.Linear(a, b)
+            with torch.no_grad():
+                lin.weight.copy_(bt.W0_full[r] if l == 0 else bt.W[l][r])
+                lin.bias.copy_(bt.b[l][r])
+            layers += [lin, torch.nn.ReLU()]
+        model = torch.nn.Sequential(*layers[:-1])
+        opt = torch.optim.SGD(model.parameters(), lr=float(bt.lr[r]))
+        w_keep = bt.keep[r][ytr]                                   # per-sample sampling weights
+        w_forget = torch.where(bt.forget_mask[r][ytr], 0.0, w_keep)
+        saved = 0
+        for step in range(1, bt.total_steps + 1):
+            w = w_forget if step >= float(bt.forget_step[r]) else w_keep
+            idx = torch.multinomial(w, cfg.batch_size, replacement=True, generator=g)
+            loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            if torch.rand((), generator=g) >= p_offer[step - 1]:
+                continue
+            evals += 1
+            with torch.no_grad():                                  # evaluate then save
+                logits = model(Xv)
+                ce = F.cross_entropy(logits, yv, reduction="none")
+                cl = torch.zeros(m).index_add_(0, yv, ce) / cnt_v
+                ca = torch.zeros(m).index_add_(0, yv, (logits.argmax(1) == yv).float()) / cnt_v
+            if (ca[bt.pivot_idx] >= cfg.gamma).all() and torch.isfinite(cl).all():
+                cell = int(bt.bin_cells(cl[None])[0])
+                if bin_count[cell] < cfg.bin_cap:
+                    bin_count[cell] += 1
+                    saved_list.append((torch.cat([p.detach().flatten() for p in model.parameters()]).clone(),
+                                       cl, ca, r, step))
+                    saved += 1
+                    if saved >= cfg.ckpts_per_run:
+                        break
+        saved_total += saved
+    dt = time.perf_counter() - t0
+    return {"runs": n_runs, "steps": steps, "evals": evals, "saved": saved_total, "time": dt}
+
+
+def batched(cfg, splits, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    bt = BlockTrainer(cfg, splits, 0, device)
+    res = bt.run()
+    _sync(device)
+    dt = time.perf_counter() - t0
+    saved = int((res.phase != 0).sum())
+    return {"runs": bt.R, "steps": bt.R * res.stats["steps"], "evals": res.stats["offers"] + bt.R,
+            "saved": saved, "time": dt}
+
+
+def report(name, r, spec, cfg, n_val, gemm):
+    flops = r["steps"] * step_flops(spec, cfg.batch_size) + r["evals"] * mlp_flops(spec, n_val)
+    rate = flops / r["time"]
+    print(f"| {name} | {r['runs']} | {r['time']:.2f} | {r['steps'] / r['time']:,.0f} | {r['saved']} | "
+          f"{r['saved'] / r['time']:,.1f} | {rate / 1e9:.1f} | {100 * rate / gemm:.0f}% |", flush=True)
+    return r["saved"] / r["time"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="mnist10")
+    ap.add_argument("--runs", type=int, default=256, help="runs of the batched block")
+    ap.add_argument("--naive-runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    cfg = preset(a.preset, runs=a.runs, block_runs=a.runs)
+    splits = load_digits(cfg.classes, cfg.split_seed, fractions=cfg.fractions)
+    spec, n_val = cfg.spec(), len(splits.y_val)
+    print(f"preset {a.preset}: spec {spec.layer_sizes}, batch {cfg.batch_size}, epochs {cfg.epochs}, "
+          f"{cfg.ckpts_per_run} ckpts/run, train {len(splits.y_train)}, val {n_val}")
+    print("| provider | runs | s | MLP-SGD-steps/s | ckpts saved | ckpts/s | GFLOP/s | of GEMM |")
+    print("|---|---|---|---|---|---|---|---|")
+    best = {}
+    for th in a.threads:
+        torch.set_num_threads(th)
+        gemm = gemm_rate("cpu")
+        print(f"| GEMM 1024³ fp32, {th} thread(s) | | | | | | {gemm / 1e9:.1f} | 100% |")
+        best["naive"] = max(best.get("naive", 0), report(f"naive loop, {th} thr", naive(cfg, splits, a.naive_runs),
+                                                         spec, cfg, n_val, gemm))
+        best["batched"] = max(best.get("batched", 0), report(f"batched engine CPU, {th} thr",
+                                                             batched(cfg, splits, "cpu"), spec, cfg, n_val, gemm))
+    if a.device.startswith("cuda"):
+        gemm = gemm_rate(a.device)
+        print(f"| GEMM 1024³ fp32 GPU | | | | | | {gemm / 1e9:.1f} | 100% |")
+        report("batched engine GPU", batched(cfg, splits, a.device), spec, cfg, n_val, gemm)
+    print(f"\nbest batched CPU / best naive: {best['batched'] / best['naive']:.1f}x checkpoints/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+"""Checkpoint collection (SPEC §4, dissertation §3.3.1, §3.4.1): R MLP runs trained at once.
+
+One *block* = `block_runs` runs trained as a single batched computation, seeded from
+(seed, block index), with its own bin counters, written as one shard. Blocks are independent,
+so resume (skip finished shards) and multi-rank (rank r does blocks k ≡ r mod W) reproduce a
+1-process run exactly.
+
+Per run: log-uniform learning rate, per-class undersampling (keep) rates realised as sampling
+weights over the training set, optional forgetting phase (from a random step on, chosen
+non-pivot classes get weight 0, so their losses rise). At random steps a run *offers* its
+parameters; offers are scored on the VALIDATION split and saved only if every pivot class has
+accuracy >= gamma and the checkpoint's loss bin (joint cell of the non-pivot classes' loss
+levels) holds fewer than `bin_cap` checkpoints in the block. Initial parameters are saved too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .spec import MLPSpec
+
+PHASE_INIT, PHASE_TRAIN, PHASE_FORGET = 0, 1, 2
+PHASE_NAMES = {PHASE_INIT: "init", PHASE_TRAIN: "train", PHASE_FORGET: "forget"}
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Every knob of a collection. Classes and pivots are digit labels."""
+
+    classes: tuple[int, ...] = (0, 1, 2, 3)
+    pivots: tuple[int, ...] = (0, 1)
+    hidden: tuple[int, ...] = (2,)
+    gamma: float = 0.8                 # pivot accuracy threshold
+    ckpts_per_run: int = 150           # saves per run (not counting the initial params)
+    runs: int = 256
+    block_runs: int = 128              # runs per block = per shard = per batched computation
+    epochs: int = 25
+    batch_size: int = 32
+    lr_range: tuple[float, float] = (0.01, 0.3)      # log-uniform per run
+    undersample_prob: float = 0.5      # chance that a non-pivot class is undersampled in a run
+    keep_range: tuple[float, float] = (0.0, 0.5)     # keep rate of an undersampled class
+    forget_prob: float = 0.5           # chance that a run has a forgetting phase
+    forget_at: tuple[float, float] = (0.3, 0.8)      # its start, as a fraction of training
+    forget_max_classes: int = 2        # 1..this many non-pivot classes removed
+    bin_edges: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # loss levels, per non-pivot class
+    bin_cap_frac: float = 0.05         # cap per bin = this fraction of a block's save slots
+    offer_factor: float = 1.5          # expected offers per save slot
+    schedule: str = "uniform"          # "uniform" or "early_late" (DiHyFo-2, §3.4.1)
+    seed: int = 0
+    split_seed: int = 0
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+
+    def __post_init__(self):
+        bad = [p for p in self.pivots if p not in self.classes]
+        if bad:
+            raise ValueError(f"pivots {bad} are not among classes {self.classes}")
+        if len(self.free_classes) == 0:
+            raise ValueError("at least one class must be a non-pivot (free) class")
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma is an accuracy threshold in [0, 1], got {self.gamma}")
+        for name in ("ckpts_per_run", "runs", "block_runs", "epochs", "batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.schedule not in ("uniform", "early_late"):
+            raise ValueError(f"schedule must be 'uniform' or 'early_late', got {self.schedule!r}")
+        if list(self.bin_edges) != sorted(self.bin_edges):
+            raise ValueError(f"bin_edges must be increasing, got {self.bin_edges}")
+        if not (0 < self.lr_range[0] <= self.lr_range[1]):
+            raise ValueError(f"lr_range must be 0 < lo <= hi, got {self.lr_range}")
+
+    @property
+    def free_classes(self) -> tuple[int, ...]:
+        return tuple(c for c in self.classes if c not in self.pivots)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.runs // self.block_runs)
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.bin_edges) + 1
+
+    @property
+    def bin_cap(self) -> int:
+        return max(1, math.ceil(self.bin_cap_frac * self.block_runs * self.ckpts_per_run))
+
+    def spec(self) -> MLPSpec:
+        return MLPSpec((784, *self.hidden, len(self.classes)))
+
+    def replace(self, **kw) -> "CollectConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CollectConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown CollectConfig fields {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+PRESETS = {
+    "mnist4": CollectConfig(),
+    "mnist10": CollectConfig(classes=tuple(range(10)), pivots=(5, 6, 7, 8, 9), hidden=(7,),
+                             ckpts_per_run=200, forget_max_classes=3),
+}
+PRESETS["mnist4-dihyfo2"] = PRESETS["mnist4"].replace(schedule="early_late")
+PRESETS["mnist10-dihyfo2"] = PRESETS["mnist10"].replace(schedule="early_late")
+
+
+def preset(name: str, **overrides) -> CollectConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+def block_seed(seed: int, block: int) -> int:
+    """63-bit seed of block `block`, a pure function of (seed, block)."""
+    return int(np.random.SeedSequence([int(seed), int(block)]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def class_metrics_any(params, spec, X, y, m):
+    """ops.class_metrics (fused) when it is implemented; else the reference sums / class counts.
+    -> (class_loss (B, m), class_acc (B, m)) float32."""
+    from . import ops
+    try:
+        cm = ops.class_metrics(params, spec, X, y, m)
+        return cm.class_loss, cm.class_acc
+    except NotImplementedError:
+        from .reference import class_sums
+        ls, cs = class_sums(params, spec, X, y, m)
+        cnt = torch.bincount(y, minlength=m).to(ls)
+        return ls / cnt, cs / cnt
+
+
+def offer_probs(cfg: CollectConfig, total_steps: int) -> torch.Tensor:
+    """(T,) probability that a run offers a checkpoint at step t = 1..T. Expected offers per run
+    = offer_factor * ckpts_per_run. "early_late" (DiHyFo-2) puts more mass near both ends."""
+    t = (torch.arange(1, total_steps + 1, dtype=torch.float64) - 0.5) / total_steps
+    w = torch.ones_like(t) if cfg.schedule == "uniform" else 0.25 + 3.0 * (2 * t - 1) ** 2
+    p = w / w.sum() * cfg.offer_factor * cfg.ckpts_per_run
+    return p.clamp(max=1.0).float()
+
+
+@dataclass
+class BlockResult:
+    """Saved checkpoints of one block, sorted by (run, step). params (n, P) float32,
+    class_loss / class_acc (n, m) float32, run / step (n,) int64, phase (n,) int8."""
+
+    block: int
+    params: np.ndarray
+    class_loss: np.ndarray
+    class_acc: np.ndarray
+    run: np.ndarray
+    step: np.ndarray
+    phase: np.ndarray
+    run_info: dict = field(default_factory=dict)  # per-run lr, keep rates, forget step/classes
+    stats: dict = field(default_factory=dict)
+
+
+class BlockTrainer:
+    """Trains runs [k*block_runs, ...) of a config as one batched computation.
+
+    Parameters live as per-layer tensors W_l (R, out, in), b_l (R, out); the forward is one
+    torch.bmm per layer, the backward is written by hand (no autograd graph per step).
+    """
+
+    def __init__(self, cfg: CollectConfig, splits, block: int, device="cpu"):
+        self.cfg, self.block, self.device = cfg, int(block), torch.device(device)
+        self.spec = cfg.spec()
+        if tuple(splits.classes) != tuple(cfg.classes):
+            raise ValueError(f"splits hold classes {splits.classes} but the config wants {cfg.classes}")
+        dev = self.device
+        self.m = len(cfg.classes)
+        self.pivot_idx = torch.tensor([cfg.classes.index(c) for c in cfg.pivots], device=dev, dtype=torch.long)
+        self.free_idx = torch.tensor([cfg.classes.index(c) for c in cfg.free_classes], device=dev, dtype=torch.long)
+        # Training data sorted by class so sampling is: pick a class by weight, then a uniform sample in it.
+        order = torch.argsort(splits.y_train, stable=True)
+        self.Xtr = splits.X_train[order].to(dev)                            # (N, D)
+        self.ytr = splits.y_train[order].to(dev)                            # (N,)
+        counts = torch.bincount(self.ytr, minlength=self.m)
+        self.class_count = counts.to(dev)                                   # (m,)
+        self.class_start = (torch.cumsum(counts, 0) - counts).to(dev)       # (m,)
+        self.Xv, self.yv = splits.X_val.to(dev), splits.y_val.to(dev)        # validation only
+        # Pixels that are 0 in every train and val image (the border) get zero gradient, so their
+        # first-layer weights stay at init and add nothing to any logit: compute without them.
+        self.active = ((self.Xtr != 0).any(0) | (self.Xv != 0).any(0)).nonzero().squeeze(1)  # (Da,)
+        self.Xtr, self.Xv = self.Xtr[:, self.active].contiguous(), self.Xv[:, self.active].contiguous()
+        self.eval_spec = MLPSpec((len(self.active), *self.spec.layer_sizes[1:]))
+        first = block * cfg.block_runs
+        self.R = min(cfg.block_runs, cfg.runs - first)
+        if self.R <= 0:
+            raise ValueError(f"block {block} is empty: config has {cfg.runs} runs in blocks of {cfg.block_runs}")
+        self.run_ids = torch.arange(first, first + self.R)
+        self.steps_per_epoch = -(-len(self.ytr) // cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.gen = torch.Generator(device=dev)
+        self.gen.manual_seed(block_seed(cfg.seed, block))
+        self._init_runs()
+
+    def _rand(self, *shape):
+        return torch.rand(*shape, generator=self.gen, device=self.device)
+
+    def _init_runs(self):
+        cfg, R, dev, m = self.cfg, self.R, self.device, self.m
+        # PyTorch nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for W and b.
+        self.W, self.b = [], []
+        for fan_in, fan_out in zip(self.spec.layer_sizes[:-1], self.spec.layer_sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)
+            self.W.append((self._rand(R, fan_out, fan_in) * 2 - 1) * bound)
+            self.b.append((self._rand(R, fan_out) * 2 - 1) * bound)
+        self.W0_full = self.W[0]                                            # (R, H, 784) init, kept
+        self.W[0] = self.W0_full[:, :, self.active].contiguous()            # (R, H, Da) trained part
+        lo, hi = math.log(cfg.lr_range[0]), math.log(cfg.lr_range[1])
+        self.lr = torch.exp(lo + (hi - lo) * self._rand(R))                 # (R,)
+        free = torch.zeros(m, dtype=torch.bool, device=dev)
+        free[self.free_idx] = True
+        under = (self._rand(R, m) < cfg.undersample_prob) & free            # (R, m)
+        k0, k1 = cfg.keep_range
+        keep = torch.where(under, k0 + (k1 - k0) * self._rand(R, m), torch.ones(R, m, device=dev))
+        self.keep = keep                                                    # (R, m) keep rates
+        # Forgetting phase: a start step and a random nonempty set of free classes per run.
+        has_forget = self._rand(R) < cfg.forget_prob
+        f0, f1 = cfg.forget_at
+        self.forget_step = torch.where(has_forget, (f0 + (f1 - f0) * self._rand(R)) * self.total_steps,
+                                       torch.full((R,), float("inf"), device=dev)).ceil()
+        nf = len(self.free_idx)
+        kmax = max(1, min(cfg.forget_max_classes, nf))
+        n_forget = 1 + (self._rand(R) * kmax).long().clamp(max=kmax - 1)    # (R,) in 1..kmax
+        ranks = self._rand(R, nf).argsort(1).argsort(1)                     # random rank of each free class
+        self.forget_mask = torch.zeros(R, m, dtype=torch.bool, device=dev)
+        self.forget_mask[:, self.free_idx] = ranks < n_forget[:, None]
+        self.forget_mask &= has_forget[:, None]
+        self.class_w = self._class_weights(torch.zeros(R, dtype=torch.bool, device=dev))
+
+    def _class_weights(self, forgetting: torch.Tensor) -> torch.Tensor:
+        """(R, m) cumulative class-choice distribution: P(class c) ∝ keep[r, c] * count_c, i.e.
+        sampling weight keep[r, y_i] on every training sample; forgotten classes get 0."""
+        w = self.keep * self.class_count[None, :].float()
+        w = torch.where(forgetting[:, None] & self.forget_mask, torch.zeros_like(w), w)
+        w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
+        return torch.cumsum(w, 1)                                            # (R, m)
+
+    def flat_params(self, rows: torch.Tensor | None = None, full: bool = True) -> torch.Tensor:
+        """(n, P) flat parameters (spec order: W_l row-major then b_l) of runs `rows` (all if None).
+        full=False: first layer restricted to the active pixels, for eval_spec (cheaper scoring)."""
+        parts = []
+        for l, (W, b) in enumerate(zip(self.W, self.b)):
+            if rows is not None:
+                W, b = W[rows], b[rows]
+            if l == 0 and full:
+                W0 = (self.W0_full if rows is None else self.W0_full[rows]).clone()
+                W0[:, :, self.active] = W
+                W = W0
+            parts += [W.flatten(1), b]
+        return torch.cat(parts, 1)
+
+    def sample_batch(self) -> torch.Tensor:
+        """(R, B) training indices, per run: class by weight, then uniform within the class."""
+        R, B = self.R, self.cfg.batch_size
+        u = self._rand(R, B)
+        cls = torch.searchsorted(self.class_w, u).clamp_(max=self.m - 1)     # (R, B)
+        v = self._rand(R, B)
+        return self.class_start[cls] + (v * self.class_count[cls]).long().clamp_max(self.class_count[cls] - 1)
+
+    def sgd_step(self, idx: torch.Tensor) -> None:
+        """One SGD step of every run on its own minibatch idx (R, B); mean cross-entropy."""
+        x = self.Xtr[idx]                                                    # (R, B, D)
+        yb = self.ytr[idx]                                                   # (R, B)
+        hs, zs = [x], []
+        L = len(self.W)
+        for l in range(L):
+            z = torch.baddbmm(self.b[l][:, None, :], hs[-1], self.W[l].transpose(1, 2))  # (R, B, out)
+            zs.append(z)
+            if l < L - 1:
+                hs.append(torch.relu(z))
+        g = torch.softmax(zs[-1], dim=2)                                      # dLoss/dlogits * B
+        g.scatter_add_(2, yb[:, :, None], torch.full_like(g[:, :, :1], -1.0))
+        g.mul_(self.lr[:, None, None] / idx.shape[1])                        # fold lr / B in once
+        for l in range(L - 1, -1, -1):
+            gW = torch.bmm(g.transpose(1, 2), hs[l])                         # (R, out, in)
+            gb = g.sum(1)                                                    # (R, out)
+            if l > 0:
+                g = torch.bmm(g, self.W[l]) * (zs[l - 1] > 0)                # (R, B, in) through ReLU
+            self.W[l].sub_(gW)
+            self.b[l].sub_(gb)
+
+    def bin_cells(self, class_loss: torch.Tensor) -> torch.Tensor:
+        """(n, m) losses -> (n,) joint bin cell of the free classes' loss levels."""
+        edges = torch.tensor(self.cfg.bin_edges, device=class_loss.device, dtype=class_loss.dtype)
+        lev = torch.searchsorted(edges, class_loss[:, self.free_idx].contiguous(), right=True)  # (n, f)
+        mult = self.cfg.num_bins ** torch.arange(lev.shape[1], device=lev.device)
+        return (lev * mult).sum(1)
+
+    def run(self, progress=None) -> BlockResult:
+        cfg, R, dev = self.cfg, self.R, self.device
+        m = self.m
+        rec = {k: [] for k in ("params", "loss", "acc", "run", "step", "phase")}
+
+        def record(rows, loss, acc, step, phase):
+            rec["params"].append(self.flat_params(rows).cpu())
+            rec["loss"].append(loss.cpu())
+            rec["acc"].append(acc.cpu())
+            rec["run"].append(self.run_ids[rows.cpu()])
+            rec["step"].append(torch.full((len(rows),), step, dtype=torch.long))
+            rec["phase"].append(phase.cpu().to(torch.int8))
+
+        all_rows = torch.arange(R, device=dev)
+        loss0, acc0 = class_metrics_any(self.flat_params(full=False), self.eval_spec, self.Xv, self.yv, m)
+        record(all_rows, loss0, acc0, 0, torch.full((R,), PHASE_INIT, device=dev))
+        n_cells = cfg.num_bins ** len(self.free_idx)
+        bin_count = torch.zeros(n_cells, dtype=torch.long, device=dev)
+        saved = torch.zeros(R, dtype=torch.long, device=dev)
+        forgetting = torch.zeros(R, dtype=torch.bool, device=dev)
+        p_offer = offer_probs(cfg, self.total_steps).to(dev)
+        n_offers = 0
+        for step in range(1, self.total_steps + 1):
+            now = self.forget_step <= step
+            if bool((now != forgetting).any()):
+                forgetting = now
+                self.class_w = self._class_weights(forgetting)
+            self.sgd_step(self.sample_batch())
+            offer = (self._rand(R) < p_offer[step - 1]) & (saved < cfg.ckpts_per_run)
+            rows = offer.nonzero().squeeze(1)
+            if len(rows) == 0:
+                if bool((saved >= cfg.ckpts_per_run).all()):
+                    break  # every run is full: training further could save nothing
+                continue
+            n_offers += len(rows)
+            loss, acc = class_metrics_any(self.flat_params(rows, full=False), self.eval_spec, self.Xv, self.yv, m)
+            ok = (acc[:, self.pivot_idx] >= cfg.gamma).all(1) & torch.isfinite(loss).all(1)
+            rows, loss, acc = rows[ok], loss[ok], acc[ok]
+            if len(rows) == 0:
+                continue
+            # Bin caps, deterministic within a step: offers claim a cell's free slots in run order.
+            cell = self.bin_cells(loss)
+            order = torch.argsort(cell * R + rows)                           # by (cell, run)
+            cs = cell[order]
+            first = torch.searchsorted(cs, cs)                               # first position of the cell
+            rank = torch.arange(len(cs), device=dev) - first
+            keep_sorted = bin_count[cs] + rank < cfg.bin_cap
+            keep = torch.zeros_like(keep_sorted)
+            keep[order] = keep_sorted
+            if not bool(keep.any()):
+                continue
+            rows, loss, acc, cell = rows[keep], loss[keep], acc[keep], cell[keep]
+            bin_count.index_add_(0, cell, torch.ones_like(cell))
+            saved[rows] += 1
+            phase = torch.where(forgetting[rows], PHASE_FORGET, PHASE_TRAIN)
+            record(rows, loss, acc, step, phase)
+            if progress is not None:
+                progress(len(rows))
+        cat = {k: torch.cat(v) for k, v in rec.items()}
+        order = np.lexsort((cat["step"].numpy(), cat["run"].numpy()))      # sort by (run, step)
+        info = {"lr": self.lr.cpu().tolist(), "keep": self.keep.cpu().tolist(),
+                "forget_step": [None if math.isinf(s) else int(s) for s in self.forget_step.cpu().tolist()],
+                "forget_classes": [[cfg.classes[c] for c in np.flatnonzero(r)] for r in self.forget_mask.cpu().numpy()]}
+        stats = {"runs": R, "steps": step, "offers": n_offers, "saved": int(saved.sum()),
+                 "full_bins": int((bin_count >= cfg.bin_cap).sum())}
+        return BlockResult(self.block, cat["params"].numpy()[order], cat["loss"].numpy()[order],
+                           cat["acc"].numpy()[order], cat["run"].numpy()[order], cat["step"].numpy()[order],
+                           cat["phase"].numpy()[order], info, stats)
+
+
+def collect_block(cfg: CollectConfig, splits, block: int, device="cpu", progress=None) -> BlockResult:
+    """Train and score block `block` of `cfg`; a pure function of (cfg, splits, block, device)."""
+    return BlockTrainer(cfg, splits, block, device).run(progress)
+
+
+# ----------------------------------------------------------------------------- driver
+def _dist_info():
+    """(rank, world, initialized_here). Initializes torch.distributed only when WORLD_SIZE > 1."""
+    import os
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def manifest_meta(cfg: CollectConfig, splits) -> dict:
+    from . import __version__
+    return {"spec": {"layer_sizes": list(cfg.spec().layer_sizes)}, "classes": list(cfg.classes),
+            "pivots": list(cfg.pivots), "split": splits.describe(), "split_seed": cfg.split_seed,
+            "config": cfg.to_dict(), "package_version": __version__,
+            "phases": {str(k): v for k, v in PHASE_NAMES.items()}}
+
+
+def collect(cfg: CollectConfig, out: str, device="cpu", splits=None, log=print, rank=None, world=None) -> dict | None:
+    """Collect `cfg` into folder `out`, resuming whatever finished shards it already holds.
+
+    With WORLD_SIZE > 1 (torchrun) this process does blocks k ≡ rank (mod world); rank 0 writes
+    the manifest after a barrier. -> the manifest (rank 0) or None (other ranks).
+    """
+    import json
+    import os
+    import time
+
+    from . import store
+    from .data import load_digits
+    if rank is None:
+        rank, world, _ = _dist_info()
+    if str(device).startswith("cuda") and world > 1 and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    if splits is None:
+        splits = load_digits(cfg.classes, cfg.split_seed, fractions=cfg.fractions)
+    meta = manifest_meta(cfg, splits)
+    os.makedirs(out, exist_ok=True)
+    cpath = os.path.join(out, "collection.json")
+    if rank == 0:
+        if os.path.exists(cpath):
+            with open(cpath) as f:
+                old = json.load(f)
+            if old != json.loads(json.dumps(meta, sort_keys=True)):
+                raise ValueError(f"{out} holds a collection with a different config or split; "
+                                 f"use a new --out folder (differs in {sorted(k for k in meta if old.get(k) != json.loads(json.dumps(meta[k])))})")
+        store.write_json_atomic(cpath, meta)
+        store.clean_partial(out)
+    _barrier(world)
+    done = store.finished_blocks(out)
+    mine = [k for k in range(cfg.num_blocks) if k % world == rank]
+    todo = [k for k in mine if k not in done]
+    log(f"[rank {rank}/{world}] {cfg.num_blocks} blocks of {cfg.block_runs} runs; {len(mine) - len(todo)} "
+        f"of my {len(mine)} already done, resuming {len(todo)}")
+    t0, n_ck, n_runs = time.perf_counter(), 0, 0
+    for i, k in enumerate(todo):
+        res = collect_block(cfg, splits, k, device)
+        store.write_shard(out, k, {"params": res.params, "class_loss": res.class_loss, "class_acc": res.class_acc,
+                                   "run": res.run, "step": res.step, "phase": res.phase},
+                          info={"runs": res.run_info, "stats": res.stats})
+        n_ck += len(res.run)
+        n_runs += res.stats["runs"]
+        dt = time.perf_counter() - t0
+        log(f"[rank {rank}] block {k} ({i + 1}/{len(todo)}): runs {n_runs}, checkpoints {n_ck}, "
+            f"{n_ck / dt:.0f} ckpts/s, {n_runs / dt:.1f} runs/s")
+    _barrier(world)
+    manifest = None
+    if rank == 0:
+        manifest = store.write_manifest(out, meta, cfg.num_blocks)
+        log(f"[rank 0] manifest: {manifest['num_checkpoints']} checkpoints in {cfg.num_blocks} shards -> {out}")
+    _barrier(world)
+    return manifest
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()

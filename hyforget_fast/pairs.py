@@ -1,0 +1,84 @@
+"""(θ, L, θ*, L*) training pairs for DiHyFo-1 (dissertation §3.3.2).
+
+A pair: a run chosen uniformly among runs with >= 2 checkpoints, then two distinct checkpoints
+of that run chosen uniformly, θ the earlier (smaller step), θ* the later. Shards store each run
+contiguously sorted by step, so a run is a row range [start, start + count) and a pair is two
+offsets inside it; sampling a batch is pure index arithmetic.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .store import CheckpointStore
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pairs from a CheckpointStore.
+
+    - `ds[i]`: one pair, deterministic in (seed, i); memmaps are opened lazily in each process,
+      so the dataset is safe in DataLoader workers.
+    - `sample_batch(B, generator, device)`: a whole batch by vectorized indexing -> dict of
+      theta (B, P), loss (B, m), theta_star (B, P), loss_star (B, m), run (B,), step, step_star.
+      After `.to(device)` the arrays live on that device and batches are gathered there.
+    """
+
+    def __init__(self, store: CheckpointStore | str, length: int | None = None, seed: int = 0,
+                 verify: str = "size"):
+        self.store = CheckpointStore(store, verify=verify) if isinstance(store, str) else store
+        run = self.store.load("run")                          # (n,) small: one int per checkpoint
+        if len(run) and np.any(np.diff(run) < 0):
+            # runs are contiguous and sorted within a shard, and blocks hold increasing run ids
+            raise ValueError("checkpoint store is not sorted by run; pairs need contiguous runs")
+        uniq, start, count = np.unique(run, return_index=True, return_counts=True)
+        ok = count >= 2
+        if not ok.any():
+            raise ValueError("no run has two checkpoints; cannot form (θ, θ*) pairs")
+        self.run_ids, self.run_start, self.run_count = uniq[ok], start[ok].astype(np.int64), count[ok].astype(np.int64)
+        self.length = int(length) if length is not None else len(self.store)
+        self.seed = int(seed)
+        self._dev = None   # dict of device tensors after .to(device)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def pair_indices(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u (B, 3) uniforms in [0, 1) -> global indices (i, j), i < j in the same run, both (B,)."""
+        nr = len(self.run_ids)
+        r = (u[:, 0].double() * nr).long().clamp_(max=nr - 1)
+        start = torch.as_tensor(self.run_start, device=u.device)[r]
+        cnt = torch.as_tensor(self.run_count, device=u.device)[r]
+        a = (u[:, 1].double() * cnt).long().minimum(cnt - 1)
+        b = (u[:, 2].double() * (cnt - 1)).long().minimum(cnt - 2)
+        b = b + (b >= a).long()                                # b uniform over positions != a
+        return start + torch.minimum(a, b), start + torch.maximum(a, b)
+
+    def to(self, device) -> "PairDataset":
+        """Copy params and losses to `device` once (when they fit) so batches never touch the disk."""
+        device = torch.device(device)
+        self._dev = {k: torch.from_numpy(self.store.load(k)).to(device)
+                     for k in ("params", "class_loss", "run", "step")}
+        return self
+
+    def _gather(self, name: str, idx: torch.Tensor, device) -> torch.Tensor:
+        if self._dev is not None:
+            return self._dev[name][idx.to(self._dev[name].device)].to(device)
+        return torch.from_numpy(self.store.take(name, idx.cpu().numpy())).to(device)
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> dict:
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        device = torch.device(device) if device is not None else (
+            next(iter(self._dev.values())).device if self._dev is not None else torch.device("cpu"))
+        u = torch.rand(batch_size, 3, generator=generator, device=gdev, dtype=torch.float64)
+        i, j = self.pair_indices(u)
+        return {"theta": self._gather("params", i, device), "loss": self._gather("class_loss", i, device),
+                "theta_star": self._gather("params", j, device), "loss_star": self._gather("class_loss", j, device),
+                "run": self._gather("run", i, device), "step": self._gather("step", i, device),
+                "step_star": self._gather("step", j, device)}
+
+    def __getitem__(self, k: int) -> dict:
+        if not 0 <= k < self.length:
+            raise IndexError(f"pair index {k} out of range [0, {self.length})")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(k))
+        b = self.sample_batch(1, g, "cpu")
+        return {key: v[0] for key, v in b.items()}

@@ -1,0 +1,41 @@
+"""Shared test setup and hypothesis strategies.
+
+Without a GPU the Triton kernels run under the interpreter on CPU tensors; triton decides
+interpreter vs compiler when a kernel is decorated, so the variable is set here, before any
+test module imports hyforget_fast.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import hyforget_fast as hf  # noqa: E402
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+ODD_WIDTHS = (1, 2, 3, 5, 7, 13)
+
+
+@st.composite
+def mlp_specs(draw, max_hidden_layers: int = 4, max_in: int = 41) -> hf.MLPSpec:
+    """ReLU MLP specs with 1..max_hidden_layers hidden layers of odd/small widths."""
+    depth = draw(st.integers(1, max_hidden_layers))
+    d_in = draw(st.integers(1, max_in))
+    hidden = draw(st.lists(st.sampled_from(ODD_WIDTHS), min_size=depth, max_size=depth))
+    d_out = draw(st.integers(2, 11))
+    return hf.MLPSpec([d_in, *hidden, d_out])
+
+
+def gather_backends_for_tests() -> list[tuple[str, str]]:
+    """(backend, device) pairs to test gathers on: every backend, skipped where it cannot run."""
+    return [("reference", "cpu"), ("cpp", "cpu"),
+            pytest.param("cuda", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+            ("triton", "cuda" if torch.cuda.is_available() else "cpu")]

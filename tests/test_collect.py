@@ -1,0 +1,172 @@
+"""Batched multi-run collection: pivot / bin rules, val-split labels, determinism, multi-rank."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hyforget_fast.collect import (PHASE_FORGET, PHASE_INIT, CollectConfig, BlockTrainer, collect,
+                                   collect_block, offer_probs, preset)
+from hyforget_fast.data import load_digits
+from hyforget_fast.reference import class_sums
+from hyforget_fast.store import CheckpointStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(1)  # the engine is deterministic per thread count; 1 is fastest on a busy box
+
+TINY = preset("mnist4", runs=8, block_runs=4, epochs=4, ckpts_per_run=15, bin_cap_frac=0.03,
+              forget_prob=0.75)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_digits(TINY.classes, TINY.split_seed, fractions=TINY.fractions)
+
+
+@pytest.fixture(scope="module")
+def coll(splits, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("coll"))
+    collect(TINY, out, splits=splits, log=lambda *_: None)
+    return out, CheckpointStore(out)
+
+
+def test_presets_match_the_dissertation():
+    m4, m10 = preset("mnist4"), preset("mnist10")
+    assert (m4.pivots, m4.hidden, m4.ckpts_per_run, m4.classes) == ((0, 1), (2,), 150, (0, 1, 2, 3))
+    assert (m10.pivots, m10.hidden, m10.ckpts_per_run, len(m10.classes)) == ((5, 6, 7, 8, 9), (7,), 200, 10)
+    assert preset("mnist10-dihyfo2").schedule == "early_late" and m4.gamma == 0.8
+    assert CollectConfig.from_dict(json.loads(json.dumps(m10.to_dict()))) == m10
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="pivots"):
+        CollectConfig(classes=(0, 1, 2), pivots=(5,))
+    with pytest.raises(ValueError, match="non-pivot"):
+        CollectConfig(classes=(0, 1), pivots=(0, 1))
+    with pytest.raises(ValueError, match="schedule"):
+        preset("mnist4", schedule="sometimes")
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("cifar")
+
+
+def test_saved_checkpoints_obey_pivot_and_bin_rules(coll):
+    out, st = coll
+    loss, acc, phase = st.load("class_loss"), st.load("class_acc"), st.load("phase")
+    trained = phase != PHASE_INIT
+    assert trained.sum() > 20
+    assert (acc[trained][:, :2] >= TINY.gamma).all()       # pivots 0 and 1 always above gamma
+    cap, edges = TINY.bin_cap, np.array(TINY.bin_edges)
+    some_full = False
+    for rec in st.manifest["shards"]:                      # caps are per block = per shard
+        lo = np.load(os.path.join(out, "shards", rec["name"], "class_loss.npy"))
+        ph = np.load(os.path.join(out, "shards", rec["name"], "phase.npy"))
+        lev = np.searchsorted(edges, lo[ph != PHASE_INIT][:, 2:], side="right")
+        _, counts = np.unique(lev[:, 0] * 100 + lev[:, 1], return_counts=True)
+        assert counts.max() <= cap
+        some_full |= counts.max() == cap
+    assert some_full, "tiny config should make at least one bin reach its cap"
+
+
+def test_saved_losses_are_validation_losses_of_saved_params(coll, splits):
+    _, st = coll
+    P, loss, acc = (torch.from_numpy(st.load(k)) for k in ("params", "class_loss", "class_acc"))
+    spec = TINY.spec()
+    ls, cs = class_sums(P, spec, splits.X_val, splits.y_val, 4)
+    cnt = torch.bincount(splits.y_val, minlength=4).float()
+    torch.testing.assert_close(loss, ls / cnt, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(acc, cs / cnt, rtol=0, atol=1e-6)
+    lt, _ = class_sums(P, spec, splits.X_test, splits.y_test, 4)  # never the test split
+    assert not torch.allclose(loss, lt / torch.bincount(splits.y_test, minlength=4).float(), atol=1e-3)
+
+
+def test_each_run_saves_initial_params_then_ordered_steps(coll):
+    _, st = coll
+    run, step, phase = st.load("run"), st.load("step"), st.load("phase")
+    assert sorted(set(run.tolist())) == list(range(TINY.runs))
+    for r in range(TINY.runs):
+        s, ph = step[run == r], phase[run == r]
+        assert s[0] == 0 and ph[0] == PHASE_INIT and (ph[1:] != PHASE_INIT).all()
+        assert (np.diff(s) > 0).all() and len(s) <= TINY.ckpts_per_run + 1
+    # initial params are the PyTorch default init: |W1| <= 1/sqrt(784)
+    P0 = st.load("params")[phase == PHASE_INIT]
+    assert np.abs(P0[:, :784 * 2]).max() <= 1 / 28 + 1e-7
+
+
+def test_forgetting_phase_follows_the_run_plan(coll):
+    out, st = coll
+    run, step, phase, loss = st.load("run"), st.load("step"), st.load("phase"), st.load("class_loss")
+    n_forget_runs = 0
+    for rec in st.manifest["shards"]:
+        info = json.load(open(os.path.join(out, "shards", rec["name"], "shard.json")))["info"]["runs"]
+        first = rec["block"] * TINY.block_runs
+        for i, fs in enumerate(info["forget_step"]):
+            sel = (run == first + i) & (phase != PHASE_INIT)
+            want = np.zeros(sel.sum(), bool) if fs is None else step[sel] >= fs
+            assert np.array_equal(phase[sel] == PHASE_FORGET, want)
+            if fs is not None:
+                n_forget_runs += 1
+                assert info["forget_classes"][i] and set(info["forget_classes"][i]) <= {2, 3}
+    assert n_forget_runs > 0
+
+
+def test_forgotten_class_is_never_sampled(splits):
+    bt = BlockTrainer(TINY.replace(forget_prob=1.0), splits, 0)
+    bt.class_w = bt._class_weights(torch.ones(bt.R, dtype=torch.bool))
+    for _ in range(20):
+        lab = bt.ytr[bt.sample_batch()]                    # (R, B)
+        assert not bt.forget_mask.gather(1, lab).any()
+
+
+def test_undersampling_rates_are_sampling_weights(splits):
+    bt = BlockTrainer(TINY.replace(block_runs=4, undersample_prob=1.0, keep_range=(0.1, 0.1)), splits, 0)
+    lab = torch.cat([bt.ytr[bt.sample_batch()] for _ in range(300)], 1)   # (R, 9600)
+    freq = torch.stack([torch.bincount(l, minlength=4) for l in lab]).float() / lab.shape[1]
+    want = bt.keep * bt.class_count / (bt.keep * bt.class_count).sum(1, keepdim=True)
+    torch.testing.assert_close(freq, want, atol=0.02, rtol=0)
+
+
+def test_block_is_deterministic_and_independent_of_other_blocks(splits):
+    a = collect_block(TINY, splits, 1)
+    b = collect_block(TINY, splits, 1)
+    c = collect_block(TINY.replace(runs=TINY.runs + 40), splits, 1)  # more blocks after it: no effect
+    for k in ("params", "class_loss", "run", "step", "phase"):
+        assert np.array_equal(getattr(a, k), getattr(b, k)) and np.array_equal(getattr(a, k), getattr(c, k))
+    assert a.run.min() == TINY.block_runs
+
+
+def test_early_late_schedule_prefers_both_ends():
+    p = offer_probs(preset("mnist10-dihyfo2"), 1000)
+    u = offer_probs(preset("mnist10"), 1000)
+    assert p[:100].mean() > 2 * p[450:550].mean() and p[-100:].mean() > 2 * p[450:550].mean()
+    assert abs(float(p.sum()) - float(u.sum())) < 1e-2 * float(u.sum())
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def _contents(root):
+    st = CheckpointStore(root)
+    order = np.lexsort((st.load("step"), st.load("run")))
+    return {k: st.load(k)[order] for k in ("params", "class_loss", "class_acc", "run", "step", "phase")}
+
+
+def test_two_ranks_union_equals_one_process(tmp_path):
+    args = ["collect", "--preset", "mnist4", "--runs", "6", "--block-runs", "2", "--epochs", "2",
+            "--ckpts-per-run", "8", "--seed", "3", "--threads", "1"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    subprocess.run([sys.executable, "-m", "hyforget_fast.cli", *args, "--out", one], env=_env(), check=True,
+                   capture_output=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "hyforget_fast.cli", *args, "--out", two], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[rank 1/2]" in r.stderr
+    a, b = _contents(one), _contents(two)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    man = json.load(open(os.path.join(two, "manifest.json")))
+    assert [s["name"] for s in man["shards"]] == ["block_00000", "block_00001", "block_00002"]
