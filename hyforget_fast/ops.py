@@ -251,6 +251,15 @@ def _default_max_batch(spec: MLPSpec, N: int, backend: str) -> int:
     return max(1, (1 << 28) // spec.num_params)
 
 
+_GPU_MAX_WIDTH, _GPU_MAX_LAYERS = 64, 16  # csrc/cuda/launchers.h, kernels/class_metrics.py
+
+
+def _gpu_supports(spec: MLPSpec, dtype: torch.dtype) -> bool:
+    """Whether the GPU kernels handle this spec and dtype (no float64; widths <= 64 in registers)."""
+    return (dtype != torch.float64 and max(spec.layer_sizes[1:]) <= _GPU_MAX_WIDTH
+            and spec.num_layers <= _GPU_MAX_LAYERS)
+
+
 def _class_sums(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch.Tensor, num_classes: int,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class (loss sum, correct count), each (B, m) float32, from one backend."""
@@ -281,6 +290,8 @@ def class_metrics(params: torch.Tensor, spec: MLPSpec | TokenLayout, X: torch.Te
         raise ValueError(f"num_classes must be in [1, {spec.num_classes}] (the output width), got {num_classes}")
     _check_labels(y, X, m)
     be = _pick("class_metrics", params.device, backend)
+    if backend is None and be in ("cuda", "triton") and not _gpu_supports(spec, params.dtype):
+        be = "reference"
     if max_batch is None:
         max_batch = _default_max_batch(spec, X.shape[0], be)
     if int(max_batch) != max_batch or max_batch < 1:
