@@ -302,9 +302,16 @@ def class_metrics(params: torch.Tensor, spec: MLPSpec | TokenLayout, X: torch.Te
         if layout is not None:
             p = detokenize(p, layout)  # (b, P)
         loss_sum, correct_sum = _class_sums(p, spec, X, y, m, be)  # (b, m) each
-        bad = ~torch.isfinite(p).all(dim=1)  # (b,) networks with NaN/Inf parameters
+        bad = _non_finite_rows(p)  # (b,) networks with NaN/Inf parameters
         sums.append((loss_sum, correct_sum, bad))
     return _finish(sums, y, m, params.device)
+
+
+def _non_finite_rows(p: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """(B,) bool: rows of p (B, P) holding a NaN or Inf. In slices of rows, because isfinite
+    allocates float temporaries as large as its input."""
+    return torch.cat([~torch.isfinite(p[i:i + rows]).all(dim=1) for i in range(0, p.shape[0], rows)]
+                     or [torch.zeros(0, dtype=torch.bool, device=p.device)])
 
 
 def _finish(sums, y: torch.Tensor, m: int, device: torch.device) -> ClassMetrics:

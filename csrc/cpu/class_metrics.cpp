@@ -7,10 +7,13 @@
 //   1. G = W1_block (nb*h1, D) @ X_tile^T (D, R): one MKL GEMM per tile (single-threaded,
 //      since we are inside at::parallel_for), into a cache-resident (nb*h1, R) buffer. Rows
 //      of G are contiguous over the R inputs, so everything after it vectorizes over inputs.
-//   2. Epilogue per network: bias + ReLU, later layers, max / argmax, logsumexp, CE, and a
-//      per-class reduction. X rows are sorted by label once, so a tile holds a few runs of
-//      one class each: the label gather becomes a plain row read and the per-class scatter
-//      becomes a contiguous sum.
+//   2. Epilogue per network, 16 inputs at a time in registers (AVX-512 / AVX2 clones chosen at
+//      load time): bias + ReLU, later layers, max / argmax, logsumexp, CE, then a per-class
+//      reduction. X rows are sorted by label once, so a tile holds a few runs of one class
+//      each and the per-class scatter becomes a contiguous, vectorized sum.
+// Nested parallelism: at::parallel_for owns the threads; MKL called inside an OpenMP parallel
+// region runs single-threaded, so the threads never oversubscribe the cores (measured: the
+// tiled GEMMs together take the time of one big multi-threaded GEMM).
 // Half and bfloat16 params compute in float32; float64 computes in float64. Sums accumulate
 // in double per network and class.
 #include <ATen/ATen.h>
@@ -22,7 +25,6 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#include <cstdlib>
 
 namespace hyforget {
 namespace {
@@ -31,8 +33,10 @@ namespace {
 // own vectorized copy (a plain `inline` helper would be compiled once, for baseline x86-64).
 #define HF_INLINE inline __attribute__((always_inline))
 
+// Tile sizes, measured on a 2-core AMD EPYC (1 MiB L2 per core): 256 or 512 rows with ~512
+// columns keep the tile epilogue within ~5-15% of the GEMM; 1024 columns or 128 rows are slower.
 constexpr int64_t kRowTile = 256;     // inputs per tile (the G buffer's row length)
-constexpr int64_t kTargetCols = 512;  // first-layer outputs (networks × h1) per block
+constexpr int64_t kTargetCols = 512;  // first-layer outputs (networks x h1) per block
 
 // exp(x) for x <= 0 or NaN, Cephes expf (about 1 ulp), branch-free so loops vectorize.
 // Arguments below -87.3 return ~1e-38 instead of 0: harmless inside a sum that is >= 1.
@@ -274,8 +278,7 @@ void run_blocks(const at::Tensor& params, const at::Tensor& Xs, const int32_t* y
         const T* rp = rest.data_ptr<T>();
         const int64_t* seg = ts.segs.data() + 3 * ts.tile_start[t];
         const int64_t nseg = ts.tile_start[t + 1] - ts.tile_start[t];
-        static const bool skip = std::getenv("CM_SKIP") != nullptr;
-        if (!skip) for (int64_t j = 0; j < nbc; ++j)
+        for (int64_t j = 0; j < nbc; ++j)
           epilogue(net, g + j * h1 * kRowTile, kRowTile, rp + j * net.rest, yl + t0, R, seg, nseg, s,
                    acc_loss.data() + j * num_classes, acc_corr.data() + j * num_classes);
       }
