@@ -250,6 +250,16 @@ TileSegments tile_segments(const int64_t* ys, int64_t N) {
   return ts;
 }
 
+// Networks per block: about kTargetCols first-layer outputs each (an efficient GEMM width),
+// and a whole multiple of the thread count in blocks so no thread idles at the end (B=256,
+// h1=10 would otherwise make 5 blocks for 2 threads).
+int64_t block_size(int64_t B, int64_t h1, int64_t nthreads) {
+  const int64_t target = std::max<int64_t>(1, (kTargetCols + h1 - 1) / h1);
+  int64_t nblocks = (B + target - 1) / target;
+  nblocks = std::min(B, (nblocks + nthreads - 1) / nthreads * nthreads);
+  return std::max<int64_t>(1, (B + nblocks - 1) / nblocks);
+}
+
 template <typename T>
 void run_blocks(const at::Tensor& params, const at::Tensor& Xs, const int32_t* yl, const TileSegments& ts, const Net& net,
                 int64_t nb, int64_t num_classes, float* loss_out, float* corr_out) {
@@ -330,9 +340,7 @@ std::tuple<at::Tensor, at::Tensor> class_metrics_cpu(const at::Tensor& params, c
   std::vector<int32_t> yl(N + kRowTile, 0);
   for (int64_t i = 0; i < N; ++i) yl[i] = static_cast<int32_t>(ys.data_ptr<int64_t>()[i]);
   const Net net{layer_sizes.data(), L, P - h1 * D, maxw};
-  // Enough blocks for every thread, each wide enough for an efficient GEMM.
-  const int64_t nthreads = at::get_num_threads();
-  const int64_t nb = std::max<int64_t>(1, std::min((kTargetCols + h1 - 1) / h1, (B + nthreads - 1) / nthreads));
+  const int64_t nb = block_size(B, h1, at::get_num_threads());
   auto pc = params.contiguous();
   if (cdt == at::kDouble)
     run_blocks<double>(pc, Xs, yl.data(), ts, net, nb, num_classes, loss.data_ptr<float>(), corr.data_ptr<float>());
