@@ -279,3 +279,35 @@ def test_class_outputs(spec, dtype, data):
     r = hf.class_metrics(p, spec, X, y, backend="cpp")
     ties = _near_ties(p, spec, X, y, spec.num_classes, 1e-4).sum(1)
     assert ((r.acc.double() - acc).abs() * X.shape[0] <= ties + 1e-3).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inputs_with_all_zero_columns(backend, device, dtype):
+    """MNIST-like X: sparse, with columns that are zero in every row (the C++ kernel skips
+    those columns in its GEMM); same agreement with float64 as any other input."""
+    spec = hf.MLPSpec([40, 7, 3, 10])
+    g = torch.Generator().manual_seed(5)
+    X = torch.rand(97, 40, generator=g, dtype=torch.float64)
+    X[X < 0.7] = 0  # ~70% zeros
+    X[:, [0, 1, 2, 17, 39]] = 0  # blank columns, like MNIST's border
+    y = torch.randint(0, 10, (97,), generator=g)
+    p, X = _random_params(spec, 13, 5, dtype), X.to(dtype)
+    got = hf.class_metrics(p.to(device), spec, X.to(device), y.to(device), backend=backend)
+    _assert_matches_float64(hf.ClassMetrics(*(t.cpu() for t in got)), p, spec, X, y, 10, dtype)
+
+
+def test_native_op_nan_weight_on_a_blank_column():
+    """0 * NaN is NaN in the reference, so a NaN first-layer weight on an all-zero input column
+    must still make that network's loss NaN, even though the C++ GEMM skips the column."""
+    spec = hf.MLPSpec([6, 5, 3])
+    X, y = torch.rand(30, 6), torch.randint(0, 3, (30,))
+    X[:, 4] = 0
+    p = _random_params(spec, 4, 6, torch.float32)
+    ws, _ = spec.layer_slices(0)
+    p[2, ws.start + 4] = float("nan")  # W1[0, 4] of network 2
+    loss, _ = torch.ops.hyforget.class_metrics(p, X, y, list(spec.layer_sizes), 3)
+    ref_loss, _ = ref.class_sums(p, spec, X, y, 3)
+    assert torch.isnan(loss[2]).all() and torch.isnan(ref_loss[2]).all()
+    keep = torch.tensor([0, 1, 3])
+    torch.testing.assert_close(loss[keep], ref_loss[keep], rtol=1e-5, atol=1e-4)
