@@ -283,7 +283,11 @@ at::Tensor load_first_layers(const at::Tensor& W1in, const Columns& cols, at::Te
     W1v.view({nbc, h1, W1in.size(2)}).copy_(W1in);
     return at::zeros({nbc}, W1in.options().dtype(at::kBool));
   }
-  W1v.view({nbc, h1, cols.used.numel()}).copy_(W1in.index_select(2, cols.used));
+  auto dst = W1v.view({nbc, h1, cols.used.numel()});
+  if (W1in.scalar_type() == dst.scalar_type())
+    at::index_select_out(dst, W1in, 2, cols.used);  // straight into the buffer: no per-block temporary
+  else
+    dst.copy_(W1in.index_select(2, cols.used));
   return at::isfinite(W1in.index_select(2, cols.dropped)).logical_not().flatten(1).any(1).contiguous();
 }
 
