@@ -245,7 +245,7 @@ def _check_labels(y: torch.Tensor, X: torch.Tensor, num_classes: int) -> None:
 def _default_max_batch(spec: MLPSpec, N: int, backend: str) -> int:
     """Networks per slice: the reference holds (B, N, width) activations, so bound those to
     ~2^27 values; the fused kernels hold only O(B*m) plus tiles, so slices just bound the
-    float32 copy of the params."""
+    per-slice copies of the params (detokenized tokens, a contiguous copy) to 2^28 values."""
     if backend == "reference":
         return max(1, (1 << 27) // max(1, N * max(spec.layer_sizes[1:])))
     return max(1, (1 << 28) // spec.num_params)
