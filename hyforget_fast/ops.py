@@ -32,6 +32,11 @@ if _native_loaded():
     def _scatter_pieces_fake(tokens, table, norm, out_width):
         return tokens.new_empty((tokens.shape[0], out_width))
 
+    @torch.library.register_fake("hyforget::class_metrics")
+    def _class_metrics_fake(params, X, y, layer_sizes, num_classes):
+        shape = (params.shape[0], num_classes)
+        return params.new_empty(shape, dtype=torch.float32), params.new_empty(shape, dtype=torch.float32)
+
 
 def _check_params(params: torch.Tensor, spec: MLPSpec, what: str = "params") -> None:
     if not isinstance(params, torch.Tensor):
@@ -176,12 +181,12 @@ def permute(params: torch.Tensor, spec: MLPSpec, perms: torch.Tensor, *, validat
 
 
 class ClassMetrics(NamedTuple):
-    """Metrics of B networks on one labelled set with m classes.
+    """Metrics of B networks on one labelled set with m classes, all float32.
 
     class_loss (B, m) mean cross-entropy per class; class_acc (B, m) accuracy per class;
     loss (B,) and acc (B,) over all N inputs. A class absent from y is NaN in class_loss and
-    class_acc (never 0): its mean is undefined. A network with NaN/Inf parameters gets NaN
-    losses; its accuracy is whatever its (NaN) logits' argmax gives, and neighbours are unaffected.
+    class_acc (never 0): its mean is undefined. A network with any NaN/Inf parameter is NaN in
+    every field; its neighbours in the batch are unaffected.
     """
 
     class_loss: torch.Tensor
@@ -190,13 +195,157 @@ class ClassMetrics(NamedTuple):
     acc: torch.Tensor
 
 
+def _unpack_spec(spec: MLPSpec | TokenLayout) -> tuple[MLPSpec, TokenLayout | None]:
+    if isinstance(spec, TokenLayout):
+        return spec.spec, spec
+    if isinstance(spec, MLPSpec):
+        return spec, None
+    raise TypeError(f"spec must be an MLPSpec or a TokenLayout, got {type(spec).__name__}")
+
+
+def _check_params_or_tokens(params: torch.Tensor, spec: MLPSpec, layout: TokenLayout | None) -> None:
+    if layout is None:
+        _check_params(params, spec)
+        return
+    if not isinstance(params, torch.Tensor) or params.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"tokens must be a floating-point tensor, got {getattr(params, 'dtype', type(params).__name__)}")
+    if params.ndim != 3 or params.shape[1:] != (layout.num_tokens, layout.chunk):
+        raise ValueError(f"tokens must have shape (B, {layout.num_tokens}, {layout.chunk}) for {layout}, "
+                         f"got {tuple(params.shape)}")
+
+
+def _check_inputs(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor) -> None:
+    """X (N, D) must match the spec and the params' dtype and device, and be finite."""
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
+    if X.ndim != 2 or X.shape[1] != spec.in_features:
+        raise ValueError(f"X must have shape (N, {spec.in_features}) for MLPSpec{spec.layer_sizes}, "
+                         f"got {tuple(X.shape)}")
+    if X.dtype != params.dtype:
+        raise TypeError(f"dtype mismatch: X is {X.dtype} but params are {params.dtype}")
+    if X.device != params.device:
+        raise ValueError(f"device mismatch: X is on {X.device} but params are on {params.device}")
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError("X contains NaN or Inf; every network's metrics would be NaN")
+
+
+def _check_labels(y: torch.Tensor, X: torch.Tensor, num_classes: int) -> None:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if y.dtype != torch.int64:
+        raise TypeError(f"y must be int64 labels, got {y.dtype}")
+    if y.shape != (X.shape[0],):
+        raise ValueError(f"y must have shape ({X.shape[0]},) like X's rows, got {tuple(y.shape)}")
+    if y.device != X.device:
+        raise ValueError(f"device mismatch: y is on {y.device} but X is on {X.device}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]")
+
+
+def _default_max_batch(spec: MLPSpec, N: int, backend: str) -> int:
+    """Networks per slice: the reference holds (B, N, width) activations, so bound those to
+    ~2^27 values; the fused kernels hold only O(B*m) plus tiles, so slices just bound the
+    per-slice copies of the params (detokenized tokens, a contiguous copy) to 2^28 values."""
+    if backend == "reference":
+        return max(1, (1 << 27) // max(1, N * max(spec.layer_sizes[1:])))
+    return max(1, (1 << 28) // spec.num_params)
+
+
+_GPU_MAX_WIDTH, _GPU_MAX_LAYERS = 64, 16  # csrc/cuda/launchers.h, kernels/class_metrics.py
+
+
+def _gpu_supports(spec: MLPSpec, dtype: torch.dtype) -> bool:
+    """Whether the GPU kernels handle this spec and dtype (no float64; widths <= 64 in registers)."""
+    return (dtype != torch.float64 and max(spec.layer_sizes[1:]) <= _GPU_MAX_WIDTH
+            and spec.num_layers <= _GPU_MAX_LAYERS)
+
+
+def _class_sums(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch.Tensor, num_classes: int,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class (loss sum, correct count), each (B, m) float32, from one backend."""
+    sizes = list(spec.layer_sizes)
+    if backend == "reference":
+        return _ref.class_sums(params, spec, X, y, num_classes)
+    if backend == "triton":
+        return _kernels().class_metrics.class_sums(params, sizes, X, y, num_classes)
+    return torch.ops.hyforget.class_metrics(params, X, y, sizes, num_classes)
+
+
 def class_metrics(params: torch.Tensor, spec: MLPSpec | TokenLayout, X: torch.Tensor, y: torch.Tensor,
                   num_classes: int | None = None, *, max_batch: int | None = None,
                   backend: str | None = None) -> ClassMetrics:
     """Per-class loss and accuracy of B ReLU MLPs on the same inputs, fused (SPEC §3).
 
     params: (B, P) flat vectors, or (B, T, chunk) tokens when `spec` is a TokenLayout.
-    X (N, D), y (N,) int64 labels in [0, num_classes). num_classes defaults to the output width.
-    B is processed in slices of at most `max_batch` networks so memory stays bounded.
+    X (N, D) with the params' dtype and device; y (N,) int64 labels in [0, num_classes).
+    num_classes defaults to the output width (it may be smaller, never larger).
+    B is processed in slices of at most `max_batch` networks so memory stays bounded; the
+    fused backends never hold (B, N, hidden) or (B, N, m) tensors. Returns ClassMetrics.
     """
-    raise NotImplementedError("class_metrics is being implemented (issue 3)")
+    spec, layout = _unpack_spec(spec)
+    _check_params_or_tokens(params, spec, layout)
+    _check_inputs(params, spec, X)
+    m = spec.num_classes if num_classes is None else int(num_classes)
+    if not 1 <= m <= spec.num_classes:
+        raise ValueError(f"num_classes must be in [1, {spec.num_classes}] (the output width), got {num_classes}")
+    _check_labels(y, X, m)
+    be = _pick("class_metrics", params.device, backend)
+    if backend is None and be in ("cuda", "triton") and not _gpu_supports(spec, params.dtype):
+        be = "reference"
+    if max_batch is None:
+        max_batch = _default_max_batch(spec, X.shape[0], be)
+    if int(max_batch) != max_batch or max_batch < 1:
+        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+    sums = []
+    for b0 in range(0, params.shape[0], int(max_batch)):
+        p = params[b0:b0 + int(max_batch)]
+        if layout is not None:
+            p = detokenize(p, layout)  # (b, P)
+        loss_sum, correct_sum = _class_sums(p, spec, X, y, m, be)  # (b, m) each
+        bad = _non_finite_rows(p)  # (b,) networks with NaN/Inf parameters
+        sums.append((loss_sum, correct_sum, bad))
+    return _finish(sums, y, m, params.device)
+
+
+def _non_finite_rows(p: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """(B,) bool: rows of p (B, P) holding a NaN or Inf. In slices of rows, because isfinite
+    allocates float temporaries as large as its input."""
+    return torch.cat([~torch.isfinite(p[i:i + rows]).all(dim=1) for i in range(0, p.shape[0], rows)]
+                     or [torch.zeros(0, dtype=torch.bool, device=p.device)])
+
+
+def _finish(sums, y: torch.Tensor, m: int, device: torch.device) -> ClassMetrics:
+    """Per-class sums of each slice -> means; absent classes and broken networks -> NaN."""
+    if sums:
+        loss_sum = torch.cat([s[0] for s in sums]).double()  # (B, m)
+        correct_sum = torch.cat([s[1] for s in sums]).double()
+        bad = torch.cat([s[2] for s in sums])
+    else:
+        loss_sum = correct_sum = torch.zeros(0, m, dtype=torch.float64, device=device)
+        bad = torch.zeros(0, dtype=torch.bool, device=device)
+    counts = torch.bincount(y, minlength=m)[:m].double()  # (m,)
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+    class_loss = torch.where(counts > 0, loss_sum / counts.clamp(min=1), nan)
+    class_acc = torch.where(counts > 0, correct_sum / counts.clamp(min=1), nan)
+    n = max(1, y.numel())
+    loss = loss_sum.sum(1) / n if y.numel() else torch.full_like(loss_sum[:, 0], float("nan"))
+    acc = correct_sum.sum(1) / n if y.numel() else torch.full_like(loss_sum[:, 0], float("nan"))
+    out = [class_loss, class_acc, loss, acc]
+    out = [torch.where(bad.view(-1, *([1] * (t.ndim - 1))), nan, t).float() for t in out]
+    return ClassMetrics(*out)
+
+
+def class_outputs(params: torch.Tensor, spec: MLPSpec | TokenLayout, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample outputs of a few networks: softmax probabilities (B, N, m) and predictions (B, N).
+
+    Materializes (B, N, width) activations, so it is meant for the handful of models that
+    the unlearning metrics compare; use class_metrics for many. Half/bfloat16 params are
+    evaluated in float32, and probabilities are float32 (float64 for float64 params).
+    """
+    spec, layout = _unpack_spec(spec)
+    _check_params_or_tokens(params, spec, layout)
+    _check_inputs(params, spec, X)
+    p = detokenize(params, layout) if layout is not None else params
+    if p.dtype in (torch.float16, torch.bfloat16):
+        p, X = p.float(), X.float()
+    return _ref.class_outputs(p, spec, X)

@@ -39,3 +39,22 @@ def gather_backends_for_tests() -> list[tuple[str, str]]:
     return [("reference", "cpu"), ("cpp", "cpu"),
             pytest.param("cuda", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
             ("triton", "cuda" if torch.cuda.is_available() else "cpu")]
+
+
+def class_metrics_backends_for_tests() -> list:
+    """(backend, device) pairs for class_metrics: every backend; CUDA only where a GPU is
+    visible, Triton on CUDA or under the interpreter on CPU tensors."""
+    return [("reference", "cpu"), ("cpp", "cpu"),
+            pytest.param("cuda", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+            ("triton", "cuda" if torch.cuda.is_available() else "cpu")]
+
+
+@st.composite
+def labelled_sets(draw, d_in: int, num_classes: int, sizes=(1, 2, 97, 997)):
+    """(X (N, d_in) float64, y (N,) int64, seed): N drawn from `sizes` (odd on purpose) or 3..300."""
+    n = draw(st.one_of(st.sampled_from(sizes), st.integers(3, 300)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return X, y, seed
