@@ -1,6 +1,6 @@
 """Benchmark of class_metrics (issue 3): B MLPs scored on the bundled MNIST digits, side by side.
 
-  python bench/bench_class_metrics.py [--quick] [--full] [--out bench/RESULTS_class_metrics.md]
+  python bench/bench_class_metrics.py [--quick] [--full] [--out FILE]
 
 Providers, each in its own subprocess so its peak memory can be read from getrusage:
   gemm     the bound: the first-layer GEMM alone, X (N, D) @ W1_all^T (D, B*h), same B, N, spec

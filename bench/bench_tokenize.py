@@ -24,7 +24,7 @@ import hyforget_fast as hf  # noqa: E402
 from hyforget_fast import reference as ref  # noqa: E402
 
 SPECS = {"[784,2,4]": [784, 2, 4], "[784,7,10]": [784, 7, 10], "[784,10,10]": [784, 10, 10],
-         "[784,128,128,10] (wide)": [784, 128, 128, 10]}
+         "[784,32,32,10] (wide, 2 hidden)": [784, 32, 32, 10]}
 CHUNK = 256
 
 

@@ -29,7 +29,7 @@ Scoring. `score="direct"` (the default) scores all offers of a step exactly in o
 call: the first-layer weights of the offered runs are gathered once, one GEMM against X_val,
 then a fused-style epilogue (off the CPU: the native fused `class_metrics` when it is built).
 `score="incremental"` (measured no faster on mnist10, about equal on mnist4; see
-bench/RESULTS_collect.md): the block keeps the validation pre-activations of
+bench/RESULTS.md §3): the block keeps the validation pre-activations of
 the first layer Zv (N_val, R*H) = X_val W1^T + b1 up to date with one GEMM per step through the
 fixed Gram matrix K = X_train X_val^T (Zv -= K[batch]^T G), so an offer costs only the cheap
 epilogue (ReLU, later layers, log-softmax, CE, argmax, per-class sums). Zv is recomputed exactly
