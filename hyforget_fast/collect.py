@@ -566,8 +566,13 @@ def collect(cfg: CollectConfig, out: str, device="cpu", splits=None, log=print, 
     log(f"[rank {rank}/{world}] {cfg.num_blocks} blocks of {cfg.block_runs} runs; {len(mine) - len(todo)} "
         f"of my {len(mine)} already done, resuming {len(todo)}")
     t0, n_ck, n_runs = time.perf_counter(), 0, 0
+    # Live bar of saved checkpoints inside blocks on a terminal (tqdm is silent when stderr is
+    # not a tty); the per-block log line below is the record in CI logs and files.
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo) * cfg.block_runs * cfg.ckpts_per_run, unit="ckpt", desc=f"rank {rank}",
+               disable=None, leave=False, smoothing=0.1)
     for i, k in enumerate(todo):
-        res = collect_block(cfg, splits, k, device)
+        res = collect_block(cfg, splits, k, device, progress=bar.update)
         store.write_shard(out, k, {"params": res.params, "class_loss": res.class_loss, "class_acc": res.class_acc,
                                    "run": res.run, "step": res.step, "phase": res.phase},
                           info={"runs": res.run_info, "stats": res.stats})
@@ -576,6 +581,7 @@ def collect(cfg: CollectConfig, out: str, device="cpu", splits=None, log=print, 
         dt = time.perf_counter() - t0
         log(f"[rank {rank}] block {k} ({i + 1}/{len(todo)}): runs {n_runs}, checkpoints {n_ck}, "
             f"{n_ck / dt:.0f} ckpts/s, {n_runs / dt:.1f} runs/s")
+    bar.close()
     _barrier(world)
     manifest = None
     if rank == 0:
