@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -570,7 +571,7 @@ def collect(cfg: CollectConfig, out: str, device="cpu", splits=None, log=print, 
     # not a tty); the per-block log line below is the record in CI logs and files.
     from tqdm import tqdm
     bar = tqdm(total=len(todo) * cfg.block_runs * cfg.ckpts_per_run, unit="ckpt", desc=f"rank {rank}",
-               disable=None, leave=False, smoothing=0.1)
+               disable=not sys.stderr.isatty(), leave=False, smoothing=0.1)
     for i, k in enumerate(todo):
         res = collect_block(cfg, splits, k, device, progress=bar.update)
         store.write_shard(out, k, {"params": res.params, "class_loss": res.class_loss, "class_acc": res.class_acc,
