@@ -181,3 +181,14 @@ def test_native_ops_pass_torch_opcheck():
                           (x, layout.table, perms, None, torch.empty(3, W)))
     torch.library.opcheck(torch.ops.hyforget.scatter_pieces.default,
                           (torch.randn(3, W), layout.table, norm, spec.num_params))
+
+
+def test_large_outputs_take_the_huge_page_path_and_stay_exact():
+    """Outputs over 8 MiB are advised to transparent huge pages before the first write."""
+    spec = hf.MLPSpec([784, 7, 10])
+    layout = hf.TokenLayout(spec, 256)
+    x, perms, norm = _case(spec, 401, 7, torch.float32, "cpu")  # 401 * 26 * 256 * 4 B = 10.7 MB out
+    tokens = hf.tokenize(x, layout, perms, norm, backend="cpp")
+    assert tokens.nbytes > 8 << 20
+    assert torch.equal(tokens, ref.tokenize(x, layout, perms, norm))
+    assert torch.equal(hf.detokenize(hf.tokenize(x, layout, backend="cpp"), layout, backend="cpp"), x)
