@@ -5,6 +5,7 @@ Every op takes `backend=None` (fastest available for the tensors' device) or one
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -225,8 +226,25 @@ def _check_inputs(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor) -> None:
         raise TypeError(f"dtype mismatch: X is {X.dtype} but params are {params.dtype}")
     if X.device != params.device:
         raise ValueError(f"device mismatch: X is on {X.device} but params are on {params.device}")
-    if not bool(torch.isfinite(X).all()):
-        raise ValueError("X contains NaN or Inf; every network's metrics would be NaN")
+    if not _finite_checked(X):
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError("X contains NaN or Inf; every network's metrics would be NaN")
+        _remember_finite(X)
+
+
+# The last few X found finite, so that scoring the same set every step (checkpoint collection)
+# does not re-scan it: a weak reference (a freed X can never match) plus its version counter
+# (an in-place write invalidates the entry).
+_FINITE_X: list[tuple[weakref.ref, int]] = []
+
+
+def _finite_checked(X: torch.Tensor) -> bool:
+    return any(r() is X and v == X._version for r, v in _FINITE_X)
+
+
+def _remember_finite(X: torch.Tensor) -> None:
+    _FINITE_X.append((weakref.ref(X), X._version))
+    del _FINITE_X[:-4]
 
 
 def _check_labels(y: torch.Tensor, X: torch.Tensor, num_classes: int) -> None:

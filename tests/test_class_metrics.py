@@ -311,3 +311,16 @@ def test_native_op_nan_weight_on_a_blank_column():
     assert torch.isnan(loss[2]).all() and torch.isnan(ref_loss[2]).all()
     keep = torch.tensor([0, 1, 3])
     torch.testing.assert_close(loss[keep], ref_loss[keep], rtol=1e-5, atol=1e-4)
+
+
+def test_finite_check_of_X_is_remembered_only_while_X_is_unchanged():
+    """Scoring the same X again skips re-scanning it, but an in-place write is seen."""
+    spec = hf.MLPSpec([5, 3, 4])
+    p = torch.randn(2, spec.num_params)
+    X = torch.randn(9, 5)
+    y = torch.arange(9) % 4
+    hf.class_metrics(p, spec, X, y)
+    hf.class_metrics(p, spec, X, y)
+    X[3, 2] = float("nan")  # bumps X's version counter
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        hf.class_metrics(p, spec, X, y)
