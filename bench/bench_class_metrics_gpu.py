@@ -90,7 +90,6 @@ def main():
                 rate = flops / ms / 1e9
                 frac = f"{gemm_ms / ms:8.2f}" if gemm_ms else f"{'-':>8}"
                 print(f"{str(sizes):>14} {B:>6} {name:>10} {ms:9.3f} {rate:8.2f} {frac} {peak:9.1f}")
-            del p, W1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Reports MLP-SGD-steps/s, checkpoints/s and FLOP rate vs a GEMM measured in the s
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch

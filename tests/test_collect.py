@@ -54,7 +54,7 @@ def test_bad_config_raises():
 
 def test_saved_checkpoints_obey_pivot_and_bin_rules(coll):
     out, st = coll
-    loss, acc, phase = st.load("class_loss"), st.load("class_acc"), st.load("phase")
+    acc, phase = st.load("class_acc"), st.load("phase")
     trained = phase != PHASE_INIT
     assert trained.sum() > 20
     assert (acc[trained][:, :2] >= TINY.gamma).all()       # pivots 0 and 1 always above gamma
@@ -97,7 +97,7 @@ def test_each_run_saves_initial_params_then_ordered_steps(coll):
 
 def test_forgetting_phase_follows_the_run_plan(coll):
     out, st = coll
-    run, step, phase, loss = st.load("run"), st.load("step"), st.load("phase"), st.load("class_loss")
+    run, step, phase = st.load("run"), st.load("step"), st.load("phase")
     n_forget_runs = 0
     for rec in st.manifest["shards"]:
         info = json.load(open(os.path.join(out, "shards", rec["name"], "shard.json")))["info"]["runs"]

@@ -1,5 +1,4 @@
 """Digit data: bundled MNIST, torchvision IDX path, seeded stratified splits."""
-import os
 import struct
 
 import numpy as np
