@@ -17,11 +17,6 @@ Non-finite values: a block-diagonal dot multiplies one network's hidden units by
 of its neighbours' blocks, and NaN * 0 = NaN. So non-finite hidden values are replaced by 0
 before each dot and tracked in a per-(row, network) flag instead; flagged rows get a NaN loss
 and a correct count of 0 (finite), so a broken network never poisons its neighbours.
-
-The kernel is wrapped with triton.jit lazily, per TRITON_INTERPRET mode at launch time
-(triton picks interpreter vs compiler when the decorator runs). triton's own library
-functions are wrapped when triton is first imported, so for the interpreter TRITON_INTERPRET=1
-must still be set before the first `import triton`.
 """
 from __future__ import annotations
 
@@ -34,6 +29,7 @@ import triton.language as tl
 MAX_WIDTH = 64  # hidden widths and classes; the epilogue holds a row's activations in registers
 
 
+@triton.jit
 def _class_sums_kernel(X, PARAMS, Y, LOSS, CORR, META, N, D, B, PSTRIDE, NUMC, M,
                        H1: tl.constexpr, G: tl.constexpr, COLS1: tl.constexpr, WP: tl.constexpr,
                        NUM_LAYERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -130,17 +126,6 @@ def _class_sums_kernel(X, PARAMS, Y, LOSS, CORR, META, N, D, B, PSTRIDE, NUMC, M
     tl.atomic_add(CORR + out, csum, mask=omask2)
 
 
-_JIT: dict[bool, object] = {}
-
-
-def _kernel():
-    """triton.jit(_class_sums_kernel) for the current TRITON_INTERPRET mode (see module doc)."""
-    mode = bool(triton.knobs.runtime.interpret)
-    if mode not in _JIT:
-        _JIT[mode] = triton.jit(_class_sums_kernel)
-    return _JIT[mode]
-
-
 def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
@@ -213,8 +198,9 @@ def class_sums(params: torch.Tensor, layer_sizes: Sequence[int], X: torch.Tensor
     grid = (triton.cdiv(B, G), triton.cdiv(N, bn))
     if grid[1] > 65535:
         raise ValueError(f"N = {N} is too large for block_n = {bn}; raise block_n")
-    _kernel()[grid](X.contiguous(), params.contiguous(), y.contiguous().long(), loss, corr, meta.to(X.device),
-                    N, D, B, P, num_classes, sizes[-1],
-                    H1=sizes[1], G=G, COLS1=cols1, WP=wp, NUM_LAYERS=len(sizes) - 1, BLOCK_N=bn, BLOCK_D=bd,
-                    PRECISION=input_precision, UPCAST=interp and X.dtype == torch.bfloat16, num_warps=4)
+    _class_sums_kernel[grid](X.contiguous(), params.contiguous(), y.contiguous().long(), loss, corr, meta.to(X.device),
+                             N, D, B, P, num_classes, sizes[-1],
+                             H1=sizes[1], G=G, COLS1=cols1, WP=wp, NUM_LAYERS=len(sizes) - 1, BLOCK_N=bn,
+                             BLOCK_D=bd, PRECISION=input_precision, UPCAST=interp and X.dtype == torch.bfloat16,
+                             num_warps=4)
     return loss, corr

@@ -1,29 +1,17 @@
 """GPU kernels of class_metrics vs hyforget_fast.reference.class_sums run in float64.
 
-Triton runs under the interpreter on CPU tensors when no GPU is present. triton 3.8 reads
-TRITON_INTERPRET when a function is wrapped by triton.jit, and its own library functions
-(tl.zeros, tl.max, ...) are wrapped when triton is first imported: the variable must be set
-before that. This module sets it when no GPU is present; if another module imported triton
-first without it, the Triton tests skip with that reason (set it in tests/conftest.py then).
-The CUDA kernel tests run only where a GPU is visible.
+Triton runs under the interpreter on CPU tensors when no GPU is present (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported). The CUDA kernel tests run only where a GPU is visible.
 """
-import os
-import sys
-
+import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-_TRITON_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import hyforget_fast  # noqa: E402
-from hyforget_fast import reference as ref  # noqa: E402
-from hyforget_fast.backends import _has_kernel, import_kernels  # noqa: E402
-from hyforget_fast.spec import MLPSpec  # noqa: E402
+import hyforget_fast
+from hyforget_fast import reference as ref
+from hyforget_fast.backends import _has_kernel, import_kernels
+from hyforget_fast.spec import MLPSpec
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HAS_GPU = torch.cuda.is_available()
@@ -31,12 +19,7 @@ DEV = "cuda" if HAS_GPU else "cpu"
 
 
 def _triton():
-    if _TRITON_TOO_EARLY and not torch.cuda.is_available():
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py")
-    try:
-        return import_kernels().class_metrics
-    except Exception as e:  # no triton on this machine
-        pytest.skip(f"triton kernels unavailable: {e}")
+    return import_kernels().class_metrics
 
 
 def _cuda_op():

@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
                    "N": "i32", "D": "i32", "B": "i32", "PSTRIDE": "i32", "NUMC": "i32", "M": "i32",
                    **{k: "constexpr" for k in ("H1", "G", "COLS1", "WP", "NUM_LAYERS", "BLOCK_N", "BLOCK_D",
                                                "PRECISION", "UPCAST")}}
-            triton.compile(ASTSource(triton.jit(cm._class_sums_kernel), sig, constexprs={
+            triton.compile(ASTSource(cm._class_sums_kernel, sig, constexprs={
                 "H1": sizes[1], "G": G, "COLS1": cols1, "WP": wp, "NUM_LAYERS": len(sizes) - 1, "BLOCK_N": 64,
                 "BLOCK_D": 32, "PRECISION": "ieee", "UPCAST": False}), target=target)
     print("compiled")
