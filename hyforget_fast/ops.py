@@ -98,6 +98,12 @@ def _norm_table(norm: ParamNorm | None, spec: MLPSpec, device: torch.device) -> 
     return norm.stats.to(device)
 
 
+def _pick_gather(op: str, x: torch.Tensor, backend: str | None) -> str:
+    """Backend of a gather op; float64 has kernels only in C++, elsewhere the reference runs it."""
+    be = _pick(op, x.device, backend)
+    return "reference" if x.dtype == torch.float64 and be != "cpp" else be
+
+
 def _gather(params, table, perms, norm_t, out_width, backend, out=None):
     table = table.to(params.device)
     if backend == "triton":
@@ -135,8 +141,8 @@ def tokenize(params: torch.Tensor, layout: TokenLayout, perms: torch.Tensor | No
         validate_perms(perms, spec, params.shape[0], params.device)
     shape = (params.shape[0], layout.num_tokens, layout.chunk)
     flat_out = _check_out(out, shape, params) if out is not None else None
-    be = _pick("gather_pieces", params.device, backend)
-    if be == "reference" or params.dtype == torch.float64 and be != "cpp":
+    be = _pick_gather("gather_pieces", params, backend)
+    if be == "reference":
         res = _ref.tokenize(params, layout, perms, norm)
         return res if out is None else out.copy_(res)
     res = _gather(params, layout.table, perms, _norm_table(norm, spec, params.device),
@@ -155,8 +161,8 @@ def detokenize(tokens: torch.Tensor, layout: TokenLayout, norm: ParamNorm | None
     if tokens.ndim != 3 or tokens.shape[1:] != (layout.num_tokens, layout.chunk):
         raise ValueError(f"tokens must have shape (B, {layout.num_tokens}, {layout.chunk}) for {layout}, "
                          f"got {tuple(tokens.shape)}")
-    be = _pick("scatter_pieces", tokens.device, backend)
-    if be == "reference" or tokens.dtype == torch.float64 and be != "cpp":
+    be = _pick_gather("scatter_pieces", tokens, backend)
+    if be == "reference":
         return _ref.detokenize(tokens, layout, norm)
     flat = tokens.reshape(tokens.shape[0], -1)  # (B, T*chunk)
     norm_t = _norm_table(norm, layout.spec, tokens.device)
@@ -175,8 +181,8 @@ def permute(params: torch.Tensor, spec: MLPSpec, perms: torch.Tensor, *, validat
     _check_params(params, spec)
     if validate:
         validate_perms(perms, spec, params.shape[0], params.device)
-    be = _pick("gather_pieces", params.device, backend)
-    if be == "reference" or params.dtype == torch.float64 and be != "cpp":
+    be = _pick_gather("gather_pieces", params, backend)
+    if be == "reference":
         return _ref.permute(params, spec, perms)
     return _gather(params, spec.flat_table, perms, None, spec.num_params, be)
 
@@ -256,8 +262,10 @@ def _check_labels(y: torch.Tensor, X: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"y must have shape ({X.shape[0]},) like X's rows, got {tuple(y.shape)}")
     if y.device != X.device:
         raise ValueError(f"device mismatch: y is on {y.device} but X is on {X.device}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]")
+    if y.numel():
+        lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one pass, one device sync
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must be in [0, {num_classes}), got range [{lo}, {hi}]")
 
 
 def _default_max_batch(spec: MLPSpec, N: int, backend: str) -> int:
