@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import median_time, sync  # bench/ is on sys.path when run as a script
 from hyforget_fast.collect import BlockTrainer, offer_probs, preset
 from hyforget_fast.data import load_digits
 
@@ -34,20 +35,10 @@ def step_flops(spec, B):
 
 
 def gemm_rate(device, n=1024, reps=10):
+    """Median fp32 GEMM rate (FLOP/s) of an n x n x n product on `device`."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    a @ b
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    return 2 * n ** 3 / median_time(lambda: a @ b, str(device), repeats=reps)
 
 
 def naive(cfg, splits, n_runs):
@@ -112,11 +103,11 @@ def naive(cfg, splits, n_runs):
 
 
 def batched(cfg, splits, device):
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     bt = BlockTrainer(cfg, splits, 0, device)
     res = bt.run()
-    _sync(device)
+    sync(device)
     dt = time.perf_counter() - t0
     saved = int((res.phase != 0).sum())
     extra = 0

@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 

@@ -227,6 +227,10 @@ class BlockTrainer:
         self.class_count = counts.to(dev)                                   # (m,)
         self.Xv, self.yv = splits.X_val.to(dev), splits.y_val.to(dev)        # validation only
         self.val_count = torch.bincount(self.yv, minlength=self.m).float()  # (m,)
+        c = torch.arange(self.m, device=dev)[:, None]
+        self._val_is_y, self._val_below_y = (c == self.yv)[None], (c < self.yv)[None]  # (1, m, N_val) each
+        self._val_onehot = self._val_is_y[0].t().float().contiguous()        # (N_val, m)
+        self.bin_edges = torch.tensor(cfg.bin_edges, device=dev)             # (E,)
         # Pixels that are 0 in every train and val image (the border) get zero gradient, so their
         # first-layer weights stay at init and add nothing to any logit: compute without them.
         self.active = ((self.Xtr != 0).any(0) | (self.Xv != 0).any(0)).nonzero().squeeze(1)  # (Da,)
@@ -349,8 +353,7 @@ class BlockTrainer:
 
     def bin_cells(self, class_loss: torch.Tensor) -> torch.Tensor:
         """(n, m) losses -> (n,) joint bin cell of the free classes' loss levels."""
-        edges = torch.tensor(self.cfg.bin_edges, device=class_loss.device, dtype=class_loss.dtype)
-        lev = torch.searchsorted(edges, class_loss[:, self.free_idx].contiguous(), right=True)  # (n, f)
+        lev = torch.searchsorted(self.bin_edges, class_loss[:, self.free_idx].contiguous(), right=True)  # (n, f)
         mult = self.cfg.num_bins ** torch.arange(lev.shape[1], device=lev.device)
         return (lev * mult).sum(1)
 
@@ -383,7 +386,7 @@ class BlockTrainer:
             if l < L - 1:
                 h = torch.relu(h)
         n, m, N = h.shape
-        onehot, below = self._val_masks()                                    # (1, m, N) bool each
+        onehot, below = self._val_is_y, self._val_below_y                    # (1, m, N) bool each
         mx = h.amax(1, keepdim=True)                                         # (n, 1, N)
         lse = (h - mx).exp_().sum(1).log_().add_(mx.squeeze(1))             # (n, N)
         zy = h.gather(1, self.yv[None, None, :].expand(n, 1, N)).squeeze(1)  # (n, N) true-class logit
@@ -395,13 +398,6 @@ class BlockTrainer:
         sums = torch.cat([lse - zy, good.to(h.dtype)]) @ self._val_onehot    # (2n, m): one GEMM
         return sums[:n] / self.val_count, sums[n:] / self.val_count
 
-    def _val_masks(self):
-        if not hasattr(self, "_masks"):
-            c = torch.arange(self.m, device=self.yv.device)[:, None]
-            self._masks = ((c == self.yv)[None], (c < self.yv)[None])
-            self._val_onehot = self._masks[0][0].t().to(self.Xv.dtype).contiguous()  # (N_val, m)
-        return self._masks
-
     # --- incremental validation pre-activations
     def _zv_exact(self) -> torch.Tensor:
         return torch.addmm(self.b1[:, None], self.W1, self.Xv.t())           # (R*H, N_val)
@@ -412,7 +408,7 @@ class BlockTrainer:
         return self._epilogue(ZvT.view(self.R, self.H, -1)[rows], rows, exact=False)
 
     def _near_edge(self, loss: torch.Tensor) -> torch.Tensor:
-        edges = torch.tensor(self.cfg.bin_edges, device=loss.device, dtype=loss.dtype)
+        edges = self.bin_edges
         d = (loss[:, self.free_idx, None] - edges).abs()                     # (n, f, E)
         return (d <= self.cfg.screen_tol * (1 + edges)).flatten(1).any(1)
 
@@ -435,6 +431,8 @@ class BlockTrainer:
         bin_count = torch.zeros(n_cells, dtype=torch.long, device=dev)
         saved = torch.zeros(R, dtype=torch.long, device=dev)
         forgetting = torch.zeros(R, dtype=torch.bool, device=dev)
+        # Steps at which some run's forgetting phase begins (forget_step is integral or inf).
+        forget_starts = {max(1, int(s)) for s in self.forget_step.cpu().tolist() if math.isfinite(s)}
         p_offer = offer_probs(cfg, self.total_steps).to(dev)
         incremental = cfg.score == "incremental"
         if incremental:
@@ -442,9 +440,8 @@ class BlockTrainer:
             ZvT = self._zv_exact()                                           # (R*H, N_val)
         n_offers = n_exact = 0
         for step in range(1, self.total_steps + 1):
-            now = self.forget_step <= step
-            if bool((now != forgetting).any()):
-                forgetting = now
+            if step in forget_starts:                                        # a run starts forgetting
+                forgetting = self.forget_step <= step
                 self.class_w = self._class_weights(forgetting)
             idx, wn = self.sample_batch(step)
             GT = self.sgd_step(idx, wn)

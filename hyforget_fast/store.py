@@ -21,6 +21,8 @@ import shutil
 
 import numpy as np
 
+from .spec import MLPSpec
+
 FORMAT_VERSION = 1
 ARRAYS = {"params": np.float32, "class_loss": np.float32, "class_acc": np.float32,
           "run": np.int64, "step": np.int64, "phase": np.int8}
@@ -193,7 +195,7 @@ class CheckpointStore:
                              f"supported (expected {FORMAT_VERSION})")
         self.layer_sizes = tuple(self.manifest["spec"]["layer_sizes"])
         self.classes = tuple(self.manifest["classes"])
-        P = sum(a * b + b for a, b in zip(self.layer_sizes[:-1], self.layer_sizes[1:]))
+        P = MLPSpec(self.layer_sizes).num_params
         m = len(self.classes)
         for rec in self.manifest["shards"]:
             verify_shard(root, rec, check_hash=(verify == "hash"))
