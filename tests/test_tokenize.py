@@ -194,3 +194,34 @@ def test_large_outputs_take_the_huge_page_path_and_stay_exact():
     assert tokens.nbytes > 8 << 20
     assert torch.equal(tokens, ref.tokenize(x, layout, perms, norm))
     assert torch.equal(hf.detokenize(hf.tokenize(x, layout, backend="cpp"), layout, backend="cpp"), x)
+
+
+def _tokenize_by_definition(x, layout, perms, norm):
+    """Value by value, straight from the definitions in hyforget_fast.spec: an oracle for the
+    vectorized reference that shares none of its code."""
+    spec, chunk = layout.spec, layout.chunk
+    out = torch.zeros(x.shape[0], layout.num_tokens * chunk, dtype=x.dtype)
+    for b in range(x.shape[0]):
+        for p, (l, is_bias, rows, cols) in enumerate(spec.pieces):
+            src, dst = int(layout.table[p, 0]), int(layout.table[p, 1])
+            hidden_out = l < spec.num_layers - 1  # rows are hidden units of layer l
+            hidden_in = l > 0 and not is_bias     # columns are hidden units of layer l - 1
+            for r in range(rows):
+                for c in range(cols):
+                    sr = int(perms[b, spec.hidden_offsets[l] + r]) if perms is not None and hidden_out else r
+                    sc = int(perms[b, spec.hidden_offsets[l - 1] + c]) if perms is not None and hidden_in else c
+                    v = x[b, src + sr * cols + sc]
+                    if norm is not None:
+                        v = ((v.float() - norm.stats[p, 0]) * norm.stats[p, 1]).to(x.dtype)
+                    out[b, dst + r * cols + c] = v
+    return out.view(x.shape[0], layout.num_tokens, chunk)
+
+
+@given(spec=mlp_specs(max_in=9), chunk=st.integers(1, 17), batch=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(DTYPES), use_perm=st.booleans(), use_norm=st.booleans())
+def test_reference_matches_the_definition(spec, chunk, batch, seed, dtype, use_perm, use_norm):
+    layout = hf.TokenLayout(spec, chunk)
+    x, perms, norm = _case(spec, batch, seed, dtype, "cpu")
+    perms = perms if use_perm else None
+    norm = norm if use_norm else None
+    assert torch.equal(ref.tokenize(x, layout, perms, norm), _tokenize_by_definition(x, layout, perms, norm))
