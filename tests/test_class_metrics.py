@@ -327,3 +327,31 @@ def test_finite_check_of_X_is_remembered_only_while_X_is_unchanged():
     X[3, 2] = float("nan")  # bumps X's version counter
     with pytest.raises(ValueError, match="NaN or Inf"):
         hf.class_metrics(p, spec, X, y)
+
+
+@settings(max_examples=10)
+@given(spec=mlp_specs(max_hidden_layers=3), data=st.data())
+def test_reference_matches_torch_nn_per_network(spec, data):
+    """The batched reference equals nn.Linear/ReLU modules and F.cross_entropy run network by
+    network (an oracle sharing none of its code), in float64."""
+    X, y, seed = data.draw(labelled_sets(spec.in_features, spec.num_classes, sizes=(97,)))
+    p = _random_params(spec, 3, seed, torch.float64)
+    X = X.double()
+    got = hf.class_metrics(p, spec, X, y, backend="reference")
+    for b in range(p.shape[0]):
+        layers = []
+        for l, (W, bias) in enumerate(spec.unflatten(p[b:b + 1])):
+            lin = torch.nn.Linear(W.shape[2], W.shape[1], dtype=torch.float64)
+            lin.load_state_dict({"weight": W[0], "bias": bias[0]})
+            layers += [lin] + ([torch.nn.ReLU()] if l < spec.num_layers - 1 else [])
+        with torch.no_grad():
+            logits = torch.nn.Sequential(*layers)(X)
+        ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        right = (logits.argmax(1) == y).double()
+        for c in range(spec.num_classes):
+            sel = y == c
+            want_loss = ce[sel].mean() if sel.any() else torch.tensor(float("nan"), dtype=torch.float64)
+            want_acc = right[sel].mean() if sel.any() else torch.tensor(float("nan"), dtype=torch.float64)
+            torch.testing.assert_close(got.class_loss[b, c].double(), want_loss, rtol=1e-5, atol=1e-6, equal_nan=True)
+            torch.testing.assert_close(got.class_acc[b, c].double(), want_acc, rtol=0, atol=1e-7, equal_nan=True)
+        torch.testing.assert_close(got.loss[b].double(), ce.mean(), rtol=1e-5, atol=1e-6)
