@@ -110,13 +110,7 @@ def batched(cfg, splits, device):
     sync(device)
     dt = time.perf_counter() - t0
     saved = int((res.phase != 0).sum())
-    extra = 0
-    if cfg.score == "incremental":   # Zv update + resyncs + pre-screen epilogues, executed FLOPs
-        H, m, n_val, T = cfg.hidden[0], len(cfg.classes), len(bt.yv), res.stats["steps"]
-        extra = (2 * n_val * cfg.batch_size * bt.R * H * T + (T // cfg.resync_every) * bt.R * 2 * n_val * H * 784
-                 + res.stats["offers"] * 2 * n_val * H * m)
-    return {"runs": bt.R, "steps": bt.R * res.stats["steps"], "evals": res.stats["exact_scored"],
-            "saved": saved, "time": dt, "extra_flops": extra}
+    return {"runs": bt.R, "steps": bt.R * res.stats["steps"], "evals": res.stats["scored"], "saved": saved, "time": dt}
 
 
 def report(name, r, spec, cfg, n_val, gemm):
@@ -135,12 +129,11 @@ def main():
     ap.add_argument("--naive-runs", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--score", choices=["incremental", "direct"], help="engine scoring (default: the preset's)")
     a = ap.parse_args()
-    cfg = preset(a.preset, runs=a.runs, block_runs=a.runs, **({"score": a.score} if a.score else {}))
+    cfg = preset(a.preset, runs=a.runs, block_runs=a.runs)
     splits = load_digits(cfg.classes, cfg.split_seed, fractions=cfg.fractions)
     spec, n_val = cfg.spec(), len(splits.y_val)
-    print(f"preset {a.preset}: spec {spec.layer_sizes}, batch {cfg.batch_size}, epochs {cfg.epochs}, score {cfg.score}, "
+    print(f"preset {a.preset}: spec {spec.layer_sizes}, batch {cfg.batch_size}, epochs {cfg.epochs}, "
           f"{cfg.ckpts_per_run} ckpts/run, train {len(splits.y_train)}, val {n_val}")
     print("| provider | runs | s | MLP-SGD-steps/s | ckpts saved | ckpts/s | GFLOP/s | of GEMM |")
     print("|---|---|---|---|---|---|---|---|")

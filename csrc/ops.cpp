@@ -15,4 +15,13 @@ TORCH_LIBRARY(hyforget, m) {
   // Fused evaluation of B ReLU MLPs on one labelled set: per-class sums of cross-entropy
   // and of correct predictions, both (B, num_classes) float32.
   m.def("class_metrics(Tensor params, Tensor X, Tensor y, int[] layer_sizes, int num_classes) -> (Tensor, Tensor)");
+  // The same with X given as CSR arrays (crow, col, val): the first layer is a sparse product.
+  m.def("class_metrics_csr(Tensor params, Tensor crow, Tensor col, Tensor val, Tensor y, int[] layer_sizes, "
+        "int num_classes) -> (Tensor, Tensor)");
+  // Sparse-input linear layer with the weight stored transposed, weight_t (D, C), and X given as
+  // CSR arrays; `rows` (optional) picks the rows of X that take part, in order.
+  // out (M, C) = X[rows] @ weight_t + bias.
+  m.def("csr_linear(Tensor crow, Tensor col, Tensor val, Tensor? rows, Tensor weight_t, Tensor? bias) -> Tensor");
+  // weight_t -= X[rows]^T @ grad, in place (grad (M, C)): the layer's SGD step, lr folded into grad.
+  m.def("csr_linear_sub_grad_(Tensor crow, Tensor col, Tensor val, Tensor? rows, Tensor grad, Tensor(a!) weight_t) -> ()");
 }

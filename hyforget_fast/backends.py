@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
-_OPS = ("gather_pieces", "scatter_pieces", "class_metrics")
+_OPS = ("gather_pieces", "scatter_pieces", "class_metrics", "csr_linear")
 
 
 @dataclass(frozen=True)

@@ -25,27 +25,25 @@ bias), forgotten classes get exactly zero gradient, but the per-run effective ba
 it buys: the first layer of all R runs is one GEMM X_b (S, D) @ W1_all^T (D, R*H) forward and
 one GEMM G^T (R*H, S) @ X_b (S, D) for its weight gradient, with no (R, S, D) gather.
 
-Scoring. `score="direct"` (the default) scores all offers of a step exactly in one batched
-call: the first-layer weights of the offered runs are gathered once, one GEMM against X_val,
-then a fused-style epilogue (off the CPU: the native fused `class_metrics` when it is built).
-`score="incremental"` (measured no faster on mnist10, about equal on mnist4; see
-bench/RESULTS.md §3): the block keeps the validation pre-activations of
-the first layer Zv (N_val, R*H) = X_val W1^T + b1 up to date with one GEMM per step through the
-fixed Gram matrix K = X_train X_val^T (Zv -= K[batch]^T G), so an offer costs only the cheap
-epilogue (ReLU, later layers, log-softmax, CE, argmax, per-class sums). Zv is recomputed exactly
-every `resync_every` steps so its float drift stays ~1e-6. These incremental values are only a
-PRE-SCREEN, made conservative by `screen_tol` (far above the drift): a validation sample whose
-top-two logits are within screen_tol counts as possibly correct, and a checkpoint whose screened
-bin is full still passes if a loss lies within screen_tol of a bin edge. Offers that pass are
-re-scored exactly with the fused per-class evaluator on their parameters, and the pivot rule and
-bin caps are applied to those exact values, so every saved loss / accuracy is a re-evaluation of
-the saved parameters and the rules hold exactly (a test checks both modes save the same set).
+Sparse first layer (CPU). Pixel inputs are mostly zero (MNIST: ~23% of the used pixels of an
+image are nonzero), so on the CPU the first layer's forward, its SGD update and the scoring
+product read only the nonzeros: X is kept as CSR and the first-layer weights of all runs as
+one TRANSPOSED matrix W1T (Da, R*H), so that a nonzero pixel touches one contiguous weight
+row (native ops csr_linear / csr_linear_sub_grad_, and class_metrics on a CSR X). That is
+~4x fewer multiply-adds than dense GEMMs; bench/RESULTS.md §3 has the timings. Off the CPU
+the same W1T is used with dense GEMMs.
+
+Scoring. All offers of a step are scored exactly in one call of the fused per-class evaluator
+`ops.class_metrics` on the validation split, and the rules (pivot accuracy >= gamma, bin caps)
+are applied to those values, so every saved loss / accuracy is an evaluation of the saved
+parameters.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,9 +78,6 @@ class CollectConfig:
     bin_cap_frac: float = 0.05         # cap per bin = this fraction of a block's save slots
     offer_factor: float = 1.5          # expected offers per save slot
     schedule: str = "uniform"          # "uniform" or "early_late" (DiHyFo-2, §3.4.1)
-    score: str = "direct"              # "direct" (exact scoring of every offer) or "incremental"
-    resync_every: int = 64             # incremental: exact recompute of Zv every this many steps
-    screen_tol: float = 1e-3           # incremental: logit / loss tolerance of the pre-screen
     seed: int = 0
     split_seed: int = 0
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
@@ -98,10 +93,6 @@ class CollectConfig:
         for name in ("ckpts_per_run", "runs", "block_runs", "epochs", "batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.score not in ("incremental", "direct"):
-            raise ValueError(f"score must be 'incremental' or 'direct', got {self.score!r}")
-        if int(self.resync_every) <= 0:
-            raise ValueError(f"resync_every must be positive, got {self.resync_every}")
         if self.schedule not in ("uniform", "early_late"):
             raise ValueError(f"schedule must be 'uniform' or 'early_late', got {self.schedule!r}")
         if list(self.bin_edges) != sorted(self.bin_edges):
@@ -158,23 +149,17 @@ def preset(name: str, **overrides) -> CollectConfig:
     return PRESETS[name].replace(**overrides)
 
 
+def _csr_arrays(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense (N, D) -> CSR arrays (crow (N+1,), col (nnz,), val (nnz,)) for the native ops."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = X.to_sparse_csr()
+    return csr.crow_indices().contiguous(), csr.col_indices().contiguous(), csr.values().contiguous()
+
+
 def block_seed(seed: int, block: int) -> int:
     """63-bit seed of block `block`, a pure function of (seed, block)."""
     return int(np.random.SeedSequence([int(seed), int(block)]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def class_metrics_any(params, spec, X, y, m):
-    """ops.class_metrics (fused) when it is implemented; else the reference sums / class counts.
-    -> (class_loss (B, m), class_acc (B, m)) float32."""
-    from . import ops
-    try:
-        cm = ops.class_metrics(params, spec, X, y, m)
-        return cm.class_loss, cm.class_acc
-    except NotImplementedError:
-        from .reference import class_sums
-        ls, cs = class_sums(params, spec, X, y, m)
-        cnt = torch.bincount(y, minlength=m).to(ls)
-        return ls / cnt, cs / cnt
 
 
 def offer_probs(cfg: CollectConfig, total_steps: int) -> torch.Tensor:
@@ -205,13 +190,15 @@ class BlockResult:
 class BlockTrainer:
     """Trains runs [k*block_runs, ...) of a config as one batched computation.
 
-    First-layer weights of all runs live in one (R*H, Da) matrix `W1` (viewed as W[0] (R, H, Da));
-    its forward and weight gradient on the shared minibatch are one GEMM each. Later layers are
-    per-run tensors W_l (R, out, in), b_l (R, out) with one torch.bmm per layer. The backward is
-    written by hand (no autograd graph per step).
+    First-layer weights of all runs live in one transposed matrix `W1T` (Da, R*H) (W[0] is its
+    (R, H, Da) view); its forward and SGD update on the shared minibatch are one sparse product
+    each on the CPU (one GEMM each elsewhere). Later layers are per-run tensors W_l (R, out, in),
+    b_l (R, out) with one torch.bmm per layer. The backward is written by hand (no autograd
+    graph per step).
     """
 
-    def __init__(self, cfg: CollectConfig, splits, block: int, device="cpu"):
+    def __init__(self, cfg: CollectConfig, splits, block: int, device="cpu", sparse: bool | None = None):
+        """sparse: first layer on CSR inputs (native CPU kernels); None = whenever available."""
         self.cfg, self.block, self.device = cfg, int(block), torch.device(device)
         self.spec = cfg.spec()
         if tuple(splits.classes) != tuple(cfg.classes):
@@ -236,6 +223,13 @@ class BlockTrainer:
         self.active = ((self.Xtr != 0).any(0) | (self.Xv != 0).any(0)).nonzero().squeeze(1)  # (Da,)
         self.Xtr, self.Xv = self.Xtr[:, self.active].contiguous(), self.Xv[:, self.active].contiguous()
         self.eval_spec = MLPSpec((len(self.active), *self.spec.layer_sizes[1:]))
+        from .backends import native_has
+        can = self.device.type == "cpu" and native_has("csr_linear", self.device)
+        if sparse and not can:
+            raise RuntimeError("sparse=True needs the CPU device and the native csr_linear kernel")
+        self.sparse = can if sparse is None else bool(sparse)
+        if self.sparse:   # CSR arrays of the training set, and the validation set as a CSR tensor
+            self._csr_tr, self._csr_val = _csr_arrays(self.Xtr), _csr_arrays(self.Xv)
         first = block * cfg.block_runs
         self.R = min(cfg.block_runs, cfg.runs - first)
         if self.R <= 0:
@@ -261,9 +255,18 @@ class BlockTrainer:
             self.b.append((self._rand(R, fan_out) * 2 - 1) * bound)
         self.W0_full = self.W[0]                                            # (R, H, 784) init, kept
         self.H = self.W0_full.shape[1]
-        self.W1 = self.W0_full[:, :, self.active].reshape(R * self.H, -1).contiguous()  # (R*H, Da) trained
-        self.W[0] = self.W1.view(R, self.H, -1)                             # (R, H, Da) view of W1
+        self.W1T = self.W0_full[:, :, self.active].reshape(R * self.H, -1).t().contiguous()  # (Da, R*H) trained
+        self.W[0] = self.W1T.t().view(R, self.H, -1)                        # (R, H, Da) view of W1T
         self.b1 = self.b[0].view(-1)                                        # (R*H,) view of b[0]
+        # Later layers packed into one (R, P_head) matrix (spec order) so a run's parameters are
+        # three slices; W[l], b[l] (l >= 1) become views of it.
+        self.head = torch.cat([t.flatten(1) for l in range(1, len(self.W)) for t in (self.W[l], self.b[l])], 1)
+        off = 0
+        for l in range(1, len(self.W)):
+            o, i = self.W[l].shape[1:]
+            self.W[l] = self.head[:, off:off + o * i].view(R, o, i)
+            self.b[l] = self.head[:, off + o * i:off + o * i + o]
+            off += o * i + o
         lo, hi = math.log(cfg.lr_range[0]), math.log(cfg.lr_range[1])
         self.lr = torch.exp(lo + (hi - lo) * self._rand(R))                 # (R,)
         free = torch.zeros(m, dtype=torch.bool, device=dev)
@@ -295,16 +298,13 @@ class BlockTrainer:
     def flat_params(self, rows: torch.Tensor | None = None, full: bool = True) -> torch.Tensor:
         """(n, P) flat parameters (spec order: W_l row-major then b_l) of runs `rows` (all if None).
         full=False: first layer restricted to the active pixels, for eval_spec (cheaper scoring)."""
-        parts = []
-        for l, (W, b) in enumerate(zip(self.W, self.b)):
-            if rows is not None:
-                W, b = W[rows], b[rows]
-            if l == 0 and full:
-                W0 = (self.W0_full if rows is None else self.W0_full[rows]).clone()
-                W0[:, :, self.active] = W
-                W = W0
-            parts += [W.flatten(1), b]
-        return torch.cat(parts, 1)
+        if rows is None:
+            rows = torch.arange(self.R, device=self.device)
+        W0 = self.W[0][rows]                                                 # (n, H, Da)
+        if full:
+            W0, act = self.W0_full[rows], W0
+            W0[:, :, self.active] = act                                      # (n, H, 784)
+        return torch.cat([W0.flatten(1), self.b[0][rows], self.head[rows]], 1)
 
     def sample_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared minibatch of step `step` (1-based): (S,) training indices, the next slice of this
@@ -317,17 +317,17 @@ class BlockTrainer:
         w = self.class_w[:, self.ytr[idx]]                                  # (R, S)
         return idx, w / w.sum(1, keepdim=True).clamp_min(1e-30)
 
-    def sgd_step(self, idx: torch.Tensor, wn: torch.Tensor) -> torch.Tensor:
+    def sgd_step(self, idx: torch.Tensor, wn: torch.Tensor) -> None:
         """One SGD step of every run on the shared minibatch idx (S,) with normalised per-run loss
-        weights wn (R, S): the weighted mean cross-entropy. Activations are kept feature-major,
-        (R, width, S), so per-class reductions run over contiguous rows.
-        -> GT (R*H, S), lr-scaled gradient of the first-layer pre-activations (W1 -= GT X_b,
-        b1 -= GT.sum(1))."""
+        weights wn (R, S): the weighted mean cross-entropy. Activations after the first layer are
+        kept feature-major, (R, width, S), so per-class reductions run over contiguous rows."""
         R, H, S = self.R, self.H, len(idx)
-        x = self.Xtr[idx]                                                    # (S, Da)
         yb = self.ytr[idx]                                                   # (S,)
-        z1 = torch.addmm(self.b1[:, None], self.W1, x.t())                   # (R*H, S): one GEMM
-        zs = [z1.view(R, H, S)]
+        if self.sparse:
+            z1 = torch.ops.hyforget.csr_linear(*self._csr_tr, idx, self.W1T, self.b1)  # (S, R*H)
+        else:
+            z1 = torch.addmm(self.b1, self.Xtr[idx], self.W1T)               # (S, R*H): one GEMM
+        zs = [z1.t().view(R, H, S)]                                          # (R, H, S) view
         hs = [torch.relu(zs[0])]
         L = len(self.W)
         for l in range(1, L):
@@ -346,10 +346,12 @@ class BlockTrainer:
             g = torch.bmm(self.W[l].transpose(1, 2), g).mul_(zs[l - 1] > 0)  # (R, in, S) through ReLU
             self.W[l].sub_(gW)
             self.b[l].sub_(gb)
-        GT = g.view(R * H, S)
-        self.W1.addmm_(GT, x, alpha=-1.0)                                    # one GEMM
-        self.b1.sub_(GT.sum(1))
-        return GT
+        G = g.view(R * H, S).t().contiguous()                                # (S, R*H), lr-scaled
+        if self.sparse:
+            torch.ops.hyforget.csr_linear_sub_grad_(*self._csr_tr, idx, G, self.W1T)  # W1T -= X_b^T G
+        else:
+            self.W1T.addmm_(self.Xtr[idx].t(), G, alpha=-1.0)                # one GEMM
+        self.b1.sub_(G.sum(0))
 
     def bin_cells(self, class_loss: torch.Tensor) -> torch.Tensor:
         """(n, m) losses -> (n,) joint bin cell of the free classes' loss levels."""
@@ -358,59 +360,23 @@ class BlockTrainer:
         return (lev * mult).sum(1)
 
     def score_exact(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact per-class validation loss / accuracy (n, m) of runs `rows`, one batched call: one
-        first-layer GEMM on the weights gathered once, then the epilogue below (the same sums as
-        reference.class_sums). Off the CPU the native fused `ops.class_metrics` is used when built.
-        On this CPU the engine's path measured 2.1x faster than the native kernel for 16 offers
-        (1.9 vs 4.0 ms), with the same accuracies and losses within 1e-6."""
-        if self.device.type != "cpu":
-            from . import ops
-            try:
-                cm = ops.class_metrics(self.flat_params(rows, full=False), self.eval_spec, self.Xv, self.yv, self.m)
-                return cm.class_loss, cm.class_acc
-            except NotImplementedError:
-                pass
-        H, n = self.H, len(rows)
-        W1r = self.W[0][rows].view(n * H, -1)                                # (n*H, Da), gathered once
-        z1 = torch.addmm(self.b[0][rows].view(-1, 1), W1r, self.Xv.t())      # (n*H, N_val)
-        return self._epilogue(z1.view(n, H, -1), rows, exact=True)
+        """Per-class validation loss / accuracy (n, m) of runs `rows`, from one call of the fused
+        evaluator on their parameters (first layer over the active pixels only). NaN rows for
+        networks with a non-finite parameter.
 
-    def _epilogue(self, z1: torch.Tensor, rows: torch.Tensor, exact: bool):
-        """First-layer validation pre-activations z1 (n, H, N_val) of runs `rows` -> per-class
-        (mean CE (n, m), accuracy (n, m)). exact=False: the accuracy is an upper bound that counts
-        samples whose top-two logits are within screen_tol as correct (for the pre-screen)."""
-        h = torch.relu(z1)
-        L = len(self.W)
-        for l in range(1, L):
-            h = torch.baddbmm(self.b[l][rows][:, :, None], self.W[l][rows], h)  # (n, out, N_val)
-            if l < L - 1:
-                h = torch.relu(h)
-        n, m, N = h.shape
-        onehot, below = self._val_is_y, self._val_below_y                    # (1, m, N) bool each
-        mx = h.amax(1, keepdim=True)                                         # (n, 1, N)
-        lse = (h - mx).exp_().sum(1).log_().add_(mx.squeeze(1))             # (n, N)
-        zy = h.gather(1, self.yv[None, None, :].expand(n, 1, N)).squeeze(1)  # (n, N) true-class logit
-        if exact:   # correct iff the true class is the FIRST maximum (torch.argmax on ties)
-            good = (zy >= mx.squeeze(1)) & ~((h == mx) & below).any(1)
-        else:       # possibly correct: no wrong logit above the true one by more than screen_tol
-            other = h.masked_fill(onehot, float("-inf")).amax(1)
-            good = zy > other - self.cfg.screen_tol
-        sums = torch.cat([lse - zy, good.to(h.dtype)]) @ self._val_onehot    # (2n, m): one GEMM
-        return sums[:n] / self.val_count, sums[n:] / self.val_count
-
-    # --- incremental validation pre-activations
-    def _zv_exact(self) -> torch.Tensor:
-        return torch.addmm(self.b1[:, None], self.W1, self.Xv.t())           # (R*H, N_val)
-
-    def screen(self, ZvT: torch.Tensor, rows: torch.Tensor):
-        """Pre-screen of runs `rows` from the incremental pre-activations ZvT (R*H, N_val).
-        -> (class_loss (n, m), acc_hi (n, m)), acc_hi an upper bound on the exact accuracy."""
-        return self._epilogue(ZvT.view(self.R, self.H, -1)[rows], rows, exact=False)
-
-    def _near_edge(self, loss: torch.Tensor) -> torch.Tensor:
-        edges = self.bin_edges
-        d = (loss[:, self.free_idx, None] - edges).abs()                     # (n, f, E)
-        return (d <= self.cfg.screen_tol * (1 + edges)).flatten(1).any(1)
+        On the CPU the native op is called directly on the CSR validation set: its inputs are
+        the engine's own, built and checked once, and the public wrapper's per-call checks cost
+        ~0.35 ms, about a third of the fused evaluation of a step's ~16 offers."""
+        p = self.flat_params(rows, full=False)
+        if self.sparse:
+            loss_sum, corr_sum = torch.ops.hyforget.class_metrics_csr(
+                p, *self._csr_val, self.yv, list(self.eval_spec.layer_sizes), self.m)
+            loss, acc = loss_sum / self.val_count, corr_sum / self.val_count
+            bad = ~torch.isfinite(p).all(1, keepdim=True)
+            return loss.masked_fill(bad, float("nan")), acc.masked_fill(bad, float("nan"))
+        from . import ops
+        cm = ops.class_metrics(p, self.eval_spec, self.Xv, self.yv, self.m)
+        return cm.class_loss, cm.class_acc
 
     def run(self, progress=None) -> BlockResult:
         cfg, R, dev = self.cfg, self.R, self.device
@@ -434,22 +400,13 @@ class BlockTrainer:
         # Steps at which some run's forgetting phase begins (forget_step is integral or inf).
         forget_starts = {max(1, int(s)) for s in self.forget_step.cpu().tolist() if math.isfinite(s)}
         p_offer = offer_probs(cfg, self.total_steps).to(dev)
-        incremental = cfg.score == "incremental"
-        if incremental:
-            Kt = self.Xtr @ self.Xv.t()                                      # (N_train, N_val) Gram
-            ZvT = self._zv_exact()                                           # (R*H, N_val)
-        n_offers = n_exact = 0
+        n_offers = 0
         for step in range(1, self.total_steps + 1):
             if step in forget_starts:                                        # a run starts forgetting
                 forgetting = self.forget_step <= step
                 self.class_w = self._class_weights(forgetting)
             idx, wn = self.sample_batch(step)
-            GT = self.sgd_step(idx, wn)
-            if incremental:                                                  # ZvT -= GT K[batch] (+ bias)
-                if step % cfg.resync_every == 0:
-                    ZvT = self._zv_exact()
-                else:
-                    ZvT.addmm_(GT, Kt[idx], alpha=-1.0).sub_(GT.sum(1, keepdim=True))
+            self.sgd_step(idx, wn)
             offer = (self._rand(R) < p_offer[step - 1]) & (saved < cfg.ckpts_per_run)
             rows = offer.nonzero().squeeze(1)
             if len(rows) == 0:
@@ -457,14 +414,6 @@ class BlockTrainer:
                     break  # every run is full: training further could save nothing
                 continue
             n_offers += len(rows)
-            if incremental:                                                  # conservative pre-screen
-                sl, sa = self.screen(ZvT, rows)
-                ok = (sa[:, self.pivot_idx] >= cfg.gamma).all(1) & ~torch.isnan(sl).any(1)
-                ok &= (bin_count[self.bin_cells(sl)] < cfg.bin_cap) | self._near_edge(sl) | torch.isinf(sl).any(1)
-                rows = rows[ok]
-                if len(rows) == 0:
-                    continue
-            n_exact += len(rows)
             loss, acc = self.score_exact(rows)
             ok = (acc[:, self.pivot_idx] >= cfg.gamma).all(1) & torch.isfinite(loss).all(1)
             rows, loss, acc = rows[ok], loss[ok], acc[ok]
@@ -493,7 +442,7 @@ class BlockTrainer:
         info = {"lr": self.lr.cpu().tolist(), "keep": self.keep.cpu().tolist(),
                 "forget_step": [None if math.isinf(s) else int(s) for s in self.forget_step.cpu().tolist()],
                 "forget_classes": [[cfg.classes[c] for c in np.flatnonzero(r)] for r in self.forget_mask.cpu().numpy()]}
-        stats = {"runs": R, "steps": step, "offers": n_offers, "exact_scored": n_exact + R,
+        stats = {"runs": R, "steps": step, "offers": n_offers, "scored": n_offers + R,
                  "saved": int(saved.sum()), "full_bins": int((bin_count >= cfg.bin_cap).sum())}
         return BlockResult(self.block, cat["params"].numpy()[order], cat["loss"].numpy()[order],
                            cat["acc"].numpy()[order], cat["run"].numpy()[order], cat["step"].numpy()[order],

@@ -38,6 +38,20 @@ if _native_loaded():
         shape = (params.shape[0], num_classes)
         return params.new_empty(shape, dtype=torch.float32), params.new_empty(shape, dtype=torch.float32)
 
+    @torch.library.register_fake("hyforget::class_metrics_csr")
+    def _class_metrics_csr_fake(params, crow, col, val, y, layer_sizes, num_classes):
+        shape = (params.shape[0], num_classes)
+        return params.new_empty(shape, dtype=torch.float32), params.new_empty(shape, dtype=torch.float32)
+
+    @torch.library.register_fake("hyforget::csr_linear")
+    def _csr_linear_fake(crow, col, val, rows, weight_t, bias):
+        m = crow.shape[0] - 1 if rows is None else rows.shape[0]
+        return weight_t.new_empty((m, weight_t.shape[1]))
+
+    @torch.library.register_fake("hyforget::csr_linear_sub_grad_")
+    def _csr_linear_sub_grad_fake(crow, col, val, rows, grad, weight_t):
+        return None
+
 
 def _check_params(params: torch.Tensor, spec: MLPSpec, what: str = "params") -> None:
     if not isinstance(params, torch.Tensor):
@@ -225,6 +239,8 @@ def _check_inputs(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor) -> None:
     """X (N, D) must match the spec and the params' dtype and device, and be finite."""
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
+    if X.layout not in (torch.strided, torch.sparse_csr):
+        raise TypeError(f"X must be a dense or sparse CSR tensor, got layout {X.layout}")
     if X.ndim != 2 or X.shape[1] != spec.in_features:
         raise ValueError(f"X must have shape (N, {spec.in_features}) for MLPSpec{spec.layer_sizes}, "
                          f"got {tuple(X.shape)}")
@@ -233,7 +249,7 @@ def _check_inputs(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor) -> None:
     if X.device != params.device:
         raise ValueError(f"device mismatch: X is on {X.device} but params are on {params.device}")
     if not _finite_checked(X):
-        if not bool(torch.isfinite(X).all()):
+        if not bool(torch.isfinite(X.values() if X.layout == torch.sparse_csr else X).all()):
             raise ValueError("X contains NaN or Inf; every network's metrics would be NaN")
         _remember_finite(X)
 
@@ -290,6 +306,12 @@ def _class_sums(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch.T
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class (loss sum, correct count), each (B, m) float32, from one backend."""
     sizes = list(spec.layer_sizes)
+    if X.layout == torch.sparse_csr:
+        if backend == "cpp" and X.dtype in (torch.float32, torch.float64):
+            crow, col = X.crow_indices().long().contiguous(), X.col_indices().long().contiguous()
+            return torch.ops.hyforget.class_metrics_csr(params, crow, col, X.values().contiguous(), y, sizes,
+                                                        num_classes)
+        X = X.to_dense()  # the other backends take dense inputs
     if backend == "reference":
         return _ref.class_sums(params, spec, X, y, num_classes)
     if backend == "triton":
@@ -304,6 +326,8 @@ def class_metrics(params: torch.Tensor, spec: MLPSpec | TokenLayout, X: torch.Te
 
     params: (B, P) flat vectors, or (B, T, chunk) tokens when `spec` is a TokenLayout.
     X (N, D) with the params' dtype and device; y (N,) int64 labels in [0, num_classes).
+    X may be a sparse CSR tensor (`X.to_sparse_csr()`): on the CPU the first layer then reads
+    only its nonzeros (pixel data is mostly zero); other backends densify it.
     num_classes defaults to the output width (it may be smaller, never larger).
     B is processed in slices of at most `max_batch` networks so memory stays bounded; the
     fused backends never hold (B, N, hidden) or (B, N, m) tensors. Returns ClassMetrics.
@@ -375,3 +399,88 @@ def class_outputs(params: torch.Tensor, spec: MLPSpec | TokenLayout, X: torch.Te
     if p.dtype in (torch.float16, torch.bfloat16):
         p, X = p.float(), X.float()
     return _ref.class_outputs(p, spec, X)
+
+
+# ----------------------------------------------------------------------------- sparse first layer
+def _check_csr(X: torch.Tensor, what: str = "X") -> None:
+    if not isinstance(X, torch.Tensor) or X.layout != torch.sparse_csr or X.ndim != 2:
+        raise TypeError(f"{what} must be a 2-D sparse CSR tensor (X.to_sparse_csr()), got "
+                        f"{getattr(X, 'layout', type(X).__name__)}")
+
+
+def _check_rows(rows: torch.Tensor | None, X: torch.Tensor) -> int:
+    """-> the number of rows taken: len(rows), or all of X's."""
+    if rows is None:
+        return X.shape[0]
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.ndim != 1:
+        raise TypeError(f"rows must be a 1-D int64 tensor, got {getattr(rows, 'dtype', type(rows).__name__)}")
+    if rows.device != X.device:
+        raise ValueError(f"device mismatch: rows is on {rows.device} but X is on {X.device}")
+    if rows.numel():
+        lo, hi = torch.stack(torch.aminmax(rows)).tolist()
+        if lo < 0 or hi >= X.shape[0]:
+            raise ValueError(f"rows must be in [0, {X.shape[0]}), got range [{lo}, {hi}]")
+    return rows.numel()
+
+
+def _check_dense(t: torch.Tensor, what: str, shape: tuple, X: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        raise TypeError(f"{what} must be a dense tensor, got {getattr(t, 'layout', type(t).__name__)}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != X.dtype:
+        raise TypeError(f"dtype mismatch: {what} is {t.dtype} but X is {X.dtype}")
+    if t.device != X.device:
+        raise ValueError(f"device mismatch: {what} is on {t.device} but X is on {X.device}")
+
+
+def _check_weight_t(weight_t: torch.Tensor, X: torch.Tensor) -> None:
+    if not isinstance(weight_t, torch.Tensor) or weight_t.ndim != 2:
+        raise ValueError(f"weight_t must be a 2-D tensor ({X.shape[1]}, C), got {getattr(weight_t, 'shape', None)}")
+    _check_dense(weight_t, "weight_t", (X.shape[1], weight_t.shape[1]), X)
+
+
+def _csr_arrays(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return X.crow_indices().long().contiguous(), X.col_indices().long().contiguous(), X.values().contiguous()
+
+
+def _csr_backend(X: torch.Tensor, backend: str | None) -> str:
+    if backend not in (None, "reference", "cpp"):
+        raise ValueError(f"csr_linear has backends 'reference' and 'cpp', got {backend!r}")
+    be = _pick("csr_linear", X.device, backend)
+    return be if X.dtype in (torch.float32, torch.float64) else "reference"
+
+
+def csr_linear(X: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None, *,
+               rows: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Sparse-input linear layer: X[rows] @ weight_t + bias -> (M, C).
+
+    X (N, D) sparse CSR; weight_t (D, C) is the layer's weight TRANSPOSED, so that each nonzero
+    of X reads one contiguous weight row (unit column stride required, row stride free, so a
+    column slice of a wider matrix works); bias (C,); rows (M,) int64 picks rows of X (a
+    minibatch) without copying them. On the CPU only the nonzeros are read (C++ kernel); on other
+    devices, or for half precision, X is densified and multiplied by a GEMM.
+    """
+    _check_csr(X)
+    _check_rows(rows, X)
+    _check_weight_t(weight_t, X)
+    if bias is not None:
+        _check_dense(bias, "bias", (weight_t.shape[1],), X)
+    if _csr_backend(X, backend) == "reference" or weight_t.stride(1) != 1:
+        return _ref.csr_linear(X, weight_t, bias, rows)
+    return torch.ops.hyforget.csr_linear(*_csr_arrays(X), rows, weight_t, None if bias is None else bias.contiguous())
+
+
+def csr_linear_sub_grad_(X: torch.Tensor, grad: torch.Tensor, weight_t: torch.Tensor, *,
+                         rows: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """In place: weight_t -= X[rows]^T @ grad, the SGD step of a sparse-input layer whose
+    learning rate is folded into grad (M, C). Only the weight rows of columns that some taken
+    row of X uses are touched. Returns weight_t."""
+    _check_csr(X)
+    M = _check_rows(rows, X)
+    _check_weight_t(weight_t, X)
+    _check_dense(grad, "grad", (M, weight_t.shape[1]), X)
+    if _csr_backend(X, backend) == "reference" or weight_t.stride(1) != 1:
+        return weight_t.copy_(_ref.csr_linear_sub_grad(X, grad, weight_t, rows))
+    torch.ops.hyforget.csr_linear_sub_grad_(*_csr_arrays(X), rows, grad.contiguous(), weight_t)
+    return weight_t

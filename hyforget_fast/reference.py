@@ -96,3 +96,22 @@ def class_outputs(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor) -> tuple
     """Per-sample softmax probabilities (B, N, m) and predictions (B, N) for a few models."""
     logits = mlp_logits(params, spec, X)
     return torch.softmax(logits, dim=-1), logits.argmax(dim=-1)
+
+
+def csr_linear(X: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """X[rows] @ weight_t + bias with X (N, D) sparse CSR or dense, weight_t (D, C) -> (M, C)."""
+    Xd = X.to_dense() if X.layout == torch.sparse_csr else X
+    if rows is not None:
+        Xd = Xd[rows]                                   # (M, D)
+    out = Xd @ weight_t                                 # (M, C)
+    return out if bias is None else out + bias
+
+
+def csr_linear_sub_grad(X: torch.Tensor, grad: torch.Tensor, weight_t: torch.Tensor,
+                        rows: torch.Tensor | None = None) -> torch.Tensor:
+    """weight_t - X[rows]^T @ grad, the first layer's SGD step with the learning rate in grad."""
+    Xd = X.to_dense() if X.layout == torch.sparse_csr else X
+    if rows is not None:
+        Xd = Xd[rows]                                   # (M, D)
+    return weight_t - Xd.t() @ grad                     # (D, C)

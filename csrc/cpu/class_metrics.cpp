@@ -19,6 +19,7 @@
 // Half and bfloat16 params compute in float32; float64 computes in float64. Sums accumulate
 // in double per network and class.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -27,6 +28,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "cpu/csr_matmul.h"
+#include "cpu/vec.h"
 
 namespace hyforget {
 namespace {
@@ -114,14 +118,16 @@ struct Scratch {
 template <typename T>
 static HF_INLINE const T* forward_v(const Net& net, const T* __restrict__ g, int64_t ldg, const T* __restrict__ rp,
                                  T* __restrict__ a, T* __restrict__ t) {
+  // Explicit vectors: GCC's auto-vectorizer turned the per-lane loops of the later layers
+  // into 16 scalar multiply / add chains (measured: ~2/3 of the epilogue's time).
+  using VT = typename Vec<T>::type;
   constexpr int64_t V = kV<T>;
+  static_assert(V == kLanes<T>, "one epilogue vector is one Vec");
   const int64_t h1 = net.sizes[1];
+  const VT zero{};
   for (int64_t k = 0; k < h1; ++k) {
-    const T bk = rp[k];
-    for (int64_t v = 0; v < V; ++v) {
-      const T x = g[k * ldg + v] + bk;
-      a[k * V + v] = x < T(0) ? T(0) : x;
-    }
+    const VT x = vload(g + k * ldg) + rp[k];
+    vstore(a + k * V, x < zero ? zero : x);  // ReLU that keeps NaN, like torch.relu
   }
   const T* p = rp + h1;
   T* in = a;
@@ -132,17 +138,10 @@ static HF_INLINE const T* forward_v(const Net& net, const T* __restrict__ g, int
     const T* b = p + fo * fi;
     const bool last = l == net.L - 1;
     for (int64_t o = 0; o < fo; ++o) {
-      T acc[V];
-      for (int64_t v = 0; v < V; ++v) acc[v] = W[o * fi] * in[v];
-      for (int64_t i = 1; i < fi; ++i) {
-        const T w = W[o * fi + i];
-        for (int64_t v = 0; v < V; ++v) acc[v] += w * in[i * V + v];
-      }
-      const T bo = b[o];
-      for (int64_t v = 0; v < V; ++v) {
-        const T x = acc[v] + bo;
-        out[o * V + v] = (last || !(x < T(0))) ? x : T(0);
-      }
+      VT acc = W[o * fi] * vload(in);
+      for (int64_t i = 1; i < fi; ++i) acc += W[o * fi + i] * vload(in + i * V);
+      const VT x = acc + b[o];
+      vstore(out + o * V, last ? x : (x < zero ? zero : x));
     }
     p = b + fo;
     std::swap(in, out);
@@ -334,60 +333,230 @@ void run_blocks(const at::Tensor& params, const at::Tensor& Xs, const Columns& c
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> class_metrics_cpu(const at::Tensor& params, const at::Tensor& X,
-                                                     const at::Tensor& y, at::IntArrayRef layer_sizes,
-                                                     int64_t num_classes) {
+
+// ---------------------------------------------------------------------------------------
+// X given as CSR (class_metrics_csr): the first layer of a tile is a sparse product instead of
+// a GEMM. Each network block's first layers are transposed to W1T (D, nb*h1) so that every
+// nonzero x[i, j] reads one contiguous weight row; the tile's outputs (R, nb*h1) are then
+// transposed to the (nb*h1, R) layout the epilogue reads. Rows are visited in label order
+// through an index (the CSR arrays are never permuted).
+//
+// Work items are (block, chunk of tiles), so a call with few networks (the 16 offers of a
+// collection step) still uses every core. Chunking depends only on (B, N), never on the
+// thread count, and partial sums are added in chunk order, so results do not depend on it.
+constexpr int64_t kMinItems = 16;
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols, in 16 x 16 blocks so both sides
+// stay in cache lines (a plain double loop strides one of them by a whole row per element).
+template <typename T>
+void transpose(const T* __restrict__ src, int64_t lds, T* __restrict__ dst, int64_t ldd, int64_t rows, int64_t cols) {
+  constexpr int64_t kB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kB)
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t r1 = std::min(rows, r0 + kB), c1 = std::min(cols, c0 + kB);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+    }
+}
+
+template <typename T>
+void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, const T* val, const int64_t* order,
+             int64_t N, const std::vector<uint8_t>& col_has_nz, const int32_t* yl, const TileSegments& ts,
+             const Net& net, int64_t num_classes, float* loss_out, float* corr_out) {
+  const int64_t B = params.size(0), P = params.size(1), D = net.sizes[0], h1 = net.sizes[1];
+  const int64_t ntiles = static_cast<int64_t>(ts.tile_start.size()) - 1;
+  const int64_t nblocks = (B + std::max<int64_t>(1, kTargetCols / h1) - 1) / std::max<int64_t>(1, kTargetCols / h1);
+  const int64_t nb = (B + nblocks - 1) / nblocks;  // networks per block, balanced
+  const int64_t nsplit = nblocks >= kMinItems ? 1 : std::min(ntiles, (kMinItems + nblocks - 1) / nblocks);
+  // Row length of the transposed weights and of the tile outputs: whole vectors, so the sparse
+  // product never takes its scalar tail (padding columns are computed and ignored).
+  const int64_t ld = (nb * h1 + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+  const int64_t nitems = nblocks * nsplit, cell = nb * num_classes;
+  std::vector<double> part_loss(nitems * cell, 0.0), part_corr(nitems * cell, 0.0);
+  std::vector<uint8_t> bad(B, 0);  // non-finite first-layer weight on a column no row uses
+  std::vector<int64_t> empty_cols;
+  for (int64_t j = 0; j < D; ++j)
+    if (!col_has_nz[j]) empty_cols.push_back(j);
+  const T* pp = params.data_ptr<T>();
+  // Block blk's first layers transposed into dst (D, ld): dst[j, q*h1 + k] = W1[k, j] of network b0 + q.
+  auto build_block = [&](int64_t blk, T* dst) {
+    const int64_t b0 = blk * nb, nbc = std::min(nb, B - b0);
+    for (int64_t q = 0; q < nbc; ++q) {
+      const T* w = pp + (b0 + q) * P;
+      transpose(w, D, dst + q * h1, ld, h1, D);
+      for (int64_t k = 0; k < h1; ++k)
+        for (const int64_t j : empty_cols) bad[b0 + q] |= !std::isfinite(w[k * D + j]);
+    }
+  };
+  // With several items per block, transpose each block once up front (few blocks: small).
+  std::vector<T> W1T_all(nsplit > 1 ? nblocks * D * ld : 0);
+  if (nsplit > 1)
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) build_block(blk, W1T_all.data() + blk * D * ld);
+    });
+  at::parallel_for(0, nitems, 1, [&](int64_t it0, int64_t it1) {
+    Scratch<T> s(net.maxw);
+    std::vector<T> W1T_own(nsplit > 1 ? 0 : D * ld), Gt(kRowTile * ld), G(ld * kRowTile, T(0));
+    for (int64_t it = it0; it < it1; ++it) {
+      const int64_t blk = it / nsplit, chunk = it % nsplit;
+      const int64_t b0 = blk * nb, nbc = std::min(nb, B - b0), ncol = nbc * h1;
+      const T* W1T = W1T_all.data() + blk * D * ld;
+      if (nsplit == 1) {
+        build_block(blk, W1T_own.data());
+        W1T = W1T_own.data();
+      }
+      double* pl = part_loss.data() + it * cell;
+      double* pc = part_corr.data() + it * cell;
+      const int64_t tlo = chunk * ntiles / nsplit, thi = (chunk + 1) * ntiles / nsplit;
+      for (int64_t t = tlo; t < thi; ++t) {
+        const int64_t t0 = t * kRowTile;
+        const int64_t R = std::min(kRowTile, N - t0);
+        // 64 rows at a time over all columns: their nonzeros and one weight column tile stay in
+        // L2 together (a whole 256-row tile measured 2x slower).
+        for (int64_t r0 = 0; r0 < R; r0 += 64)
+          csr_rows_times_dense(crow, col, val, order + t0, r0, std::min(R, r0 + 64), W1T, ld, 0,
+                               (ncol + kLanes<T> - 1) / kLanes<T> * kLanes<T>, nullptr, Gt.data(), ld);
+        transpose(Gt.data(), ld, G.data(), kRowTile, R, ncol);  // (R, ncol) -> (ncol, R), row stride kRowTile
+        const int64_t* seg = ts.segs.data() + 3 * ts.tile_start[t];
+        const int64_t nseg = ts.tile_start[t + 1] - ts.tile_start[t];
+        for (int64_t j = 0; j < nbc; ++j)
+          epilogue(net, G.data() + j * h1 * kRowTile, kRowTile, pp + (b0 + j) * P + h1 * D, yl + t0, R, seg, nseg, s,
+                   pl + j * num_classes, pc + j * num_classes);
+      }
+    }
+  });
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t b0 = blk * nb, nbc = std::min(nb, B - b0);
+    for (int64_t i = 0; i < nbc * num_classes; ++i) {
+      double l = 0, c = 0;
+      for (int64_t chunk = 0; chunk < nsplit; ++chunk) {
+        l += part_loss[(blk * nsplit + chunk) * cell + i];
+        c += part_corr[(blk * nsplit + chunk) * cell + i];
+      }
+      const bool nan = bad[b0 + i / num_classes];
+      loss_out[b0 * num_classes + i] = nan ? NAN : static_cast<float>(l);
+      corr_out[b0 * num_classes + i] = nan ? NAN : static_cast<float>(c);
+    }
+  }
+}
+
+// Shape / dtype checks shared by both entry points. X's columns: D; its rows: N.
+Net check_net(const char* op, const at::Tensor& params, at::IntArrayRef layer_sizes, int64_t D_x, int64_t N,
+              const at::Tensor& y, int64_t num_classes) {
   const int64_t L = static_cast<int64_t>(layer_sizes.size()) - 1;
-  TORCH_CHECK(L >= 2, "hyforget.class_metrics: layer_sizes needs input, hidden and output sizes, got ", layer_sizes);
+  TORCH_CHECK(L >= 2, op, ": layer_sizes needs input, hidden and output sizes, got ", layer_sizes);
   int64_t P = 0, maxw = 0;
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(layer_sizes[l] > 0 && layer_sizes[l + 1] > 0, "hyforget.class_metrics: layer sizes must be positive");
+    TORCH_CHECK(layer_sizes[l] > 0 && layer_sizes[l + 1] > 0, op, ": layer sizes must be positive");
     P += layer_sizes[l + 1] * (layer_sizes[l] + 1);
     maxw = std::max(maxw, layer_sizes[l + 1]);
   }
   const int64_t D = layer_sizes[0], h1 = layer_sizes[1], m_out = layer_sizes[L];
-  TORCH_CHECK(params.dim() == 2 && params.size(1) == P, "hyforget.class_metrics: params must be (B, ", P,
-              ") for layer_sizes ", layer_sizes, ", got ", params.sizes());
-  TORCH_CHECK(X.dim() == 2 && X.size(1) == D, "hyforget.class_metrics: X must be (N, ", D, "), got ", X.sizes());
-  TORCH_CHECK(y.dim() == 1 && y.size(0) == X.size(0) && y.scalar_type() == at::kLong,
-              "hyforget.class_metrics: y must be int64 of shape (N,) = (", X.size(0), ",)");
-  TORCH_CHECK(params.scalar_type() == X.scalar_type(), "hyforget.class_metrics: params (", params.scalar_type(),
-              ") and X (", X.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(num_classes > 0 && num_classes <= m_out, "hyforget.class_metrics: num_classes must be in [1, ", m_out,
-              "], got ", num_classes);
-  const int64_t B = params.size(0), N = X.size(0);
+  TORCH_CHECK(params.dim() == 2 && params.size(1) == P, op, ": params must be (B, ", P, ") for layer_sizes ",
+              layer_sizes, ", got ", params.sizes());
+  TORCH_CHECK(D_x == D, op, ": X must be (N, ", D, ") for layer_sizes ", layer_sizes, ", got ", D_x, " columns");
+  TORCH_CHECK(y.dim() == 1 && y.size(0) == N && y.scalar_type() == at::kLong, op,
+              ": y must be int64 of shape (N,) = (", N, ",)");
+  TORCH_CHECK(num_classes > 0 && num_classes <= m_out, op, ": num_classes must be in [1, ", m_out, "], got ",
+              num_classes);
   if (N > 0) {
     const int64_t lo = y.min().item<int64_t>(), hi = y.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < num_classes, "hyforget.class_metrics: labels must be in [0, ", num_classes,
-                "), got range [", lo, ", ", hi, "]");
+    TORCH_CHECK(lo >= 0 && hi < num_classes, op, ": labels must be in [0, ", num_classes, "), got range [", lo,
+                ", ", hi, "]");
   }
+  return Net{layer_sizes.data(), L, P - h1 * D, maxw};
+}
+
+// Labels in sorted order: the row order (stable), the sorted labels as int32 padded to a
+// whole number of vectors (padded inputs are computed, never summed), and the tiles' class runs.
+struct LabelOrder {
+  at::Tensor order;
+  std::vector<int32_t> yl;
+  TileSegments ts;
+};
+
+LabelOrder label_order(const at::Tensor& y) {
+  const int64_t N = y.size(0);
+  auto order = std::get<1>(y.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();
+  auto ys = y.index_select(0, order).contiguous();
+  std::vector<int32_t> yl(N + kRowTile, 0);
+  for (int64_t i = 0; i < N; ++i) yl[i] = static_cast<int32_t>(ys.data_ptr<int64_t>()[i]);
+  return {order, std::move(yl), tile_segments(ys.data_ptr<int64_t>(), N)};
+}
+
+std::tuple<at::Tensor, at::Tensor> class_metrics_cpu(const at::Tensor& params, const at::Tensor& X,
+                                                     const at::Tensor& y, at::IntArrayRef layer_sizes,
+                                                     int64_t num_classes) {
+  TORCH_CHECK(X.dim() == 2, "hyforget.class_metrics: X must be 2-D (N, D), got ", X.sizes());
+  const Net net = check_net("hyforget.class_metrics", params, layer_sizes, X.size(1), X.size(0), y, num_classes);
+  TORCH_CHECK(params.scalar_type() == X.scalar_type(), "hyforget.class_metrics: params (", params.scalar_type(),
+              ") and X (", X.scalar_type(), ") must have the same dtype");
+  const int64_t B = params.size(0), N = X.size(0);
   auto loss = at::zeros({B, num_classes}, params.options().dtype(at::kFloat));
   auto corr = at::zeros({B, num_classes}, params.options().dtype(at::kFloat));
   if (B == 0 || N == 0) return {loss, corr};
 
   const auto cdt = params.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto order = std::get<1>(y.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  auto ys = y.index_select(0, order).contiguous();
-  auto Xs = X.index_select(0, order).to(cdt);  // (N, D) rows grouped by label
+  const LabelOrder lo = label_order(y);
+  auto Xs = X.index_select(0, lo.order).to(cdt);  // (N, D) rows grouped by label
   const Columns cols = split_columns(Xs);
   if (cols.dropped.numel() > 0) Xs = Xs.index_select(1, cols.used);  // (N, D_used)
   Xs = Xs.contiguous();
-  const TileSegments ts = tile_segments(ys.data_ptr<int64_t>(), N);
-  // int32 labels padded to a whole number of vectors; padded inputs are computed, never summed.
-  std::vector<int32_t> yl(N + kRowTile, 0);
-  for (int64_t i = 0; i < N; ++i) yl[i] = static_cast<int32_t>(ys.data_ptr<int64_t>()[i]);
-  const Net net{layer_sizes.data(), L, P - h1 * D, maxw};
-  const int64_t nb = block_size(B, h1, at::get_num_threads());
+  const int64_t nb = block_size(B, net.sizes[1], at::get_num_threads());
   auto pc = params.contiguous();
   if (cdt == at::kDouble)
-    run_blocks<double>(pc, Xs, cols, yl.data(), ts, net, nb, num_classes, loss.data_ptr<float>(), corr.data_ptr<float>());
+    run_blocks<double>(pc, Xs, cols, lo.yl.data(), lo.ts, net, nb, num_classes, loss.data_ptr<float>(),
+                       corr.data_ptr<float>());
   else
-    run_blocks<float>(pc, Xs, cols, yl.data(), ts, net, nb, num_classes, loss.data_ptr<float>(), corr.data_ptr<float>());
+    run_blocks<float>(pc, Xs, cols, lo.yl.data(), lo.ts, net, nb, num_classes, loss.data_ptr<float>(),
+                      corr.data_ptr<float>());
+  return {loss, corr};
+}
+
+std::tuple<at::Tensor, at::Tensor> class_metrics_csr_cpu(const at::Tensor& params, const at::Tensor& crow,
+                                                         const at::Tensor& col, const at::Tensor& val,
+                                                         const at::Tensor& y, at::IntArrayRef layer_sizes,
+                                                         int64_t num_classes) {
+  const char* op = "hyforget.class_metrics_csr";
+  TORCH_CHECK(crow.dim() == 1 && crow.size(0) >= 1 && crow.scalar_type() == at::kLong && crow.is_contiguous() &&
+                  col.dim() == 1 && col.scalar_type() == at::kLong && col.is_contiguous() && val.dim() == 1 &&
+                  val.size(0) == col.size(0) && val.is_contiguous(),
+              op, ": X must be CSR arrays crow (N + 1,), col (nnz,), val (nnz,), contiguous, int64 indices");
+  TORCH_CHECK(params.scalar_type() == val.scalar_type() &&
+                  (val.scalar_type() == at::kFloat || val.scalar_type() == at::kDouble),
+              op, ": params (", params.scalar_type(), ") and X's values (", val.scalar_type(),
+              ") must both be float32 or both float64");
+  const int64_t N = crow.size(0) - 1, D = layer_sizes.empty() ? 0 : layer_sizes[0];
+  const Net net = check_net(op, params, layer_sizes, D, N, y, num_classes);
+  const int64_t* cp = crow.data_ptr<int64_t>();
+  const int64_t* cc = col.data_ptr<int64_t>();
+  TORCH_CHECK(cp[0] == 0 && cp[N] == col.size(0), op, ": crow must run from 0 to nnz = ", col.size(0));
+  std::vector<uint8_t> col_has_nz(D, 0);
+  for (int64_t r = 0; r < N; ++r) {
+    TORCH_CHECK(cp[r] <= cp[r + 1], op, ": crow must be nondecreasing (row ", r, ")");
+    for (int64_t p = cp[r]; p < cp[r + 1]; ++p) {
+      TORCH_CHECK(cc[p] >= 0 && cc[p] < D, op, ": column index ", cc[p], " out of range [0, ", D, ")");
+      col_has_nz[cc[p]] = 1;
+    }
+  }
+  const int64_t B = params.size(0);
+  auto loss = at::zeros({B, num_classes}, params.options().dtype(at::kFloat));
+  auto corr = at::zeros({B, num_classes}, params.options().dtype(at::kFloat));
+  if (B == 0 || N == 0) return {loss, corr};
+  const LabelOrder lo = label_order(y);
+  auto pc = params.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "class_metrics_csr", [&] {
+    run_csr<scalar_t>(pc, cp, cc, val.data_ptr<scalar_t>(), lo.order.data_ptr<int64_t>(), N, col_has_nz,
+                      lo.yl.data(), lo.ts, net, num_classes, loss.data_ptr<float>(), corr.data_ptr<float>());
+  });
   return {loss, corr};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hyforget, CPU, m) { m.impl("class_metrics", &class_metrics_cpu); }
+TORCH_LIBRARY_IMPL(hyforget, CPU, m) {
+  m.impl("class_metrics", &class_metrics_cpu);
+  m.impl("class_metrics_csr", &class_metrics_csr_cpu);
+}
 
 }  // namespace hyforget
