@@ -217,7 +217,8 @@ class BlockTrainer:
         c = torch.arange(self.m, device=dev)[:, None]
         self._val_is_y, self._val_below_y = (c == self.yv)[None], (c < self.yv)[None]  # (1, m, N_val) each
         self._val_onehot = self._val_is_y[0].t().float().contiguous()        # (N_val, m)
-        self.bin_edges = torch.tensor(cfg.bin_edges, device=dev)             # (E,)
+        self._edges_np = np.asarray(cfg.bin_edges, dtype=np.float32)        # (E,) as float32 losses compare
+        self._free_np, self._pivot_np = self.free_idx.cpu().numpy(), self.pivot_idx.cpu().numpy()
         # Pixels that are 0 in every train and val image (the border) get zero gradient, so their
         # first-layer weights stay at init and add nothing to any logit: compute without them.
         self.active = ((self.Xtr != 0).any(0) | (self.Xv != 0).any(0)).nonzero().squeeze(1)  # (Da,)
@@ -353,11 +354,10 @@ class BlockTrainer:
             self.W1T.addmm_(self.Xtr[idx].t(), G, alpha=-1.0)                # one GEMM
         self.b1.sub_(G.sum(0))
 
-    def bin_cells(self, class_loss: torch.Tensor) -> torch.Tensor:
-        """(n, m) losses -> (n,) joint bin cell of the free classes' loss levels."""
-        lev = torch.searchsorted(self.bin_edges, class_loss[:, self.free_idx].contiguous(), right=True)  # (n, f)
-        mult = self.cfg.num_bins ** torch.arange(lev.shape[1], device=lev.device)
-        return (lev * mult).sum(1)
+    def bin_cells(self, class_loss) -> np.ndarray:
+        """(n, m) losses (array or CPU tensor) -> (n,) joint bin cell of the free classes' loss levels."""
+        lev = np.searchsorted(self._edges_np, np.asarray(class_loss)[:, self._free_np], side="right")  # (n, f)
+        return lev @ (self.cfg.num_bins ** np.arange(lev.shape[1]))
 
     def score_exact(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class validation loss / accuracy (n, m) of runs `rows`, from one call of the fused
@@ -379,74 +379,76 @@ class BlockTrainer:
         return cm.class_loss, cm.class_acc
 
     def run(self, progress=None) -> BlockResult:
+        """Train the block to the end (or until every run is full) -> its saved checkpoints.
+        The per-step rules run on the host in numpy: they touch a few dozen numbers, where each
+        torch op would cost more in dispatch than in work."""
         cfg, R, dev = self.cfg, self.R, self.device
         rec = {k: [] for k in ("params", "loss", "acc", "run", "step", "phase")}
 
         def record(rows, loss, acc, step, phase):
-            rec["params"].append(self.flat_params(rows).cpu())
-            rec["loss"].append(loss.cpu())
-            rec["acc"].append(acc.cpu())
-            rec["run"].append(self.run_ids[rows.cpu()])
-            rec["step"].append(torch.full((len(rows),), step, dtype=torch.long))
-            rec["phase"].append(phase.cpu().to(torch.int8))
+            rec["params"].append(self.flat_params(torch.from_numpy(rows).to(dev)).cpu().numpy())
+            rec["loss"].append(loss)
+            rec["acc"].append(acc)
+            rec["run"].append(self.run_ids.numpy()[rows])
+            rec["step"].append(np.full(len(rows), step, dtype=np.int64))
+            rec["phase"].append(phase.astype(np.int8))
 
-        all_rows = torch.arange(R, device=dev)
-        loss0, acc0 = self.score_exact(all_rows)
-        record(all_rows, loss0, acc0, 0, torch.full((R,), PHASE_INIT, device=dev))
-        n_cells = cfg.num_bins ** len(self.free_idx)
-        bin_count = torch.zeros(n_cells, dtype=torch.long, device=dev)
-        saved = torch.zeros(R, dtype=torch.long, device=dev)
-        forgetting = torch.zeros(R, dtype=torch.bool, device=dev)
+        def score(rows):   # -> (loss, acc) as host arrays (n, m)
+            loss, acc = self.score_exact(torch.from_numpy(rows).to(dev))
+            return loss.cpu().numpy(), acc.cpu().numpy()
+
+        all_rows = np.arange(R)
+        record(all_rows, *score(all_rows), 0, np.full(R, PHASE_INIT))
+        bin_count = np.zeros(cfg.num_bins ** len(self._free_np), dtype=np.int64)
+        saved = np.zeros(R, dtype=np.int64)
+        forgetting = np.zeros(R, dtype=bool)
+        forget_step = self.forget_step.cpu().numpy()
         # Steps at which some run's forgetting phase begins (forget_step is integral or inf).
-        forget_starts = {max(1, int(s)) for s in self.forget_step.cpu().tolist() if math.isfinite(s)}
-        p_offer = offer_probs(cfg, self.total_steps).to(dev)
+        forget_starts = {max(1, int(s)) for s in forget_step.tolist() if math.isfinite(s)}
+        p_offer = offer_probs(cfg, self.total_steps).numpy()
+        u_offer = self._rand(self.total_steps, R).cpu().numpy()            # (T, R) offer draws
         n_offers = 0
         for step in range(1, self.total_steps + 1):
             if step in forget_starts:                                        # a run starts forgetting
-                forgetting = self.forget_step <= step
-                self.class_w = self._class_weights(forgetting)
+                forgetting = forget_step <= step
+                self.class_w = self._class_weights(torch.from_numpy(forgetting).to(dev))
             idx, wn = self.sample_batch(step)
             self.sgd_step(idx, wn)
-            offer = (self._rand(R) < p_offer[step - 1]) & (saved < cfg.ckpts_per_run)
-            rows = offer.nonzero().squeeze(1)
+            rows = np.flatnonzero((u_offer[step - 1] < p_offer[step - 1]) & (saved < cfg.ckpts_per_run))
             if len(rows) == 0:
-                if bool((saved >= cfg.ckpts_per_run).all()):
+                if (saved >= cfg.ckpts_per_run).all():
                     break  # every run is full: training further could save nothing
                 continue
             n_offers += len(rows)
-            loss, acc = self.score_exact(rows)
-            ok = (acc[:, self.pivot_idx] >= cfg.gamma).all(1) & torch.isfinite(loss).all(1)
+            loss, acc = score(rows)
+            ok = (acc[:, self._pivot_np] >= cfg.gamma).all(1) & np.isfinite(loss).all(1)
             rows, loss, acc = rows[ok], loss[ok], acc[ok]
             if len(rows) == 0:
                 continue
             # Bin caps, deterministic within a step: offers claim a cell's free slots in run order.
             cell = self.bin_cells(loss)
-            order = torch.argsort(cell * R + rows)                           # by (cell, run)
+            order = np.argsort(cell * R + rows, kind="stable")               # by (cell, run)
             cs = cell[order]
-            first = torch.searchsorted(cs, cs)                               # first position of the cell
-            rank = torch.arange(len(cs), device=dev) - first
-            keep_sorted = bin_count[cs] + rank < cfg.bin_cap
-            keep = torch.zeros_like(keep_sorted)
-            keep[order] = keep_sorted
-            if not bool(keep.any()):
+            rank = np.arange(len(cs)) - np.searchsorted(cs, cs)              # position within its cell
+            keep = np.empty(len(cs), dtype=bool)
+            keep[order] = bin_count[cs] + rank < cfg.bin_cap
+            if not keep.any():
                 continue
             rows, loss, acc, cell = rows[keep], loss[keep], acc[keep], cell[keep]
-            bin_count.index_add_(0, cell, torch.ones_like(cell))
+            np.add.at(bin_count, cell, 1)
             saved[rows] += 1
-            phase = torch.where(forgetting[rows], PHASE_FORGET, PHASE_TRAIN)
-            record(rows, loss, acc, step, phase)
+            record(rows, loss, acc, step, np.where(forgetting[rows], PHASE_FORGET, PHASE_TRAIN))
             if progress is not None:
                 progress(len(rows))
-        cat = {k: torch.cat(v) for k, v in rec.items()}
-        order = np.lexsort((cat["step"].numpy(), cat["run"].numpy()))      # sort by (run, step)
+        cat = {k: np.concatenate(v) for k, v in rec.items()}
+        order = np.lexsort((cat["step"], cat["run"]))                       # sort by (run, step)
         info = {"lr": self.lr.cpu().tolist(), "keep": self.keep.cpu().tolist(),
                 "forget_step": [None if math.isinf(s) else int(s) for s in self.forget_step.cpu().tolist()],
                 "forget_classes": [[cfg.classes[c] for c in np.flatnonzero(r)] for r in self.forget_mask.cpu().numpy()]}
         stats = {"runs": R, "steps": step, "offers": n_offers, "scored": n_offers + R,
                  "saved": int(saved.sum()), "full_bins": int((bin_count >= cfg.bin_cap).sum())}
-        return BlockResult(self.block, cat["params"].numpy()[order], cat["loss"].numpy()[order],
-                           cat["acc"].numpy()[order], cat["run"].numpy()[order], cat["step"].numpy()[order],
-                           cat["phase"].numpy()[order], info, stats)
+        return BlockResult(self.block, cat["params"][order], cat["loss"][order], cat["acc"][order],
+                           cat["run"][order], cat["step"][order], cat["phase"][order], info, stats)
 
 
 def collect_block(cfg: CollectConfig, splits, block: int, device="cpu", progress=None) -> BlockResult:

@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -346,6 +347,19 @@ void run_blocks(const at::Tensor& params, const at::Tensor& Xs, const Columns& c
 // thread count, and partial sums are added in chunk order, so results do not depend on it.
 constexpr int64_t kMinItems = 16;
 
+// Whether x[0:n) holds no NaN / Inf: x * 0 is NaN exactly for those, summed in vector lanes.
+template <typename T>
+bool all_finite(const T* x, int64_t n) {
+  using VT = typename Vec<T>::type;
+  VT acc{};
+  int64_t k = 0;
+  for (; k + kLanes<T> <= n; k += kLanes<T>) acc += vload(x + k) * T(0);
+  T s = T(0);
+  for (; k < n; ++k) s += x[k] * T(0);
+  for (int64_t v = 0; v < kLanes<T>; ++v) s += acc[v];
+  return s == s;
+}
+
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols, in 16 x 16 blocks so both sides
 // stay in cache lines (a plain double loop strides one of them by a whole row per element).
 template <typename T>
@@ -361,7 +375,7 @@ void transpose(const T* __restrict__ src, int64_t lds, T* __restrict__ dst, int6
 
 template <typename T>
 void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, const T* val, const int64_t* order,
-             int64_t N, const std::vector<uint8_t>& col_has_nz, const int32_t* yl, const TileSegments& ts,
+             int64_t N, const int32_t* yl, const TileSegments& ts,
              const Net& net, int64_t num_classes, float* loss_out, float* corr_out) {
   const int64_t B = params.size(0), P = params.size(1), D = net.sizes[0], h1 = net.sizes[1];
   const int64_t ntiles = static_cast<int64_t>(ts.tile_start.size()) - 1;
@@ -373,10 +387,7 @@ void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, 
   const int64_t ld = (nb * h1 + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
   const int64_t nitems = nblocks * nsplit, cell = nb * num_classes;
   std::vector<double> part_loss(nitems * cell, 0.0), part_corr(nitems * cell, 0.0);
-  std::vector<uint8_t> bad(B, 0);  // non-finite first-layer weight on a column no row uses
-  std::vector<int64_t> empty_cols;
-  for (int64_t j = 0; j < D; ++j)
-    if (!col_has_nz[j]) empty_cols.push_back(j);
+  std::vector<uint8_t> nonfinite(B, 0);  // some first-layer weight is NaN / Inf
   const T* pp = params.data_ptr<T>();
   // Block blk's first layers transposed into dst (D, ld): dst[j, q*h1 + k] = W1[k, j] of network b0 + q.
   auto build_block = [&](int64_t blk, T* dst) {
@@ -384,23 +395,29 @@ void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, 
     for (int64_t q = 0; q < nbc; ++q) {
       const T* w = pp + (b0 + q) * P;
       transpose(w, D, dst + q * h1, ld, h1, D);
-      for (int64_t k = 0; k < h1; ++k)
-        for (const int64_t j : empty_cols) bad[b0 + q] |= !std::isfinite(w[k * D + j]);
+      nonfinite[b0 + q] = !all_finite(w, h1 * D);
     }
   };
   // With several items per block, transpose each block once up front (few blocks: small).
-  std::vector<T> W1T_all(nsplit > 1 ? nblocks * D * ld : 0);
+  // Scratch buffers live per thread across calls: a collection calls this every step, and
+  // fresh buffers of a few hundred KiB cost page faults on every call. Stale values in padding
+  // rows / columns are computed and never summed.
+  static thread_local std::vector<T> W1T_all;
+  if (nsplit > 1 && W1T_all.size() < static_cast<size_t>(nblocks * D * ld)) W1T_all.resize(nblocks * D * ld);
+  T* const w1t_all = W1T_all.data();  // the caller's buffer (inside the lambdas the name is the worker's)
   if (nsplit > 1)
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) build_block(blk, W1T_all.data() + blk * D * ld);
+      for (int64_t blk = b0; blk < b1; ++blk) build_block(blk, w1t_all + blk * D * ld);
     });
   at::parallel_for(0, nitems, 1, [&](int64_t it0, int64_t it1) {
     Scratch<T> s(net.maxw);
-    std::vector<T> W1T_own(nsplit > 1 ? 0 : D * ld), Gt(kRowTile * ld), G(ld * kRowTile, T(0));
+    static thread_local std::vector<T> W1T_own, Gt, G;
+    for (auto* v : {&W1T_own, &Gt, &G})
+      if (v->size() < static_cast<size_t>(D * ld + kRowTile * ld)) v->resize(D * ld + kRowTile * ld);
     for (int64_t it = it0; it < it1; ++it) {
       const int64_t blk = it / nsplit, chunk = it % nsplit;
       const int64_t b0 = blk * nb, nbc = std::min(nb, B - b0), ncol = nbc * h1;
-      const T* W1T = W1T_all.data() + blk * D * ld;
+      const T* W1T = w1t_all + blk * D * ld;
       if (nsplit == 1) {
         build_block(blk, W1T_own.data());
         W1T = W1T_own.data();
@@ -425,6 +442,10 @@ void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, 
       }
     }
   });
+  // The sparse product skips zeros, but the dense reference multiplies them too, and 0 * NaN
+  // and 0 * Inf are NaN in every row that does not use the column: so a network with any
+  // non-finite first-layer weight gets NaN sums, as in the reference (its neighbours do not).
+  const std::vector<uint8_t>& bad = nonfinite;
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t b0 = blk * nb, nbc = std::min(nb, B - b0);
     for (int64_t i = 0; i < nbc * num_classes; ++i) {
@@ -531,14 +552,13 @@ std::tuple<at::Tensor, at::Tensor> class_metrics_csr_cpu(const at::Tensor& param
   const int64_t* cp = crow.data_ptr<int64_t>();
   const int64_t* cc = col.data_ptr<int64_t>();
   TORCH_CHECK(cp[0] == 0 && cp[N] == col.size(0), op, ": crow must run from 0 to nnz = ", col.size(0));
-  std::vector<uint8_t> col_has_nz(D, 0);
-  for (int64_t r = 0; r < N; ++r) {
-    TORCH_CHECK(cp[r] <= cp[r + 1], op, ": crow must be nondecreasing (row ", r, ")");
-    for (int64_t p = cp[r]; p < cp[r + 1]; ++p) {
-      TORCH_CHECK(cc[p] >= 0 && cc[p] < D, op, ": column index ", cc[p], " out of range [0, ", D, ")");
-      col_has_nz[cc[p]] = 1;
-    }
+  for (int64_t r = 0; r < N; ++r) TORCH_CHECK(cp[r] <= cp[r + 1], op, ": crow must be nondecreasing (row ", r, ")");
+  int64_t cmin = 0, cmax = 0;  // one vectorizable pass over the column indices
+  for (int64_t p = 0; p < cp[N]; ++p) {
+    cmin = std::min(cmin, cc[p]);
+    cmax = std::max(cmax, cc[p]);
   }
+  TORCH_CHECK(cmin >= 0 && cmax < D, op, ": column indices must be in [0, ", D, "), got range [", cmin, ", ", cmax, "]");
   const int64_t B = params.size(0);
   auto loss = at::zeros({B, num_classes}, params.options().dtype(at::kFloat));
   auto corr = at::zeros({B, num_classes}, params.options().dtype(at::kFloat));
@@ -546,8 +566,7 @@ std::tuple<at::Tensor, at::Tensor> class_metrics_csr_cpu(const at::Tensor& param
   const LabelOrder lo = label_order(y);
   auto pc = params.contiguous();
   AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "class_metrics_csr", [&] {
-    run_csr<scalar_t>(pc, cp, cc, val.data_ptr<scalar_t>(), lo.order.data_ptr<int64_t>(), N, col_has_nz,
-                      lo.yl.data(), lo.ts, net, num_classes, loss.data_ptr<float>(), corr.data_ptr<float>());
+    run_csr<scalar_t>(pc, cp, cc, val.data_ptr<scalar_t>(), lo.order.data_ptr<int64_t>(), N, lo.yl.data(), lo.ts, net, num_classes, loss.data_ptr<float>(), corr.data_ptr<float>());
   });
   return {loss, corr};
 }

@@ -35,7 +35,8 @@ int64_t check_csr(const char* op, const at::Tensor& crow, const at::Tensor& col,
   TORCH_CHECK(cp[0] >= 0, op, ": crow[0] must be >= 0");
   auto check_row = [&](int64_t r) {
     TORCH_CHECK(r >= 0 && r < nrows, op, ": row index ", r, " out of range [0, ", nrows, ")");
-    TORCH_CHECK(cp[r] <= cp[r + 1] && cp[r + 1] <= nnz, op, ": crow is not a valid CSR row pointer at row ", r);
+    TORCH_CHECK(0 <= cp[r] && cp[r] <= cp[r + 1] && cp[r + 1] <= nnz, op, ": crow is not a valid CSR row pointer at row ",
+                r);
     for (int64_t p = cp[r]; p < cp[r + 1]; ++p)
       TORCH_CHECK(cc[p] >= 0 && cc[p] < ncols, op, ": column index ", cc[p], " in row ", r, " out of range [0, ",
                   ncols, ")");
