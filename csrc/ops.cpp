@@ -16,6 +16,7 @@ TORCH_LIBRARY(hyforget, m) {
   // and of correct predictions, both (B, num_classes) float32.
   m.def("class_metrics(Tensor params, Tensor X, Tensor y, int[] layer_sizes, int num_classes) -> (Tensor, Tensor)");
   // The same with X given as CSR arrays (crow, col, val): the first layer is a sparse product.
+  // A network with any NaN / Inf parameter gets NaN sums.
   m.def("class_metrics_csr(Tensor params, Tensor crow, Tensor col, Tensor val, Tensor y, int[] layer_sizes, "
         "int num_classes) -> (Tensor, Tensor)");
   // Sparse-input linear layer with the weight stored transposed, weight_t (D, C), and X given as

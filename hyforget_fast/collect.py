@@ -212,7 +212,8 @@ class BlockTrainer:
         self.ytr = splits.y_train[order].to(dev)                            # (N,)
         counts = torch.bincount(self.ytr, minlength=self.m)
         self.class_count = counts.to(dev)                                   # (m,)
-        self.Xv, self.yv = splits.X_val.to(dev), splits.y_val.to(dev)        # validation only
+        vorder = torch.argsort(splits.y_val, stable=True)                   # validation sorted by class too:
+        self.Xv, self.yv = splits.X_val[vorder].to(dev), splits.y_val[vorder].to(dev)  # the evaluator reads it in order
         self.val_count = torch.bincount(self.yv, minlength=self.m).float()  # (m,)
         c = torch.arange(self.m, device=dev)[:, None]
         self._val_is_y, self._val_below_y = (c == self.yv)[None], (c < self.yv)[None]  # (1, m, N_val) each
@@ -362,7 +363,7 @@ class BlockTrainer:
     def score_exact(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class validation loss / accuracy (n, m) of runs `rows`, from one call of the fused
         evaluator on their parameters (first layer over the active pixels only). NaN rows for
-        networks with a non-finite parameter.
+        networks with a non-finite parameter (the rules then reject them).
 
         On the CPU the native op is called directly on the CSR validation set: its inputs are
         the engine's own, built and checked once, and the public wrapper's per-call checks cost
@@ -371,9 +372,7 @@ class BlockTrainer:
         if self.sparse:
             loss_sum, corr_sum = torch.ops.hyforget.class_metrics_csr(
                 p, *self._csr_val, self.yv, list(self.eval_spec.layer_sizes), self.m)
-            loss, acc = loss_sum / self.val_count, corr_sum / self.val_count
-            bad = ~torch.isfinite(p).all(1, keepdim=True)
-            return loss.masked_fill(bad, float("nan")), acc.masked_fill(bad, float("nan"))
+            return loss_sum / self.val_count, corr_sum / self.val_count  # NaN rows: non-finite params
         from . import ops
         cm = ops.class_metrics(p, self.eval_spec, self.Xv, self.yv, self.m)
         return cm.class_loss, cm.class_acc
@@ -383,15 +382,22 @@ class BlockTrainer:
         The per-step rules run on the host in numpy: they touch a few dozen numbers, where each
         torch op would cost more in dispatch than in work."""
         cfg, R, dev = self.cfg, self.R, self.device
-        rec = {k: [] for k in ("params", "loss", "acc", "run", "step", "phase")}
+        # Saved checkpoints go straight to slot count[r] of their run r (at most ckpts_per_run + 1
+        # each, arriving in step order), so the block comes out sorted by (run, step) after an
+        # in-place compaction (mnist10: ~420 MB of parameters per block; a second array that size
+        # cost ~1 s of first-touch page faults on the development VM).
+        slots, P = cfg.ckpts_per_run + 1, self.spec.num_params
+        buf = {"params": np.empty((R, slots, P), np.float32), "loss": np.empty((R, slots, self.m), np.float32),
+               "acc": np.empty((R, slots, self.m), np.float32), "step": np.empty((R, slots), np.int64),
+               "phase": np.empty((R, slots), np.int8)}
+        count = np.zeros(R, dtype=np.int64)
 
         def record(rows, loss, acc, step, phase):
-            rec["params"].append(self.flat_params(torch.from_numpy(rows).to(dev)).cpu().numpy())
-            rec["loss"].append(loss)
-            rec["acc"].append(acc)
-            rec["run"].append(self.run_ids.numpy()[rows])
-            rec["step"].append(np.full(len(rows), step, dtype=np.int64))
-            rec["phase"].append(phase.astype(np.int8))
+            k = count[rows]
+            buf["params"][rows, k] = self.flat_params(torch.from_numpy(rows).to(dev)).cpu().numpy()
+            buf["loss"][rows, k], buf["acc"][rows, k] = loss, acc
+            buf["step"][rows, k], buf["phase"][rows, k] = step, phase
+            count[rows] += 1
 
         def score(rows):   # -> (loss, acc) as host arrays (n, m)
             loss, acc = self.score_exact(torch.from_numpy(rows).to(dev))
@@ -440,15 +446,20 @@ class BlockTrainer:
             record(rows, loss, acc, step, np.where(forgetting[rows], PHASE_FORGET, PHASE_TRAIN))
             if progress is not None:
                 progress(len(rows))
-        cat = {k: np.concatenate(v) for k, v in rec.items()}
-        order = np.lexsort((cat["step"], cat["run"]))                       # sort by (run, step)
+        filled = np.flatnonzero((np.arange(slots) < count[:, None]).ravel())  # (n,) used slots
+        out = {k: v.reshape(R * slots, *v.shape[2:])[filled] for k, v in buf.items() if k != "params"}
+        flat = buf["params"].reshape(R * slots, P)
+        for i in range(0, len(filled), 1024):   # compact in place: filled[i] >= i, so sources are intact
+            src = filled[i:i + 1024]
+            flat[i:i + len(src)] = flat[src]
+        out["params"] = flat[:len(filled)]                                  # sorted by (run, step)
         info = {"lr": self.lr.cpu().tolist(), "keep": self.keep.cpu().tolist(),
                 "forget_step": [None if math.isinf(s) else int(s) for s in self.forget_step.cpu().tolist()],
                 "forget_classes": [[cfg.classes[c] for c in np.flatnonzero(r)] for r in self.forget_mask.cpu().numpy()]}
         stats = {"runs": R, "steps": step, "offers": n_offers, "scored": n_offers + R,
                  "saved": int(saved.sum()), "full_bins": int((bin_count >= cfg.bin_cap).sum())}
-        return BlockResult(self.block, cat["params"][order], cat["loss"][order], cat["acc"][order],
-                           cat["run"][order], cat["step"][order], cat["phase"][order], info, stats)
+        return BlockResult(self.block, out["params"], out["loss"], out["acc"], np.repeat(self.run_ids.numpy(), count),
+                           out["step"], out["phase"], info, stats)
 
 
 def collect_block(cfg: CollectConfig, splits, block: int, device="cpu", progress=None) -> BlockResult:

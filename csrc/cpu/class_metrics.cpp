@@ -387,7 +387,7 @@ void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, 
   const int64_t ld = (nb * h1 + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
   const int64_t nitems = nblocks * nsplit, cell = nb * num_classes;
   std::vector<double> part_loss(nitems * cell, 0.0), part_corr(nitems * cell, 0.0);
-  std::vector<uint8_t> nonfinite(B, 0);  // some first-layer weight is NaN / Inf
+  std::vector<uint8_t> nonfinite(B, 0);  // some parameter is NaN / Inf
   const T* pp = params.data_ptr<T>();
   // Block blk's first layers transposed into dst (D, ld): dst[j, q*h1 + k] = W1[k, j] of network b0 + q.
   auto build_block = [&](int64_t blk, T* dst) {
@@ -395,7 +395,7 @@ void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, 
     for (int64_t q = 0; q < nbc; ++q) {
       const T* w = pp + (b0 + q) * P;
       transpose(w, D, dst + q * h1, ld, h1, D);
-      nonfinite[b0 + q] = !all_finite(w, h1 * D);
+      nonfinite[b0 + q] = !all_finite(w, P);
     }
   };
   // With several items per block, transpose each block once up front (few blocks: small).
@@ -442,9 +442,10 @@ void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, 
       }
     }
   });
-  // The sparse product skips zeros, but the dense reference multiplies them too, and 0 * NaN
-  // and 0 * Inf are NaN in every row that does not use the column: so a network with any
-  // non-finite first-layer weight gets NaN sums, as in the reference (its neighbours do not).
+  // A network with a NaN / Inf parameter gets NaN sums (its neighbours do not), the public
+  // class_metrics contract. The sparse product alone would not give it: it skips the zeros that
+  // the dense reference multiplies by the bad weight (0 * Inf = NaN), and an Inf later on can
+  // still leave a finite loss.
   const std::vector<uint8_t>& bad = nonfinite;
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t b0 = blk * nb, nbc = std::min(nb, B - b0);
@@ -553,12 +554,9 @@ std::tuple<at::Tensor, at::Tensor> class_metrics_csr_cpu(const at::Tensor& param
   const int64_t* cc = col.data_ptr<int64_t>();
   TORCH_CHECK(cp[0] == 0 && cp[N] == col.size(0), op, ": crow must run from 0 to nnz = ", col.size(0));
   for (int64_t r = 0; r < N; ++r) TORCH_CHECK(cp[r] <= cp[r + 1], op, ": crow must be nondecreasing (row ", r, ")");
-  int64_t cmin = 0, cmax = 0;  // one vectorizable pass over the column indices
-  for (int64_t p = 0; p < cp[N]; ++p) {
-    cmin = std::min(cmin, cc[p]);
-    cmax = std::max(cmax, cc[p]);
-  }
-  TORCH_CHECK(cmin >= 0 && cmax < D, op, ": column indices must be in [0, ", D, "), got range [", cmin, ", ", cmax, "]");
+  if (!indices_in_range(cc, cp[N], D))  // find it only to name it
+    for (int64_t p = 0; p < cp[N]; ++p)
+      TORCH_CHECK(cc[p] >= 0 && cc[p] < D, op, ": column index ", cc[p], " out of range [0, ", D, ")");
   const int64_t B = params.size(0);
   auto loss = at::zeros({B, num_classes}, params.options().dtype(at::kFloat));
   auto corr = at::zeros({B, num_classes}, params.options().dtype(at::kFloat));

@@ -148,7 +148,15 @@ HF_CLONES void outer_f64(const int64_t* cptr, const int64_t* cols, int64_t ncols
   outer_impl<double>(cptr, cols, ncols, crow_of, cval, G, ldg, W, ldw, c0, c1);
 }
 
+HF_CLONES bool in_range(const int64_t* idx, int64_t n, int64_t bound) {
+  uint64_t bad = 0;  // unsigned compare: a negative index wraps to a huge one
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(idx[i]) >= static_cast<uint64_t>(bound);
+  return bad == 0;
+}
+
 }  // namespace
+
+bool indices_in_range(const int64_t* idx, int64_t n, int64_t bound) { return in_range(idx, n, bound); }
 
 void csr_rows_times_dense(const int64_t* crow, const int64_t* col, const float* val, const int64_t* rows, int64_t i0,
                           int64_t i1, const float* W, int64_t ldw, int64_t c0, int64_t c1, const float* bias,

@@ -29,6 +29,10 @@ void csc_sub_outer(const int64_t* cptr, const int64_t* cols, int64_t ncols, cons
 void csc_sub_outer(const int64_t* cptr, const int64_t* cols, int64_t ncols, const int64_t* crow_of,
                    const double* cval, const double* G, int64_t ldg, double* W, int64_t ldw, int64_t c0, int64_t c1);
 
+// Whether every idx[0:n) lies in [0, bound): one vectorized pass (validating the column
+// indices of a CSR matrix costs about as much as one read of them).
+bool indices_in_range(const int64_t* idx, int64_t n, int64_t bound);
+
 // Column tile of both kernels: this many output columns are held in registers per row.
 // 64 floats (32 doubles) = 4 AVX-512 registers per row.
 constexpr int64_t kCsrColTile = 64;
