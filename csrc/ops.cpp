@@ -24,5 +24,11 @@ TORCH_LIBRARY(hyforget, m) {
   // out (M, C) = X[rows] @ weight_t + bias.
   m.def("csr_linear(Tensor crow, Tensor col, Tensor val, Tensor? rows, Tensor weight_t, Tensor? bias) -> Tensor");
   // weight_t -= X[rows]^T @ grad, in place (grad (M, C)): the layer's SGD step, lr folded into grad.
+  // One SGD step of the layers after the first of R MLPs on a shared minibatch, from the first
+  // layer's pre-activations z1 (S, R*H1): head (R, P_head) packs each run's later layers in spec
+  // order, b1 (R, H1); per-example loss weights wn (R, S), learning rates lr (R,). Updates head
+  // and b1 in place; returns G (S, R*H1), the lr-scaled gradient of z1.
+  m.def("mlp_head_sgd_(Tensor z1, Tensor(a!) head, Tensor(b!) b1, Tensor y, Tensor wn, Tensor lr, int[] layer_sizes) "
+        "-> Tensor");
   m.def("csr_linear_sub_grad_(Tensor crow, Tensor col, Tensor val, Tensor? rows, Tensor grad, Tensor(a!) weight_t) -> ()");
 }

@@ -225,6 +225,7 @@ class BlockTrainer:
         self.active = ((self.Xtr != 0).any(0) | (self.Xv != 0).any(0)).nonzero().squeeze(1)  # (Da,)
         self.Xtr, self.Xv = self.Xtr[:, self.active].contiguous(), self.Xv[:, self.active].contiguous()
         self.eval_spec = MLPSpec((len(self.active), *self.spec.layer_sizes[1:]))
+        self._sizes = list(self.eval_spec.layer_sizes)
         from .backends import native_has
         can = self.device.type == "cpu" and native_has("csr_linear", self.device)
         if sparse and not can:
@@ -325,10 +326,13 @@ class BlockTrainer:
         kept feature-major, (R, width, S), so per-class reductions run over contiguous rows."""
         R, H, S = self.R, self.H, len(idx)
         yb = self.ytr[idx]                                                   # (S,)
-        if self.sparse:
+        if self.sparse:   # native: sparse first layer, then the later layers of every run in one op
             z1 = torch.ops.hyforget.csr_linear(*self._csr_tr, idx, self.W1T, self.b1)  # (S, R*H)
-        else:
-            z1 = torch.addmm(self.b1, self.Xtr[idx], self.W1T)               # (S, R*H): one GEMM
+            G = torch.ops.hyforget.mlp_head_sgd_(z1, self.head, self.b[0], yb, wn, self.lr, self._sizes)
+            torch.ops.hyforget.csr_linear_sub_grad_(*self._csr_tr, idx, G, self.W1T)  # W1T -= X_b^T G
+            return
+        # The same step in torch ops (the reference of mlp_head_sgd_; used off the CPU).
+        z1 = torch.addmm(self.b1, self.Xtr[idx], self.W1T)                   # (S, R*H): one GEMM
         zs = [z1.t().view(R, H, S)]                                          # (R, H, S) view
         hs = [torch.relu(zs[0])]
         L = len(self.W)
@@ -349,10 +353,7 @@ class BlockTrainer:
             self.W[l].sub_(gW)
             self.b[l].sub_(gb)
         G = g.view(R * H, S).t().contiguous()                                # (S, R*H), lr-scaled
-        if self.sparse:
-            torch.ops.hyforget.csr_linear_sub_grad_(*self._csr_tr, idx, G, self.W1T)  # W1T -= X_b^T G
-        else:
-            self.W1T.addmm_(self.Xtr[idx].t(), G, alpha=-1.0)                # one GEMM
+        self.W1T.addmm_(self.Xtr[idx].t(), G, alpha=-1.0)                    # one GEMM
         self.b1.sub_(G.sum(0))
 
     def bin_cells(self, class_loss) -> np.ndarray:
@@ -370,8 +371,7 @@ class BlockTrainer:
         ~0.35 ms, about a third of the fused evaluation of a step's ~16 offers."""
         p = self.flat_params(rows, full=False)
         if self.sparse:
-            loss_sum, corr_sum = torch.ops.hyforget.class_metrics_csr(
-                p, *self._csr_val, self.yv, list(self.eval_spec.layer_sizes), self.m)
+            loss_sum, corr_sum = torch.ops.hyforget.class_metrics_csr(p, *self._csr_val, self.yv, self._sizes, self.m)
             return loss_sum / self.val_count, corr_sum / self.val_count  # NaN rows: non-finite params
         from . import ops
         cm = ops.class_metrics(p, self.eval_spec, self.Xv, self.yv, self.m)

@@ -48,6 +48,10 @@ if _native_loaded():
         m = crow.shape[0] - 1 if rows is None else rows.shape[0]
         return weight_t.new_empty((m, weight_t.shape[1]))
 
+    @torch.library.register_fake("hyforget::mlp_head_sgd_")
+    def _mlp_head_sgd_fake(z1, head, b1, y, wn, lr, layer_sizes):
+        return z1.new_empty(z1.shape)
+
     @torch.library.register_fake("hyforget::csr_linear_sub_grad_")
     def _csr_linear_sub_grad_fake(crow, col, val, rows, grad, weight_t):
         return None

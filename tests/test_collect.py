@@ -213,3 +213,22 @@ def test_two_ranks_union_equals_one_process(tmp_path):
         assert np.array_equal(a[k], b[k]), k
     man = json.load(open(os.path.join(two, "manifest.json")))
     assert [s["name"] for s in man["shards"]] == ["block_00000", "block_00001", "block_00002"]
+
+
+def test_mlp_head_sgd_op_checks_inputs_and_has_a_fake_kernel():
+    """The collector's fused per-run SGD step (its values are checked against autograd above)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    op = torch.ops.hyforget.mlp_head_sgd_
+    R, S, sizes = 3, 5, [6, 4, 2]                         # head per run: W2 (2, 4) + b2 (2,) = 10
+    args = lambda y: (torch.randn(S, R * 4), torch.randn(R, 10), torch.randn(R, 4), y,  # noqa: E731
+                      torch.full((R, S), 1 / S), torch.full((R,), 0.1), sizes)
+    assert op(*args(torch.tensor([0, 1, 1, 0, 1]))).shape == (S, R * 4)
+    with pytest.raises(RuntimeError, match=r"label 2 out of range \[0, 2\)"):
+        op(*args(torch.tensor([0, 1, 2, 0, 1])))
+    with pytest.raises(RuntimeError, match=r"head must be \(R, 10\)"):
+        op(torch.randn(S, R * 4), torch.randn(R, 9), torch.randn(R, 4), torch.zeros(S, dtype=torch.long),
+           torch.full((R, S), 1 / S), torch.full((R,), 0.1), sizes)
+    with FakeTensorMode():
+        G = op(torch.empty(S, R * 4), torch.empty(R, 10), torch.empty(R, 4), torch.empty(S, dtype=torch.long),
+               torch.empty(R, S), torch.empty(R), sizes)
+    assert G.shape == (S, R * 4)
