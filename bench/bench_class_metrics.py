@@ -10,6 +10,7 @@ Providers, each in its own subprocess so its peak memory can be read from getrus
   einsum   the batched einsum reference (hyforget_fast.reference.class_sums), chunked by
            hyforget_fast.class_metrics(backend="reference")
   cpp      the fused C++ kernel, hyforget_fast.class_metrics(backend="cpp")
+  cpp-csr  the same with X as a sparse CSR tensor: the first layer reads only nonzero pixels
   cuda, triton   the GPU kernels, where a GPU is visible (peak = torch.cuda.max_memory_allocated)
 Times are medians (of 3 runs, or 1 run for calls over 5 s). "x GEMM" is the time over the GEMM's
 time measured in the same run. Peak MiB is the provider's peak resident memory above its inputs
@@ -121,6 +122,9 @@ def provider_fn(name, p, spec, X, y, m):
         return lambda: loop_eval(sub, spec, X, y, m)
     if name == "vmap":
         return lambda: vmap_eval(p, spec, X, y, m)
+    if name == "cpp-csr":
+        Xc = X.to_sparse_csr()
+        return lambda: hf.class_metrics(p, spec, Xc, y, m, backend="cpp")
     if name == "einsum":
         return lambda: hf.class_metrics(p, spec, X, y, m, backend="reference")
     return lambda: hf.class_metrics(p, spec, X, y, m, backend=name)
@@ -193,7 +197,7 @@ def main():
 
     st = hf.backends()
     gpu = [b for b in ("cuda", "triton") if st[b].available and torch.cuda.is_available()]
-    providers = args.providers or ["gemm", "cpp", *gpu, "einsum", "vmap", "loop"]
+    providers = args.providers or ["gemm", "cpp", "cpp-csr", *gpu, "einsum", "vmap", "loop"]
     specs = [list(map(int, s.split(","))) for s in args.specs] if args.specs else list(SPECS)
     batches = args.B or ([256, 4096] if args.quick else list(BATCHES))
     if args.quick and not args.specs:

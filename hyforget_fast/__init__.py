@@ -3,11 +3,13 @@
 Importing never needs a GPU; `hyforget_fast.backends()` tells which kernels loaded.
 """
 from .backends import backends
-from .ops import ClassMetrics, class_metrics, class_outputs, detokenize, permute, sample_perms, tokenize, validate_perms
+from .ops import (ClassMetrics, class_metrics, class_outputs, csr_linear, csr_linear_sub_grad_, detokenize, permute,
+                  sample_perms, tokenize, validate_perms)
 from .spec import MLPSpec, ParamNorm, TokenLayout
 
 __all__ = ["MLPSpec", "TokenLayout", "ParamNorm", "backends", "tokenize", "detokenize", "permute",
-           "sample_perms", "validate_perms", "class_metrics", "class_outputs", "ClassMetrics"]
+           "sample_perms", "validate_perms", "class_metrics", "class_outputs", "ClassMetrics", "csr_linear",
+           "csr_linear_sub_grad_"]
 __version__ = "0.1.0"
 
 # Checkpoint collection (issue 4), loaded lazily so `import hyforget_fast` stays light.
