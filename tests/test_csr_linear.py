@@ -306,6 +306,29 @@ def test_class_metrics_csr_raw_op_equals_public_sums():
     assert (corr == corr.round()).all() and ((corr - want_corr).abs().sum() <= 2)
 
 
+@pytest.mark.parametrize("B", [3, 40])   # few networks: work split over row chunks; more: over blocks too
+def test_class_metrics_csr_does_not_depend_on_the_thread_count(B):
+    """Work items and their partial sums depend only on the shapes, so a collection gives the
+    same bits whatever torch.get_num_threads() is."""
+    spec = hf.MLPSpec([31, 9, 5, 3])
+    g = torch.Generator().manual_seed(3)
+    Xd = torch.rand(700, 31, generator=g)
+    Xd[Xd < 0.7] = 0
+    y = torch.randint(0, 3, (700,), generator=g)
+    p = _random_params(spec, B, 3, torch.float32)
+    args = (p, *_csr_arrays(Xd.to_sparse_csr()), y, list(spec.layer_sizes), 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.hyforget.class_metrics_csr(*args)
+        torch.set_num_threads(2)
+        two = torch.ops.hyforget.class_metrics_csr(*args)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert torch.isfinite(one[0]).all() and one[0].abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- NaN / Inf semantics
 def _nan_case(n: int):
     """Spec with h1 = 17 (at most 30 networks per block): 40 networks make 2 blocks of 20. X: column 2 is
