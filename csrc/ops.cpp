@@ -19,6 +19,11 @@ TORCH_LIBRARY(hyforget, m) {
   // A network with any NaN / Inf parameter gets NaN sums.
   m.def("class_metrics_csr(Tensor params, Tensor crow, Tensor col, Tensor val, Tensor y, int[] layer_sizes, "
         "int num_classes) -> (Tensor, Tensor)");
+  // The same for runs `runs` of a batched trainer's layout (hyforget_fast/collect.py): first layers
+  // of all R runs as one transposed matrix w1t (D, R*h1), b1 (R, h1), later layers packed in head
+  // (R, P_head) in spec order. Scores straight from that layout: no flat parameter vectors.
+  m.def("class_metrics_runs_csr(Tensor w1t, Tensor b1, Tensor head, Tensor runs, Tensor crow, Tensor col, Tensor val, "
+        "Tensor y, int[] layer_sizes, int num_classes) -> (Tensor, Tensor)");
   // Sparse-input linear layer with the weight stored transposed, weight_t (D, C), and X given as
   // CSR arrays; `rows` (optional) picks the rows of X that take part, in order.
   // out (M, C) = X[rows] @ weight_t + bias.

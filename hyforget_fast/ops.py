@@ -43,6 +43,11 @@ if _native_loaded():
         shape = (params.shape[0], num_classes)
         return params.new_empty(shape, dtype=torch.float32), params.new_empty(shape, dtype=torch.float32)
 
+    @torch.library.register_fake("hyforget::class_metrics_runs_csr")
+    def _class_metrics_runs_csr_fake(w1t, b1, head, runs, crow, col, val, y, layer_sizes, num_classes):
+        shape = (runs.shape[0], num_classes)
+        return w1t.new_empty(shape, dtype=torch.float32), w1t.new_empty(shape, dtype=torch.float32)
+
     @torch.library.register_fake("hyforget::csr_linear")
     def _csr_linear_fake(crow, col, val, rows, weight_t, bias):
         m = crow.shape[0] - 1 if rows is None else rows.shape[0]

@@ -232,3 +232,24 @@ def test_mlp_head_sgd_op_checks_inputs_and_has_a_fake_kernel():
         G = op(torch.empty(S, R * 4), torch.empty(R, 10), torch.empty(R, 4), torch.empty(S, dtype=torch.long),
                torch.empty(R, S), torch.empty(R), sizes)
     assert G.shape == (S, R * 4)
+
+
+def test_scoring_from_the_engine_layout_equals_scoring_flat_params(splits):
+    """class_metrics_runs_csr reads W1T / b1 / head directly; the same bits as class_metrics_csr on
+    the gathered flat parameters, NaN for a run with a non-finite parameter, clear errors."""
+    bt = BlockTrainer(preset("mnist4", runs=9, block_runs=9, hidden=(5, 3)), splits, 0, sparse=True)
+    for step in range(1, 4):
+        bt.sgd_step(*bt.sample_batch(step))
+    bt.head[4, 2] = float("inf")
+    rows = torch.tensor([7, 4, 0, 7])
+    op = torch.ops.hyforget
+    got = op.class_metrics_runs_csr(bt.W1T, bt.b[0], bt.head, rows, *bt._csr_val, bt.yv, bt._sizes, bt.m)
+    want = op.class_metrics_csr(bt.flat_params(rows, full=False), *bt._csr_val, bt.yv, bt._sizes, bt.m)
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(), w.nan_to_num())
+    assert torch.isnan(got[0][1]).all() and torch.isfinite(got[0][[0, 2, 3]]).all()
+    with pytest.raises(RuntimeError, match=r"run 9 out of range \[0, 9\)"):
+        op.class_metrics_runs_csr(bt.W1T, bt.b[0], bt.head, torch.tensor([9]), *bt._csr_val, bt.yv, bt._sizes, bt.m)
+    with pytest.raises(RuntimeError, match="head must be"):
+        op.class_metrics_runs_csr(bt.W1T, bt.b[0], bt.head[:, 1:].contiguous(), rows, *bt._csr_val, bt.yv,
+                                  bt._sizes, bt.m)

@@ -328,11 +328,61 @@ void transpose(const T* __restrict__ src, int64_t lds, T* __restrict__ dst, int6
     }
 }
 
+// Where run_csr reads its B networks from. FlatNets: the public layout, params (B, P).
+// first_layer_t(b, dst, ld) writes network b's first layer transposed into dst (D rows of
+// stride ld, h1 columns) and returns whether ALL of b's parameters are finite.
 template <typename T>
-void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, const T* val, const int64_t* order,
+struct FlatNets {
+  const T* p;
+  int64_t P, D, h1;
+  bool first_layer_t(int64_t b, T* dst, int64_t ld) const {
+    transpose(p + b * P, D, dst, ld, h1, D);
+    return all_finite(p + b * P, P);
+  }
+  const T* rest(int64_t b) const { return p + b * P + h1 * D; }  // b1, W2, b2, ...
+};
+
+// A batched trainer's layout (hyforget_fast/collect.py): the first layers of all R runs as one
+// transposed matrix W1T (D, R*h1), b1 (R, h1), the later layers packed in head (R, P_head);
+// network b is run runs[b]. Its first layer is h1 contiguous values per row of W1T, so no
+// flat parameter vector and no transpose is ever made.
+template <typename T>
+struct TransposedNets {
+  const T* w1t;
+  int64_t ldw, D, h1, rest_len;
+  const int64_t* runs;
+  std::vector<T> rest_buf;       // (B, h1 + P_head): b1 then head, per network
+  std::vector<uint8_t> rest_ok;  // (B,) those are finite
+  TransposedNets(const T* w1t_, int64_t ldw_, const T* b1, const T* head, int64_t P_head, const int64_t* runs_,
+                 int64_t B, int64_t D_, int64_t h1_)
+      : w1t(w1t_), ldw(ldw_), D(D_), h1(h1_), rest_len(h1_ + P_head), runs(runs_), rest_buf(B * rest_len),
+        rest_ok(B) {
+    for (int64_t b = 0; b < B; ++b) {
+      T* r = rest_buf.data() + b * rest_len;
+      std::copy(b1 + runs[b] * h1, b1 + runs[b] * h1 + h1, r);
+      std::copy(head + runs[b] * P_head, head + (runs[b] + 1) * P_head, r + h1);
+      rest_ok[b] = all_finite(r, rest_len);
+    }
+  }
+  bool first_layer_t(int64_t b, T* dst, int64_t ld) const {
+    const T* src = w1t + runs[b] * h1;
+    T nan_if_bad = T(0);  // x * 0 is NaN exactly for NaN / Inf x
+    for (int64_t j = 0; j < D; ++j)
+      for (int64_t k = 0; k < h1; ++k) {
+        const T v = src[j * ldw + k];
+        dst[j * ld + k] = v;
+        nan_if_bad += v * T(0);
+      }
+    return rest_ok[b] && nan_if_bad == nan_if_bad;
+  }
+  const T* rest(int64_t b) const { return rest_buf.data() + b * rest_len; }
+};
+
+template <typename T, typename Nets>
+void run_csr(const Nets& nets, int64_t B, const int64_t* crow, const int64_t* col, const T* val, const int64_t* order,
              int64_t N, const int32_t* yl, const TileSegments& ts,
              const Net& net, int64_t num_classes, float* loss_out, float* corr_out) {
-  const int64_t B = params.size(0), P = params.size(1), D = net.sizes[0], h1 = net.sizes[1];
+  const int64_t D = net.sizes[0], h1 = net.sizes[1];
   const int64_t ntiles = static_cast<int64_t>(ts.tile_start.size()) - 1;
   const int64_t nblocks = (B + std::max<int64_t>(1, kTargetCols / h1) - 1) / std::max<int64_t>(1, kTargetCols / h1);
   const int64_t nb = (B + nblocks - 1) / nblocks;  // networks per block, balanced
@@ -343,14 +393,11 @@ void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, 
   const int64_t nitems = nblocks * nsplit, cell = nb * num_classes;
   std::vector<double> part_loss(nitems * cell, 0.0), part_corr(nitems * cell, 0.0);
   std::vector<uint8_t> nonfinite(B, 0);  // some parameter is NaN / Inf
-  const T* pp = params.data_ptr<T>();
   // Block blk's first layers transposed into dst (D, ld): dst[j, q*h1 + k] = W1[k, j] of network b0 + q.
   auto build_block = [&](int64_t blk, T* dst) {
     const int64_t b0 = blk * nb, nbc = std::min(nb, B - b0);
     for (int64_t q = 0; q < nbc; ++q) {
-      const T* w = pp + (b0 + q) * P;
-      transpose(w, D, dst + q * h1, ld, h1, D);
-      nonfinite[b0 + q] = !all_finite(w, P);
+      nonfinite[b0 + q] = !nets.first_layer_t(b0 + q, dst + q * h1, ld);
     }
   };
   // With several items per block, transpose each block once up front (few blocks: small).
@@ -392,7 +439,7 @@ void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, 
         const int64_t* seg = ts.segs.data() + 3 * ts.tile_start[t];
         const int64_t nseg = ts.tile_start[t + 1] - ts.tile_start[t];
         for (int64_t j = 0; j < nbc; ++j)
-          epilogue(net, G.data() + j * h1 * kRowTile, kRowTile, pp + (b0 + j) * P + h1 * D, yl + t0, R, seg, nseg, s,
+          epilogue(net, G.data() + j * h1 * kRowTile, kRowTile, nets.rest(b0 + j), yl + t0, R, seg, nseg, s,
                    pl + j * num_classes, pc + j * num_classes);
       }
     }
@@ -418,7 +465,7 @@ void run_csr(const at::Tensor& params, const int64_t* crow, const int64_t* col, 
 }
 
 // Shape / dtype checks shared by both entry points. X's columns: D; its rows: N.
-Net check_net(const char* op, const at::Tensor& params, at::IntArrayRef layer_sizes, int64_t D_x, int64_t N,
+Net check_net(const char* op, const at::Tensor* params, at::IntArrayRef layer_sizes, int64_t D_x, int64_t N,
               const at::Tensor& y, int64_t num_classes) {
   const int64_t L = static_cast<int64_t>(layer_sizes.size()) - 1;
   TORCH_CHECK(L >= 2, op, ": layer_sizes needs input, hidden and output sizes, got ", layer_sizes);
@@ -429,17 +476,19 @@ Net check_net(const char* op, const at::Tensor& params, at::IntArrayRef layer_si
     maxw = std::max(maxw, layer_sizes[l + 1]);
   }
   const int64_t D = layer_sizes[0], h1 = layer_sizes[1], m_out = layer_sizes[L];
-  TORCH_CHECK(params.dim() == 2 && params.size(1) == P, op, ": params must be (B, ", P, ") for layer_sizes ",
-              layer_sizes, ", got ", params.sizes());
+  TORCH_CHECK(!params || (params->dim() == 2 && params->size(1) == P), op, ": params must be (B, ", P,
+              ") for layer_sizes ", layer_sizes, ", got ", params ? params->sizes() : at::IntArrayRef{});
   TORCH_CHECK(D_x == D, op, ": X must be (N, ", D, ") for layer_sizes ", layer_sizes, ", got ", D_x, " columns");
   TORCH_CHECK(y.dim() == 1 && y.size(0) == N && y.scalar_type() == at::kLong, op,
               ": y must be int64 of shape (N,) = (", N, ",)");
   TORCH_CHECK(num_classes > 0 && num_classes <= m_out, op, ": num_classes must be in [1, ", m_out, "], got ",
               num_classes);
   if (N > 0) {
-    const int64_t lo = y.min().item<int64_t>(), hi = y.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < num_classes, op, ": labels must be in [0, ", num_classes, "), got range [", lo,
-                ", ", hi, "]");
+    const auto yc = y.contiguous();
+    const int64_t* yp = yc.data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(yp, yp + N);
+    TORCH_CHECK(*lo >= 0 && *hi < num_classes, op, ": labels must be in [0, ", num_classes, "), got range [", *lo,
+                ", ", *hi, "]");
   }
   return Net{layer_sizes.data(), L, P - h1 * D, maxw};
 }
@@ -465,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor> class_metrics_cpu(const at::Tensor& params, c
                                                      const at::Tensor& y, at::IntArrayRef layer_sizes,
                                                      int64_t num_classes) {
   TORCH_CHECK(X.dim() == 2, "hyforget.class_metrics: X must be 2-D (N, D), got ", X.sizes());
-  const Net net = check_net("hyforget.class_metrics", params, layer_sizes, X.size(1), X.size(0), y, num_classes);
+  const Net net = check_net("hyforget.class_metrics", &params, layer_sizes, X.size(1), X.size(0), y, num_classes);
   TORCH_CHECK(params.scalar_type() == X.scalar_type(), "hyforget.class_metrics: params (", params.scalar_type(),
               ") and X (", X.scalar_type(), ") must have the same dtype");
   const int64_t B = params.size(0), N = X.size(0);
@@ -490,21 +539,13 @@ std::tuple<at::Tensor, at::Tensor> class_metrics_cpu(const at::Tensor& params, c
   return {loss, corr};
 }
 
-std::tuple<at::Tensor, at::Tensor> class_metrics_csr_cpu(const at::Tensor& params, const at::Tensor& crow,
-                                                         const at::Tensor& col, const at::Tensor& val,
-                                                         const at::Tensor& y, at::IntArrayRef layer_sizes,
-                                                         int64_t num_classes) {
-  const char* op = "hyforget.class_metrics_csr";
+// X as CSR arrays over D columns: shapes, row pointers and column indices.
+void check_csr_x(const char* op, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val, int64_t D) {
   TORCH_CHECK(crow.dim() == 1 && crow.size(0) >= 1 && crow.scalar_type() == at::kLong && crow.is_contiguous() &&
                   col.dim() == 1 && col.scalar_type() == at::kLong && col.is_contiguous() && val.dim() == 1 &&
                   val.size(0) == col.size(0) && val.is_contiguous(),
               op, ": X must be CSR arrays crow (N + 1,), col (nnz,), val (nnz,), contiguous, int64 indices");
-  TORCH_CHECK(params.scalar_type() == val.scalar_type() &&
-                  (val.scalar_type() == at::kFloat || val.scalar_type() == at::kDouble),
-              op, ": params (", params.scalar_type(), ") and X's values (", val.scalar_type(),
-              ") must both be float32 or both float64");
-  const int64_t N = crow.size(0) - 1, D = layer_sizes.empty() ? 0 : layer_sizes[0];
-  const Net net = check_net(op, params, layer_sizes, D, N, y, num_classes);
+  const int64_t N = crow.size(0) - 1;
   const int64_t* cp = crow.data_ptr<int64_t>();
   const int64_t* cc = col.data_ptr<int64_t>();
   TORCH_CHECK(cp[0] == 0 && cp[N] == col.size(0), op, ": crow must run from 0 to nnz = ", col.size(0));
@@ -512,16 +553,77 @@ std::tuple<at::Tensor, at::Tensor> class_metrics_csr_cpu(const at::Tensor& param
   if (!indices_in_range(cc, cp[N], D))  // find it only to name it
     for (int64_t p = 0; p < cp[N]; ++p)
       TORCH_CHECK(cc[p] >= 0 && cc[p] < D, op, ": column index ", cc[p], " out of range [0, ", D, ")");
-  const int64_t B = params.size(0);
-  auto loss = at::zeros({B, num_classes}, params.options().dtype(at::kFloat));
-  auto corr = at::zeros({B, num_classes}, params.options().dtype(at::kFloat));
+}
+
+template <typename MakeNets>
+std::tuple<at::Tensor, at::Tensor> score_csr(const MakeNets& make_nets, int64_t B, const at::TensorOptions& opts,
+                                             const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val,
+                                             const at::Tensor& y, const Net& net, int64_t num_classes) {
+  const int64_t N = crow.size(0) - 1;
+  auto loss = at::zeros({B, num_classes}, opts.dtype(at::kFloat));
+  auto corr = at::zeros({B, num_classes}, opts.dtype(at::kFloat));
   if (B == 0 || N == 0) return {loss, corr};
   const LabelOrder lo = label_order(y);
-  auto pc = params.contiguous();
   AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "class_metrics_csr", [&] {
-    run_csr<scalar_t>(pc, cp, cc, val.data_ptr<scalar_t>(), lo.order.data_ptr<int64_t>(), N, lo.yl.data(), lo.ts, net, num_classes, loss.data_ptr<float>(), corr.data_ptr<float>());
+    const auto nets = make_nets(scalar_t(0));
+    run_csr<scalar_t>(nets, B, crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), val.data_ptr<scalar_t>(),
+                      lo.order.data_ptr<int64_t>(), N, lo.yl.data(), lo.ts, net, num_classes, loss.data_ptr<float>(),
+                      corr.data_ptr<float>());
   });
   return {loss, corr};
+}
+
+std::tuple<at::Tensor, at::Tensor> class_metrics_csr_cpu(const at::Tensor& params, const at::Tensor& crow,
+                                                         const at::Tensor& col, const at::Tensor& val,
+                                                         const at::Tensor& y, at::IntArrayRef layer_sizes,
+                                                         int64_t num_classes) {
+  const char* op = "hyforget.class_metrics_csr";
+  const int64_t D = layer_sizes.empty() ? 0 : layer_sizes[0];
+  check_csr_x(op, crow, col, val, D);
+  TORCH_CHECK(params.scalar_type() == val.scalar_type() &&
+                  (val.scalar_type() == at::kFloat || val.scalar_type() == at::kDouble),
+              op, ": params (", params.scalar_type(), ") and X's values (", val.scalar_type(),
+              ") must both be float32 or both float64");
+  const Net net = check_net(op, &params, layer_sizes, D, crow.size(0) - 1, y, num_classes);
+  const auto pc = params.contiguous();
+  auto make = [&](auto zero) {
+    using T = decltype(zero);
+    return FlatNets<T>{pc.data_ptr<T>(), pc.size(1), D, net.sizes[1]};
+  };
+  return score_csr(make, params.size(0), params.options(), crow, col, val, y, net, num_classes);
+}
+
+std::tuple<at::Tensor, at::Tensor> class_metrics_runs_csr_cpu(const at::Tensor& w1t, const at::Tensor& b1,
+                                                              const at::Tensor& head, const at::Tensor& runs,
+                                                              const at::Tensor& crow, const at::Tensor& col,
+                                                              const at::Tensor& val, const at::Tensor& y,
+                                                              at::IntArrayRef layer_sizes, int64_t num_classes) {
+  const char* op = "hyforget.class_metrics_runs_csr";
+  const int64_t D = layer_sizes.empty() ? 0 : layer_sizes[0];
+  check_csr_x(op, crow, col, val, D);
+  const Net net = check_net(op, nullptr, layer_sizes, D, crow.size(0) - 1, y, num_classes);
+  const int64_t h1 = net.sizes[1], P_head = net.rest - h1, R = b1.size(0);
+  for (const auto* t : {&w1t, &b1, &head, &runs})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), op, ": w1t, b1, head and runs must be contiguous CPU tensors");
+  TORCH_CHECK(w1t.scalar_type() == val.scalar_type() && b1.scalar_type() == val.scalar_type() &&
+                  head.scalar_type() == val.scalar_type() &&
+                  (val.scalar_type() == at::kFloat || val.scalar_type() == at::kDouble),
+              op, ": w1t, b1, head and X's values must all be float32 or all float64");
+  TORCH_CHECK(b1.dim() == 2 && b1.size(1) == h1, op, ": b1 must be (R, ", h1, "), got ", b1.sizes());
+  TORCH_CHECK(w1t.dim() == 2 && w1t.size(0) == D && w1t.size(1) == R * h1, op, ": w1t must be (", D, ", R*",
+              h1, ") = (", D, ", ", R * h1, "), got ", w1t.sizes());
+  TORCH_CHECK(head.dim() == 2 && head.size(0) == R && head.size(1) == P_head, op, ": head must be (R, ", P_head,
+              ") = (", R, ", ", P_head, "), got ", head.sizes());
+  TORCH_CHECK(runs.dim() == 1 && runs.scalar_type() == at::kLong, op, ": runs must be an int64 vector");
+  const int64_t* rp = runs.data_ptr<int64_t>();
+  for (int64_t b = 0; b < runs.size(0); ++b)
+    TORCH_CHECK(rp[b] >= 0 && rp[b] < R, op, ": run ", rp[b], " out of range [0, ", R, ")");
+  auto make = [&](auto zero) {
+    using T = decltype(zero);
+    return TransposedNets<T>(w1t.data_ptr<T>(), R * h1, b1.data_ptr<T>(), head.data_ptr<T>(), P_head, rp,
+                             runs.size(0), D, h1);
+  };
+  return score_csr(make, runs.size(0), w1t.options(), crow, col, val, y, net, num_classes);
 }
 
 }  // namespace
@@ -529,6 +631,7 @@ std::tuple<at::Tensor, at::Tensor> class_metrics_csr_cpu(const at::Tensor& param
 TORCH_LIBRARY_IMPL(hyforget, CPU, m) {
   m.impl("class_metrics", &class_metrics_cpu);
   m.impl("class_metrics_csr", &class_metrics_csr_cpu);
+  m.impl("class_metrics_runs_csr", &class_metrics_runs_csr_cpu);
 }
 
 }  // namespace hyforget
