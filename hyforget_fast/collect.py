@@ -29,14 +29,15 @@ Sparse first layer (CPU). Pixel inputs are mostly zero (MNIST: ~23% of the used 
 image are nonzero), so on the CPU the first layer's forward, its SGD update and the scoring
 product read only the nonzeros: X is kept as CSR and the first-layer weights of all runs as
 one TRANSPOSED matrix W1T (Da, R*H), so that a nonzero pixel touches one contiguous weight
-row (native ops csr_linear / csr_linear_sub_grad_, and class_metrics on a CSR X). That is
-~4x fewer multiply-adds than dense GEMMs; bench/RESULTS.md §3 has the timings. Off the CPU
-the same W1T is used with dense GEMMs.
+row (native ops csr_linear / csr_linear_sub_grad_; the later layers of all runs are one more
+op, mlp_head_sgd_). That is ~4x fewer multiply-adds than dense GEMMs; bench/RESULTS.md §3 has
+the timings. Off the CPU the same W1T is used with dense GEMMs and batched torch ops.
 
 Scoring. All offers of a step are scored exactly in one call of the fused per-class evaluator
-`ops.class_metrics` on the validation split, and the rules (pivot accuracy >= gamma, bin caps)
-are applied to those values, so every saved loss / accuracy is an evaluation of the saved
-parameters.
+on the validation split (on the CPU its CSR form class_metrics_runs_csr, reading the runs
+straight from W1T / b1 / head; elsewhere ops.class_metrics), and the rules (pivot accuracy >=
+gamma, bin caps) are applied to those values, so every saved loss / accuracy is an evaluation
+of the saved parameters.
 """
 from __future__ import annotations
 
