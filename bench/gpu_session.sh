@@ -19,5 +19,5 @@ HYFORGET_CUDA_ARCHS=90 .venv/bin/pip install -q --no-build-isolation '.[test]'
   echo "# GPU results ($(head -2 "$OUT/gpu_info.txt" | tail -1), $(date -u +%F))"
   .venv/bin/python bench/bench_tokenize.py --device cuda | sed -n '/^### /,$p'
   .venv/bin/python bench/bench_class_metrics_gpu.py
-  .venv/bin/python bench/bench_collect.py --preset mnist10 --runs 4096 --naive-runs 2 --device cuda
+  .venv/bin/python bench/bench_collect.py --preset mnist10 --runs 4096 --threads --repeats 2 --device cuda
 } 2>&1 | tee "$OUT/gpu_results.md"
