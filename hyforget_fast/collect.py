@@ -216,9 +216,6 @@ class BlockTrainer:
         vorder = torch.argsort(splits.y_val, stable=True)                   # validation sorted by class too:
         self.Xv, self.yv = splits.X_val[vorder].to(dev), splits.y_val[vorder].to(dev)  # the evaluator reads it in order
         self.val_count = torch.bincount(self.yv, minlength=self.m).float()  # (m,)
-        c = torch.arange(self.m, device=dev)[:, None]
-        self._val_is_y, self._val_below_y = (c == self.yv)[None], (c < self.yv)[None]  # (1, m, N_val) each
-        self._val_onehot = self._val_is_y[0].t().float().contiguous()        # (N_val, m)
         self._edges_np = np.asarray(cfg.bin_edges, dtype=np.float32)        # (E,) as float32 losses compare
         self._free_np, self._pivot_np = self.free_idx.cpu().numpy(), self.pivot_idx.cpu().numpy()
         # Pixels that are 0 in every train and val image (the border) get zero gradient, so their
@@ -408,7 +405,6 @@ class BlockTrainer:
         all_rows = np.arange(R)
         record(all_rows, *score(all_rows), 0, np.full(R, PHASE_INIT))
         bin_count = np.zeros(cfg.num_bins ** len(self._free_np), dtype=np.int64)
-        saved = np.zeros(R, dtype=np.int64)
         forgetting = np.zeros(R, dtype=bool)
         forget_step = self.forget_step.cpu().numpy()
         # Steps at which some run's forgetting phase begins (forget_step is integral or inf).
@@ -422,6 +418,7 @@ class BlockTrainer:
                 self.class_w = self._class_weights(torch.from_numpy(forgetting).to(dev))
             idx, wn = self.sample_batch(step)
             self.sgd_step(idx, wn)
+            saved = count - 1                                                # the initial params fill slot 0
             rows = np.flatnonzero((u_offer[step - 1] < p_offer[step - 1]) & (saved < cfg.ckpts_per_run))
             if len(rows) == 0:
                 if (saved >= cfg.ckpts_per_run).all():
@@ -444,7 +441,6 @@ class BlockTrainer:
                 continue
             rows, loss, acc, cell = rows[keep], loss[keep], acc[keep], cell[keep]
             np.add.at(bin_count, cell, 1)
-            saved[rows] += 1
             record(rows, loss, acc, step, np.where(forgetting[rows], PHASE_FORGET, PHASE_TRAIN))
             if progress is not None:
                 progress(len(rows))
@@ -459,7 +455,7 @@ class BlockTrainer:
                 "forget_step": [None if math.isinf(s) else int(s) for s in self.forget_step.cpu().tolist()],
                 "forget_classes": [[cfg.classes[c] for c in np.flatnonzero(r)] for r in self.forget_mask.cpu().numpy()]}
         stats = {"runs": R, "steps": step, "offers": n_offers, "scored": n_offers + R,
-                 "saved": int(saved.sum()), "full_bins": int((bin_count >= cfg.bin_cap).sum())}
+                 "saved": int((count - 1).sum()), "full_bins": int((bin_count >= cfg.bin_cap).sum())}
         return BlockResult(self.block, out["params"], out["loss"], out["acc"], np.repeat(self.run_ids.numpy(), count),
                            out["step"], out["phase"], info, stats)
 

@@ -315,12 +315,8 @@ def _class_sums(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch.T
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class (loss sum, correct count), each (B, m) float32, from one backend."""
     sizes = list(spec.layer_sizes)
-    if X.layout == torch.sparse_csr:
-        if backend == "cpp" and X.dtype in (torch.float32, torch.float64):
-            crow, col = X.crow_indices().long().contiguous(), X.col_indices().long().contiguous()
-            return torch.ops.hyforget.class_metrics_csr(params, crow, col, X.values().contiguous(), y, sizes,
-                                                        num_classes)
-        X = X.to_dense()  # the other backends take dense inputs
+    if X.layout == torch.sparse_csr:  # class_metrics densified it for every other backend
+        return torch.ops.hyforget.class_metrics_csr(params, *_csr_arrays(X), y, sizes, num_classes)
     if backend == "reference":
         return _ref.class_sums(params, spec, X, y, num_classes)
     if backend == "triton":
@@ -351,6 +347,8 @@ def class_metrics(params: torch.Tensor, spec: MLPSpec | TokenLayout, X: torch.Te
     be = _pick("class_metrics", params.device, backend)
     if backend is None and be in ("cuda", "triton") and not _gpu_supports(spec, params.dtype):
         be = "reference"
+    if X.layout == torch.sparse_csr and not (be == "cpp" and X.dtype in (torch.float32, torch.float64)):
+        X = X.to_dense()  # only the C++ kernel reads CSR; densify once, not per slice
     if max_batch is None:
         max_batch = _default_max_batch(spec, X.shape[0], be)
     if int(max_batch) != max_batch or max_batch < 1:

@@ -98,20 +98,20 @@ def class_outputs(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor) -> tuple
     return torch.softmax(logits, dim=-1), logits.argmax(dim=-1)
 
 
+def _taken_rows(X: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Dense X[rows] (M, D) of X (N, D), sparse CSR or dense; all rows if rows is None."""
+    Xd = X.to_dense() if X.layout == torch.sparse_csr else X
+    return Xd if rows is None else Xd[rows]
+
+
 def csr_linear(X: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
                rows: torch.Tensor | None = None) -> torch.Tensor:
     """X[rows] @ weight_t + bias with X (N, D) sparse CSR or dense, weight_t (D, C) -> (M, C)."""
-    Xd = X.to_dense() if X.layout == torch.sparse_csr else X
-    if rows is not None:
-        Xd = Xd[rows]                                   # (M, D)
-    out = Xd @ weight_t                                 # (M, C)
+    out = _taken_rows(X, rows) @ weight_t               # (M, C)
     return out if bias is None else out + bias
 
 
 def csr_linear_sub_grad(X: torch.Tensor, grad: torch.Tensor, weight_t: torch.Tensor,
                         rows: torch.Tensor | None = None) -> torch.Tensor:
     """weight_t - X[rows]^T @ grad, the first layer's SGD step with the learning rate in grad."""
-    Xd = X.to_dense() if X.layout == torch.sparse_csr else X
-    if rows is not None:
-        Xd = Xd[rows]                                   # (M, D)
-    return weight_t - Xd.t() @ grad                     # (D, C)
+    return weight_t - _taken_rows(X, rows).t() @ grad   # (D, C)

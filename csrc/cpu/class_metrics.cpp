@@ -448,7 +448,6 @@ void run_csr(const Nets& nets, int64_t B, const int64_t* crow, const int64_t* co
   // class_metrics contract. The sparse product alone would not give it: it skips the zeros that
   // the dense reference multiplies by the bad weight (0 * Inf = NaN), and an Inf later on can
   // still leave a finite loss.
-  const std::vector<uint8_t>& bad = nonfinite;
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t b0 = blk * nb, nbc = std::min(nb, B - b0);
     for (int64_t i = 0; i < nbc * num_classes; ++i) {
@@ -457,7 +456,7 @@ void run_csr(const Nets& nets, int64_t B, const int64_t* crow, const int64_t* co
         l += part_loss[(blk * nsplit + chunk) * cell + i];
         c += part_corr[(blk * nsplit + chunk) * cell + i];
       }
-      const bool nan = bad[b0 + i / num_classes];
+      const bool nan = nonfinite[b0 + i / num_classes];
       loss_out[b0 * num_classes + i] = nan ? NAN : static_cast<float>(l);
       corr_out[b0 * num_classes + i] = nan ? NAN : static_cast<float>(c);
     }

@@ -64,15 +64,21 @@ void check_dense(const char* op, const char* what, const at::Tensor& t, const at
   TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, op, ": ", what, " must have unit column stride");
 }
 
+// The checks both ops open with: float values, a (D, C) weight_t with unit column stride, and
+// the CSR rows taken. Returns the number M of those rows.
+int64_t check_layer(const char* op, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val,
+                    const c10::optional<at::Tensor>& rows, const at::Tensor& weight_t) {
+  TORCH_CHECK(val.scalar_type() == at::kFloat || val.scalar_type() == at::kDouble, op,
+              ": values must be float32 or float64, got ", val.scalar_type());
+  check_dense(op, "weight_t", weight_t, val, -1, -1);
+  return check_csr(op, crow, col, val, rows, weight_t.size(0));
+}
+
 at::Tensor csr_linear_cpu(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val,
                           const c10::optional<at::Tensor>& rows, const at::Tensor& weight_t,
                           const c10::optional<at::Tensor>& bias) {
   const char* op = "hyforget.csr_linear";
-  TORCH_CHECK(val.scalar_type() == at::kFloat || val.scalar_type() == at::kDouble, op,
-              ": values must be float32 or float64, got ", val.scalar_type());
-  check_dense(op, "weight_t", weight_t, val, -1, -1);
-  const int64_t D = weight_t.size(0), C = weight_t.size(1);
-  const int64_t M = check_csr(op, crow, col, val, rows, D);
+  const int64_t M = check_layer(op, crow, col, val, rows, weight_t), C = weight_t.size(1);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C && bias->is_contiguous() &&
                     bias->scalar_type() == val.scalar_type() && bias->device().is_cpu(),
@@ -101,11 +107,8 @@ at::Tensor csr_linear_cpu(const at::Tensor& crow, const at::Tensor& col, const a
 void csr_linear_sub_grad_cpu(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val,
                              const c10::optional<at::Tensor>& rows, const at::Tensor& grad, const at::Tensor& weight_t) {
   const char* op = "hyforget.csr_linear_sub_grad_";
-  TORCH_CHECK(val.scalar_type() == at::kFloat || val.scalar_type() == at::kDouble, op,
-              ": values must be float32 or float64, got ", val.scalar_type());
-  check_dense(op, "weight_t", weight_t, val, -1, -1);
+  const int64_t M = check_layer(op, crow, col, val, rows, weight_t);
   const int64_t D = weight_t.size(0), C = weight_t.size(1);
-  const int64_t M = check_csr(op, crow, col, val, rows, D);
   check_dense(op, "grad", grad, val, M, C);
   if (M == 0 || C == 0) return;
   // CSC lists of X[rows]: for column j, the (row of grad, value) pairs in increasing row order.
