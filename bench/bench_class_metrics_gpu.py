@@ -41,9 +41,9 @@ def main():
                  "(the CPU benchmark is bench/bench_class_metrics.py)")
 
     import hyforget_fast
-    from hyforget_fast import reference as ref
-    from hyforget_fast.backends import _has_kernel, import_kernels
-    from hyforget_fast.spec import MLPSpec
+    from hyforget_fast.ops import reference as ref
+    from hyforget_fast.ops.backends import _has_kernel, import_kernels
+    from hyforget_fast.ops.spec import MLPSpec
 
     status = hyforget_fast.backends()
     has_cuda = status["cuda"].available and _has_kernel("class_metrics", "CUDA")

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from common import median_time, sync  # bench/ is on sys.path when run as a script
-from hyforget_fast.collect import BlockTrainer, offer_probs, preset
-from hyforget_fast.data import load_digits
+from hyforget_fast.collection.collect import BlockTrainer, offer_probs, preset
+from hyforget_fast.collection.data import load_digits
 
 
 def mlp_flops(spec, n):

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, markdown_table, median_time  # noqa: E402
 
 import hyforget_fast as hf  # noqa: E402
-from hyforget_fast import reference as ref  # noqa: E402
+from hyforget_fast.ops import reference as ref  # noqa: E402
 
 SPECS = {"[784,2,4]": [784, 2, 4], "[784,7,10]": [784, 7, 10], "[784,10,10]": [784, 10, 10],
          "[784,32,32,10] (wide, 2 hidden)": [784, 32, 32, 10]}

@@ -1,20 +1,24 @@
 """hyforget_fast: machine unlearning with diffusion hypernetworks, with fused kernels.
 
+The package is grouped by stage of the data flow:
+  ops/         kernel ops: MLPSpec, TokenLayout, tokenize/permute, class_metrics, backends
+  collection/  bundled digits, batched multi-run collection, shard store, pair sampler
+  hypernet/    DiHyFo-1/2, DDPM/DDIM, training, prompt-alignment evaluation
+  unlearn/     forget(), unlearning metrics, baselines, the report
 Importing never needs a GPU; `hyforget_fast.backends()` tells which kernels loaded.
 """
-from .backends import backends
-from .ops import (ClassMetrics, class_metrics, class_outputs, csr_linear, csr_linear_sub_grad_, detokenize, permute,
-                  sample_perms, tokenize, validate_perms)
-from .spec import MLPSpec, ParamNorm, TokenLayout
+from .ops import (ClassMetrics, MLPSpec, ParamNorm, TokenLayout, backends, class_metrics, class_outputs, csr_linear,
+                  csr_linear_sub_grad_, detokenize, permute, sample_perms, tokenize, validate_perms)
+
+__version__ = "0.1.0"
+
+# Later stages are loaded lazily so `import hyforget_fast` stays light: name -> module.
+_LAZY = {"CollectConfig": "collection.collect", "preset": "collection.collect", "CheckpointStore": "collection.store",
+         "PairDataset": "collection.pairs", "load_digits": "collection.data"}
 
 __all__ = ["MLPSpec", "TokenLayout", "ParamNorm", "backends", "tokenize", "detokenize", "permute",
            "sample_perms", "validate_perms", "class_metrics", "class_outputs", "ClassMetrics", "csr_linear",
-           "csr_linear_sub_grad_"]
-__version__ = "0.1.0"
-
-# Checkpoint collection (issue 4), loaded lazily so `import hyforget_fast` stays light.
-_LAZY = {"CollectConfig": "collect", "preset": "collect", "CheckpointStore": "store",
-         "PairDataset": "pairs", "load_digits": "data"}
+           "csr_linear_sub_grad_", *_LAZY]
 
 
 def __getattr__(name):

@@ -26,7 +26,7 @@ def _add_collect(sub):
 def cmd_collect(a) -> int:
     import torch
 
-    from .collect import collect, preset
+    from .collection.collect import collect, preset
     if a.threads:
         torch.set_num_threads(a.threads)
     over = {k: v for k, v in {"runs": a.runs, "block_runs": a.block_runs, "seed": a.seed, "split_seed": a.split_seed,
@@ -36,13 +36,13 @@ def cmd_collect(a) -> int:
     log = (lambda *_: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     manifest = collect(cfg, a.out, device=a.device, log=log)
     if manifest is not None and a.figures:
-        from .figures import plot_coverage
+        from .collection.figures import plot_coverage
         log(f"coverage figure: {plot_coverage(a.out)}")
     return 0
 
 
 def cmd_plot(a) -> int:
-    from .figures import plot_coverage
+    from .collection.figures import plot_coverage
     print(plot_coverage(a.dir, a.png))
     return 0
 

@@ -1,6 +1,6 @@
 """Triton class_metrics: per-class loss / correct sums of B ReLU MLPs on shared inputs, fused.
 
-Mirrors hyforget_fast.reference.class_sums (batched einsum forward, log_softmax, CE =
+Mirrors hyforget_fast.ops.reference.class_sums (batched einsum forward, log_softmax, CE =
 logsumexp - logit[y], torch.argmax with the first maximum on ties, index_add per class).
 
 One program owns a tile of BLOCK_N input rows and a group of G networks:

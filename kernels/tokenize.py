@@ -1,8 +1,8 @@
 """Triton gather_pieces / scatter_pieces: fused permute + normalize + tokenize and its inverse.
 
-Mirrors hyforget_fast.reference.tokenize / detokenize (and the C++ and CUDA kernels) bit for
+Mirrors hyforget_fast.ops.reference.tokenize / detokenize (and the C++ and CUDA kernels) bit for
 bit: normalization is (x - shift) * scale and its inverse y / scale + shift with
-correctly-rounded division, computed in float32. The piece table (see hyforget_fast.spec) is
+correctly-rounded division, computed in float32. The piece table (see hyforget_fast.ops.spec) is
 read per program; the number of pieces is a compile-time constant, so the piece lookup
 unrolls into a few compares.
 """

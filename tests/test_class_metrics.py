@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import hyforget_fast as hf
-from hyforget_fast import reference as ref
+from hyforget_fast.ops import reference as ref
 
 from conftest import class_metrics_backends_for_tests, labelled_sets, mlp_specs
 
@@ -28,7 +28,7 @@ def _interpreted(backend: str, device: str) -> bool:
 
 def _supported(backend: str, spec: hf.MLPSpec, dtype: torch.dtype) -> bool:
     """The GPU kernels have no float64 and hold at most 64 units per layer in registers."""
-    return backend not in ("cuda", "triton") or hf.ops._gpu_supports(spec, dtype)
+    return backend not in ("cuda", "triton") or hf.ops.functional._gpu_supports(spec, dtype)
 
 
 def _random_params(spec: hf.MLPSpec, B: int, seed: int, dtype: torch.dtype) -> torch.Tensor:

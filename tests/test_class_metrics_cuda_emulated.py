@@ -8,8 +8,8 @@ import pytest
 import torch
 from cuda_emulation import build, load_kernel_source
 
-from hyforget_fast import reference as ref
-from hyforget_fast.spec import MLPSpec
+from hyforget_fast.ops import reference as ref
+from hyforget_fast.ops.spec import MLPSpec
 
 MAIN = r"""
 namespace hyforget { namespace {

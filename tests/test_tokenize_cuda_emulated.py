@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hyforget_fast as hf
-from hyforget_fast import reference as ref
+from hyforget_fast.ops import reference as ref
 
 from conftest import mlp_specs
 

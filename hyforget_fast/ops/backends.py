@@ -1,7 +1,7 @@
 """Which implementations of the ops exist on this machine, and why the others do not.
 
 Backends:
-  reference  plain PyTorch (hyforget_fast.reference); always available, any device
+  reference  plain PyTorch (hyforget_fast.ops.reference); always available, any device
   cpp        C++ CPU kernels in the native library; CPU tensors
   cuda       CUDA kernels in the native library (compiled when nvcc was found); CUDA tensors
   triton     Triton kernels (hyforget_fast.kernels); CUDA tensors, or CPU tensors when
@@ -30,7 +30,7 @@ class BackendStatus:
 
 
 def _load_native() -> BackendStatus:
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package root holds _C*.so
     libs = sorted(glob.glob(os.path.join(here, "_C*.so")))
     if not libs:
         return BackendStatus(False, f"native library _C*.so not found in {here} (package not built?)")
@@ -72,7 +72,7 @@ def import_kernels():
     except ModuleNotFoundError as e:
         if e.name != name:
             raise
-    init = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "kernels", "__init__.py")
+    init = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "kernels", "__init__.py")
     if not os.path.exists(init):
         raise ModuleNotFoundError(f"{name} is not installed and no source kernels/ folder was found")
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])

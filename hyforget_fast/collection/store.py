@@ -21,7 +21,7 @@ import shutil
 
 import numpy as np
 
-from .spec import MLPSpec
+from ..ops.spec import MLPSpec
 
 FORMAT_VERSION = 1
 ARRAYS = {"params": np.float32, "class_loss": np.float32, "class_acc": np.float32,

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .spec import MLPSpec
+from ..ops.spec import MLPSpec
 
 PHASE_INIT, PHASE_TRAIN, PHASE_FORGET = 0, 1, 2
 PHASE_NAMES = {PHASE_INIT: "init", PHASE_TRAIN: "train", PHASE_FORGET: "forget"}
@@ -224,7 +224,7 @@ class BlockTrainer:
         self.Xtr, self.Xv = self.Xtr[:, self.active].contiguous(), self.Xv[:, self.active].contiguous()
         self.eval_spec = MLPSpec((len(self.active), *self.spec.layer_sizes[1:]))
         self._sizes = list(self.eval_spec.layer_sizes)
-        from .backends import native_has
+        from ..ops.backends import native_has
         can = self.device.type == "cpu" and native_has("csr_linear", self.device)
         if sparse and not can:
             raise RuntimeError("sparse=True needs the CPU device and the native csr_linear kernel")
@@ -372,7 +372,7 @@ class BlockTrainer:
             loss_sum, corr_sum = torch.ops.hyforget.class_metrics_runs_csr(
                 self.W1T, self.b[0], self.head, rows, *self._csr_val, self.yv, self._sizes, self.m)
             return loss_sum / self.val_count, corr_sum / self.val_count  # NaN rows: non-finite params
-        from . import ops
+        from ..ops import functional as ops
         cm = ops.class_metrics(self.flat_params(rows, full=False), self.eval_spec, self.Xv, self.yv, self.m)
         return cm.class_loss, cm.class_acc
 
@@ -480,7 +480,7 @@ def _dist_info():
 
 
 def manifest_meta(cfg: CollectConfig, splits) -> dict:
-    from . import __version__
+    from .. import __version__
     return {"spec": {"layer_sizes": list(cfg.spec().layer_sizes)}, "classes": list(cfg.classes),
             "pivots": list(cfg.pivots), "split": splits.describe(), "split_seed": cfg.split_seed,
             "config": cfg.to_dict(), "package_version": __version__,

@@ -1,4 +1,4 @@
-"""Public ops: validate inputs, then dispatch to a backend (see hyforget_fast.backends).
+"""Public ops: validate inputs, then dispatch to a backend (see hyforget_fast.ops.backends).
 
 Every op takes `backend=None` (fastest available for the tensors' device) or one of
 "reference", "cpp", "cuda", "triton" to force an implementation.

@@ -1,0 +1,221 @@
+"""DiHyFo-1 and DiHyFo-2: G.pt-style Diffusion Transformers over parameter tokens (SPEC §2-3).
+
+Sequence (one row of the batch), in order:
+  scalar tokens   t, then per class: target loss L*_c (both models), and for DiHyFo-1 also the
+                  current loss L_c and the difference L*_c - L_c; each scalar x is encoded as
+                  [sin(f x), cos(f x), x] with f = 2**linspace(0, 14, 128), then mapped to the
+                  width by its own linear map
+  theta tokens    DiHyFo-1 only: the current parameters θ, normalized and tokenized
+  x_t tokens      the noisy future parameters θ*_t (normalized, tokenized)
+Every parameter-token position has its own input map (chunk -> width) and output map
+(width -> chunk): stored as stacked weights (T, chunk, width) and applied as ONE einsum over
+the padded token tensor, never a loop over tokens. Pre-LN GPT-2 blocks without a mask, a
+learned positional embedding initialised to zero, and a zero-initialised decoder, so that at
+initialisation DiHyFo-1 predicts θ* = θ (the global residual) and DiHyFo-2 predicts 0 (the
+normalized mean).
+
+The model predicts x0 (the clean normalized θ*); padding values of the last token of a piece
+are forced to 0 by a (T, chunk) mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.spec import MLPSpec, TokenLayout
+
+KINDS = ("dihyfo1", "dihyfo2")
+
+# Presets: width, depth, heads, chunk. `tiny` trains on a 2-core CPU in minutes; `paper` is the
+# dissertation's MNIST scale (chunk 1000 as G.pt's MNIST tokens).
+PRESETS = {
+    "tiny": dict(width=128, depth=4, heads=4, chunk=64),
+    "paper": dict(width=1536, depth=12, heads=16, chunk=1000),
+}
+
+
+@dataclass(frozen=True)
+class HypernetConfig:
+    """Everything that fixes a DiHyFo's architecture (JSON-able)."""
+
+    kind: str
+    layer_sizes: tuple[int, ...]
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    chunk: int = 64
+    num_freqs: int = 128
+    max_freq_log2: float = 14.0
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+        object.__setattr__(self, "layer_sizes", tuple(int(s) for s in self.layer_sizes))
+        MLPSpec(self.layer_sizes)
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if min(self.width, self.depth, self.heads, self.chunk, self.num_freqs) <= 0:
+            raise ValueError("width, depth, heads, chunk and num_freqs must be positive")
+
+    @property
+    def spec(self) -> MLPSpec:
+        return MLPSpec(self.layer_sizes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.layer_sizes[-1]
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout(self.spec, self.chunk)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer_sizes"] = list(self.layer_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HypernetConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown HypernetConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, kind: str, spec: MLPSpec, preset: str = "tiny", **overrides) -> "HypernetConfig":
+        if preset not in PRESETS:
+            raise ValueError(f"unknown hypernetwork preset {preset!r}; choose from {sorted(PRESETS)}")
+        return cls(kind=kind, layer_sizes=tuple(spec.layer_sizes), **{**PRESETS[preset], **overrides})
+
+
+class FrequencyEncoder(nn.Module):
+    """Scalars (B, S) -> (B, S, 2F+1) features [sin(f x), cos(f x), x], f = 2**linspace(0, max, F)."""
+
+    def __init__(self, num_freqs: int, max_freq_log2: float):
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.linspace(0.0, max_freq_log2, num_freqs), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return 2 * self.freqs.numel() + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()[..., None] * self.freqs                               # (B, S, F)
+        return torch.cat([xf.sin(), xf.cos(), x.float()[..., None]], -1)     # (B, S, 2F+1)
+
+
+class TokenLinear(nn.Module):
+    """A separate linear map per token position: (B, T, i) -> (B, T, o), one einsum."""
+
+    def __init__(self, tokens: int, d_in: int, d_out: int, zero: bool = False):
+        super().__init__()
+        bound = 1.0 / math.sqrt(d_in)
+        w = torch.zeros(tokens, d_in, d_out) if zero else torch.empty(tokens, d_in, d_out).uniform_(-bound, bound)
+        self.weight = nn.Parameter(w)                                        # (T, i, o)
+        self.bias = nn.Parameter(torch.zeros(tokens, d_out))                 # (T, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bti,tio->bto", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)
+
+
+class Block(nn.Module):
+    """GPT-2 style pre-LN transformer block, no causal mask, attention by SDPA."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(self.ln1(x)).view(B, N, 3, self.heads, D // self.heads)   # (B, N, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                     # 3 x (B, H, N, Dh)
+        a = F.scaled_dot_product_attention(q, k, v)                              # (B, H, N, Dh)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))                    # (B, N, D)
+        return x + self.mlp(self.ln2(x))
+
+
+class DiHyFo(nn.Module):
+    """DiHyFo-1 (kind "dihyfo1") or DiHyFo-2 (kind "dihyfo2"); predicts clean normalized tokens.
+
+    forward(x_t (B, T, C), t (B,), target_loss (B, m), theta (B, T, C) = None, loss (B, m) = None)
+    -> x0 prediction (B, T, C) float32. T = layout.num_tokens, C = chunk. DiHyFo-1 needs theta and
+    loss (the current parameters and their per-class losses) and returns theta + delta.
+    """
+
+    def __init__(self, cfg: HypernetConfig, num_diffusion_steps: int = 1000):
+        super().__init__()
+        self.cfg = cfg
+        self.layout = cfg.layout
+        T, C, W, m = self.layout.num_tokens, cfg.chunk, cfg.width, cfg.num_classes
+        self.num_steps = int(num_diffusion_steps)
+        self.conditional_on_theta = cfg.kind == "dihyfo1"
+        self.num_scalars = 1 + (3 * m if self.conditional_on_theta else m)
+        self.encoder = FrequencyEncoder(cfg.num_freqs, cfg.max_freq_log2)
+        self.scalar_in = TokenLinear(self.num_scalars, self.encoder.dim, W)
+        self.x_in = TokenLinear(T, C, W)
+        self.theta_in = TokenLinear(T, C, W) if self.conditional_on_theta else None
+        n_seq = self.num_scalars + T * (2 if self.conditional_on_theta else 1)
+        self.pos = nn.Parameter(torch.zeros(1, n_seq, W))                  # learned, zero-initialised
+        self.blocks = nn.ModuleList([Block(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.ln_f = nn.LayerNorm(W)
+        self.out = TokenLinear(T, W, C, zero=True)                          # zero-initialised decoder
+        mask = torch.zeros(T, C)
+        for i, tok in enumerate(self.layout.tokens):
+            mask[i, :tok.length] = 1.0
+        self.register_buffer("token_mask", mask, persistent=False)         # (T, C) 1 = real value
+
+    def _check(self, x_t, t, target_loss, theta, loss):
+        T, C, m = self.layout.num_tokens, self.cfg.chunk, self.cfg.num_classes
+        if x_t.ndim != 3 or x_t.shape[1:] != (T, C):
+            raise ValueError(f"x_t must be (B, {T}, {C}) tokens, got {tuple(x_t.shape)}")
+        B = x_t.shape[0]
+        if t.shape != (B,):
+            raise ValueError(f"t must be (B,) = ({B},), got {tuple(t.shape)}")
+        if target_loss.shape != (B, m):
+            raise ValueError(f"target losses must be (B, m) = ({B}, {m}), got {tuple(target_loss.shape)}")
+        if self.conditional_on_theta:
+            if theta is None or loss is None:
+                raise ValueError("DiHyFo-1 needs the current parameters theta and their per-class losses")
+            if theta.shape != x_t.shape or loss.shape != (B, m):
+                raise ValueError(f"theta must be {tuple(x_t.shape)} and loss ({B}, {m}); got "
+                                 f"{tuple(theta.shape)} and {tuple(loss.shape)}")
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, target_loss: torch.Tensor,
+                theta: torch.Tensor | None = None, loss: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x_t, t, target_loss, theta, loss)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x_t.is_cuda):
+            scal = [t.float()[:, None] / self.num_steps, target_loss]
+            if self.conditional_on_theta:
+                scal += [loss, target_loss - loss]
+            s = self.scalar_in(self.encoder(torch.cat(scal, 1)))            # (B, S, W)
+            parts = [s] + ([self.theta_in(theta)] if self.conditional_on_theta else []) + [self.x_in(x_t)]
+            h = torch.cat(parts, 1) + self.pos                              # (B, S [+T] + T, W)
+            for blk in self.blocks:
+                h = blk(h)
+            T = self.layout.num_tokens
+            delta = self.out(self.ln_f(h[:, -T:])).float()                  # (B, T, C) x_t positions
+        delta = delta * self.token_mask
+        return theta.float() * self.token_mask + delta if self.conditional_on_theta else delta
+
+    def num_flops_per_sample(self) -> int:
+        """Model FLOPs of one forward (matmuls only, 2 per multiply-add), for MFU reporting."""
+        W, T, C = self.cfg.width, self.layout.num_tokens, self.cfg.chunk
+        N = self.pos.shape[1]
+        hidden = int(W * self.cfg.mlp_ratio)
+        per_block = 2 * N * (3 * W * W + W * W + 2 * W * hidden) + 2 * 2 * N * N * W
+        io = 2 * (self.num_scalars * self.encoder.dim * W + T * C * W * (2 if self.conditional_on_theta else 1)
+                  + T * W * C)
+        return self.cfg.depth * per_block + io
