@@ -5,8 +5,11 @@ Sequence (one row of the batch), in order:
                   current loss L_c and the difference L*_c - L_c; each scalar x is encoded as
                   [sin(f x), cos(f x), x] with f = 2**linspace(0, 14, 128), then mapped to the
                   width by its own linear map
-  theta tokens    DiHyFo-1 only: the current parameters θ, normalized and tokenized
-  x_t tokens      the noisy future parameters θ*_t (normalized, tokenized)
+  param tokens    the noisy future parameters θ*_t (normalized, tokenized); for DiHyFo-1 each
+                  position also adds the embedding of the same chunk of the current parameters
+                  θ. (G.pt appends θ as a second run of tokens; adding it at the same position
+                  carries the same information, aligned chunk to chunk, in half the sequence:
+                  attention and MLP cost drop by about 2x.)
 Every parameter-token position has its own input map (chunk -> width) and output map
 (width -> chunk): stored as stacked weights (T, chunk, width) and applied as ONE einsum over
 the padded token tensor, never a loop over tokens. Pre-LN GPT-2 blocks without a mask, a
@@ -167,7 +170,7 @@ class DiHyFo(nn.Module):
         self.scalar_in = TokenLinear(self.num_scalars, self.encoder.dim, W)
         self.x_in = TokenLinear(T, C, W)
         self.theta_in = TokenLinear(T, C, W) if self.conditional_on_theta else None
-        n_seq = self.num_scalars + T * (2 if self.conditional_on_theta else 1)
+        n_seq = self.num_scalars + T
         self.pos = nn.Parameter(torch.zeros(1, n_seq, W))                  # learned, zero-initialised
         self.blocks = nn.ModuleList([Block(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.ln_f = nn.LayerNorm(W)
@@ -201,12 +204,14 @@ class DiHyFo(nn.Module):
             if self.conditional_on_theta:
                 scal += [loss, target_loss - loss]
             s = self.scalar_in(self.encoder(torch.cat(scal, 1)))            # (B, S, W)
-            parts = [s] + ([self.theta_in(theta)] if self.conditional_on_theta else []) + [self.x_in(x_t)]
-            h = torch.cat(parts, 1) + self.pos                              # (B, S [+T] + T, W)
+            p = self.x_in(x_t)                                              # (B, T, W)
+            if self.conditional_on_theta:
+                p = p + self.theta_in(theta)
+            h = torch.cat([s, p], 1) + self.pos                             # (B, S + T, W)
             for blk in self.blocks:
                 h = blk(h)
             T = self.layout.num_tokens
-            delta = self.out(self.ln_f(h[:, -T:])).float()                  # (B, T, C) x_t positions
+            delta = self.out(self.ln_f(h[:, -T:])).float()                  # (B, T, C) param positions
         delta = delta * self.token_mask
         return theta.float() * self.token_mask + delta if self.conditional_on_theta else delta
 
