@@ -10,7 +10,8 @@ phase (from a random step on, chosen non-pivot classes get weight 0, so their lo
 random steps a run *offers* its parameters; offers are scored on the VALIDATION split and saved
 only if every pivot class has accuracy >= gamma and the checkpoint's loss bin (joint cell of the
 non-pivot classes' loss levels) holds fewer than `bin_cap` checkpoints in the block. Initial
-parameters are saved too.
+parameters are saved too. Optional holdout rules (CollectConfig.holdout) keep chosen validation
+loss combinations out of the store entirely, for held-out-combination experiments.
 
 Shared minibatch, importance-weighted loss (format 2 of the training objective). Every step
 draws ONE minibatch of `batch_size` training indices for the whole block (the next slice of a
@@ -82,8 +83,15 @@ class CollectConfig:
     seed: int = 0
     split_seed: int = 0
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    # Held-out loss combinations: rules, each a conjunction of (class label, "high" | "low",
+    # threshold) conditions ("high": validation loss > threshold, "low": loss < threshold). A
+    # checkpoint meeting every condition of some rule is never saved (initial params included),
+    # so the store never holds that combination. Empty = no rule; then to_dict omits the field,
+    # keeping the collection.json of older collections identical.
+    holdout: tuple = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "holdout", _normalise_holdout(self.holdout, self.classes))
         bad = [p for p in self.pivots if p not in self.classes]
         if bad:
             raise ValueError(f"pivots {bad} are not among classes {self.classes}")
@@ -124,7 +132,12 @@ class CollectConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if self.holdout:
+            d["holdout"] = [[list(c) for c in rule] for rule in self.holdout]
+        else:
+            del d["holdout"]   # the default is not written: manifests of older collections still match
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CollectConfig":
@@ -133,6 +146,36 @@ class CollectConfig:
         if unknown:
             raise ValueError(f"unknown CollectConfig fields {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+HOLDOUT_SIDES = ("high", "low")
+
+
+def _normalise_holdout(holdout, classes) -> tuple:
+    """Rules (any nesting of lists / tuples, e.g. from JSON) -> a tuple of rules, each a tuple of
+    (int class label, "high" | "low", float threshold); refuses malformed rules by name."""
+    if isinstance(holdout, (str, bytes)) or not isinstance(holdout, (list, tuple)):
+        raise TypeError(f"holdout must be a sequence of rules, got {type(holdout).__name__}")
+    rules = []
+    for i, rule in enumerate(holdout):
+        if isinstance(rule, (str, bytes)) or not isinstance(rule, (list, tuple)) or len(rule) == 0:
+            raise ValueError(f"holdout rule {i} must be a non-empty sequence of (class, 'high'|'low', "
+                             f"threshold) conditions, got {rule!r}")
+        conds = []
+        for cond in rule:
+            if isinstance(cond, (str, bytes)) or not isinstance(cond, (list, tuple)) or len(cond) != 3:
+                raise ValueError(f"holdout rule {i}: a condition is (class, 'high'|'low', threshold), got {cond!r}")
+            c, side, thr = cond
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or int(c) not in classes:
+                raise ValueError(f"holdout rule {i}: class {c!r} is not among classes {tuple(classes)}")
+            if side not in HOLDOUT_SIDES:
+                raise ValueError(f"holdout rule {i}: side must be 'high' or 'low', got {side!r}")
+            if isinstance(thr, bool) or not isinstance(thr, (int, float, np.floating, np.integer)) \
+                    or not math.isfinite(float(thr)):
+                raise ValueError(f"holdout rule {i}: threshold must be a finite number, got {thr!r}")
+            conds.append((int(c), str(side), float(thr)))
+        rules.append(tuple(conds))
+    return tuple(rules)
 
 
 PRESETS = {
@@ -218,6 +261,11 @@ class BlockTrainer:
         self.val_count = torch.bincount(self.yv, minlength=self.m).float()  # (m,)
         self._edges_np = np.asarray(cfg.bin_edges, dtype=np.float32)        # (E,) as float32 losses compare
         self._free_np, self._pivot_np = self.free_idx.cpu().numpy(), self.pivot_idx.cpu().numpy()
+        # Held-out rules as (column indices, signs, thresholds): a condition holds when
+        # sign * (loss - threshold) > 0, i.e. loss > t for "high" (+1), loss < t for "low" (-1).
+        self._holdout = [(np.array([cfg.classes.index(c) for c, _, _ in rule]),
+                          np.array([1.0 if side == "high" else -1.0 for _, side, _ in rule]),
+                          np.array([t for _, _, t in rule])) for rule in cfg.holdout]   # float64
         # Pixels that are 0 in every train and val image (the border) get zero gradient, so their
         # first-layer weights stay at init and add nothing to any logit: compute without them.
         self.active = ((self.Xtr != 0).any(0) | (self.Xv != 0).any(0)).nonzero().squeeze(1)  # (Da,)
@@ -359,6 +407,17 @@ class BlockTrainer:
         lev = np.searchsorted(self._edges_np, np.asarray(class_loss)[:, self._free_np], side="right")  # (n, f)
         return lev @ (self.cfg.num_bins ** np.arange(lev.shape[1]))
 
+    def held_out(self, class_loss) -> np.ndarray:
+        """(n, m) validation losses -> (n,) bool: the checkpoint meets every condition of some
+        holdout rule of the config (so it must not be saved). NaN losses meet no condition.
+        Compared in float64 (exact for float32 losses) against the thresholds as given, so a
+        float64 check of the stored values agrees even for a loss that rounds to the threshold."""
+        loss = np.asarray(class_loss, dtype=np.float64)
+        out = np.zeros(len(loss), dtype=bool)
+        for cols, sign, thr in self._holdout:
+            out |= ((loss[:, cols] - thr) * sign > 0).all(1)
+        return out
+
     def score_exact(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class validation loss / accuracy (n, m) of runs `rows`, from one call of the fused
         evaluator on their parameters (first layer over the active pixels only). NaN rows for
@@ -403,7 +462,10 @@ class BlockTrainer:
             return loss.cpu().numpy(), acc.cpu().numpy()
 
         all_rows = np.arange(R)
-        record(all_rows, *score(all_rows), 0, np.full(R, PHASE_INIT))
+        loss0, acc0 = score(all_rows)
+        init_ok = ~self.held_out(loss0)                                      # (R,) initial params kept
+        record(all_rows[init_ok], loss0[init_ok], acc0[init_ok], 0, np.full(init_ok.sum(), PHASE_INIT))
+        n_init = init_ok.astype(np.int64)                                    # slot 0 holds the init, if kept
         bin_count = np.zeros(cfg.num_bins ** len(self._free_np), dtype=np.int64)
         forgetting = np.zeros(R, dtype=bool)
         forget_step = self.forget_step.cpu().numpy()
@@ -418,7 +480,7 @@ class BlockTrainer:
                 self.class_w = self._class_weights(torch.from_numpy(forgetting).to(dev))
             idx, wn = self.sample_batch(step)
             self.sgd_step(idx, wn)
-            saved = count - 1                                                # the initial params fill slot 0
+            saved = count - n_init
             rows = np.flatnonzero((u_offer[step - 1] < p_offer[step - 1]) & (saved < cfg.ckpts_per_run))
             if len(rows) == 0:
                 if (saved >= cfg.ckpts_per_run).all():
@@ -426,7 +488,7 @@ class BlockTrainer:
                 continue
             n_offers += len(rows)
             loss, acc = score(rows)
-            ok = (acc[:, self._pivot_np] >= cfg.gamma).all(1) & np.isfinite(loss).all(1)
+            ok = (acc[:, self._pivot_np] >= cfg.gamma).all(1) & np.isfinite(loss).all(1) & ~self.held_out(loss)
             rows, loss, acc = rows[ok], loss[ok], acc[ok]
             if len(rows) == 0:
                 continue
@@ -455,7 +517,7 @@ class BlockTrainer:
                 "forget_step": [None if math.isinf(s) else int(s) for s in self.forget_step.cpu().tolist()],
                 "forget_classes": [[cfg.classes[c] for c in np.flatnonzero(r)] for r in self.forget_mask.cpu().numpy()]}
         stats = {"runs": R, "steps": step, "offers": n_offers, "scored": n_offers + R,
-                 "saved": int((count - 1).sum()), "full_bins": int((bin_count >= cfg.bin_cap).sum())}
+                 "saved": int((count - n_init).sum()), "full_bins": int((bin_count >= cfg.bin_cap).sum())}
         return BlockResult(self.block, out["params"], out["loss"], out["acc"], np.repeat(self.run_ids.numpy(), count),
                            out["step"], out["phase"], info, stats)
 

@@ -1,0 +1,417 @@
+"""Unlearning baselines (issue 9): retraining, fine-tuning, NegGrad+, random labels, SSD, retrieval.
+
+Every method takes a model as flat parameters (P,) of an MLPSpec (order: hyforget_fast.ops.spec),
+the forget classes as digit labels (as in `splits.classes`) and the DigitSplits, and returns a
+BaselineResult with the unlearned parameters (P,) float32 on the same spec. D_f = training
+samples of the forget classes, D_r = the other training samples. Methods see the TRAIN split
+(and retrain's seed selection the VALIDATION split) only; the test split is never read here.
+
+Gradient methods train through `mlp.batched_logits` (minibatch SGD, one network, no per-sample
+loops) with a torch.Generator seeded from `seed`, so each is deterministic for a given seed.
+Retraining runs S seeds as ONE batched computation in the collection engine (BlockTrainer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..collection.data import DigitSplits
+from ..collection.store import CheckpointStore
+from ..ops.spec import MLPSpec
+from .mlp import batched_logits, check_flat
+
+
+@dataclass
+class BaselineResult:
+    """One baseline's output. params (P,) float32 flat on the input's MLPSpec; seconds: wall clock
+    of the method; hparams: every setting used (defaults included); extra: method-specific."""
+
+    name: str
+    params: torch.Tensor
+    seconds: float
+    hparams: dict
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- input checks
+def _check_splits(splits) -> None:
+    if not isinstance(splits, DigitSplits):
+        raise TypeError(f"splits must be a DigitSplits, got {type(splits).__name__}")
+
+
+def forget_indices(splits: DigitSplits, forget) -> list[int]:
+    """Forget classes (digit labels; an int or a sequence) -> sorted label indices into splits.classes.
+    Refuses unknown, duplicate, empty and all-class requests, and classes without training samples."""
+    _check_splits(splits)
+    labels = [forget] if isinstance(forget, (int, np.integer)) else list(forget)
+    if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in labels):
+        raise TypeError(f"forget classes must be integer digit labels, got {forget!r}")
+    if not labels:
+        raise ValueError("forget classes are empty: name at least one class to forget")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"forget classes {labels} hold duplicates")
+    unknown = [int(c) for c in labels if int(c) not in splits.classes]
+    if unknown:
+        raise ValueError(f"forget classes {unknown} are not among the model's classes {splits.classes}")
+    if len(labels) == len(splits.classes):
+        raise ValueError(f"cannot forget all classes {splits.classes}: nothing would be left to retain")
+    idx = sorted(splits.classes.index(int(c)) for c in labels)
+    counts = torch.bincount(splits.y_train, minlength=len(splits.classes))
+    empty = [splits.classes[i] for i in idx if counts[i] == 0]
+    if empty:
+        raise ValueError(f"forget classes {empty} have no training samples (D_f would be empty)")
+    return idx
+
+
+def _check_model(params: torch.Tensor, spec: MLPSpec, splits: DigitSplits) -> torch.Tensor:
+    """-> (P,) float32 detached copy; refuses a model that does not fit the data."""
+    if not isinstance(spec, MLPSpec):
+        raise TypeError(f"spec must be an MLPSpec, got {type(spec).__name__}")
+    _check_splits(splits)
+    p = check_flat(params, spec, "params")
+    if p.shape[0] != 1:
+        raise ValueError(f"params must be one model (P,), got {p.shape[0]} rows")
+    if spec.in_features != splits.X_train.shape[1]:
+        raise ValueError(f"spec takes {spec.in_features} inputs but the data has {splits.X_train.shape[1]} features")
+    if spec.num_classes != len(splits.classes):
+        raise ValueError(f"spec has {spec.num_classes} outputs but splits hold {len(splits.classes)} classes")
+    return p[0].detach().float().clone()
+
+
+def _forget_mask(y: torch.Tensor, fidx: Sequence[int]) -> torch.Tensor:
+    """(N,) bool: the label is a forget class."""
+    return torch.isin(y, torch.tensor(list(fidx), dtype=y.dtype, device=y.device))
+
+
+def without_classes(splits: DigitSplits, fidx: Sequence[int]) -> DigitSplits:
+    """A copy of `splits` with the samples of label indices `fidx` removed from train and val (test
+    untouched; labels keep their indices, so the removed classes just have no samples)."""
+    keep_tr, keep_va = ~_forget_mask(splits.y_train, fidx), ~_forget_mask(splits.y_val, fidx)
+    return dataclasses.replace(splits, X_train=splits.X_train[keep_tr], y_train=splits.y_train[keep_tr],
+                               X_val=splits.X_val[keep_va], y_val=splits.y_val[keep_va],
+                               extra={**splits.extra, "removed_class_indices": list(fidx)})
+
+
+def _check_positive(**kw) -> None:
+    for k, v in kw.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{k} must be a positive number, got {v!r}")
+
+
+# ----------------------------------------------------------------------------- metrics (val)
+def split_metrics(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch.Tensor,
+                  fidx: Sequence[int]) -> dict:
+    """Metrics of B networks (B, P) on one labelled set: per-class class_loss / class_acc (B, m) and,
+    pooled over samples, retain_acc, retain_loss, forget_acc, forget_loss (B,)."""
+    from ..ops import functional as ops
+    m = spec.num_classes
+    cm = ops.class_metrics(params.float(), spec, X, y, m)
+    cnt = torch.bincount(y, minlength=m).float()                          # (m,)
+    f = torch.zeros(m, dtype=torch.bool)
+    f[list(fidx)] = True
+    out = {"class_loss": cm.class_loss, "class_acc": cm.class_acc}
+    for name, sel in (("retain", ~f & (cnt > 0)), ("forget", f & (cnt > 0))):
+        w = cnt[sel] / cnt[sel].sum()                                     # pooled = count-weighted mean
+        out[f"{name}_acc"] = cm.class_acc[:, sel] @ w                     # (B,)
+        out[f"{name}_loss"] = cm.class_loss[:, sel] @ w
+    return out
+
+
+# ----------------------------------------------------------------------------- retraining
+def train_from_scratch(spec: MLPSpec, splits: DigitSplits, runs: int = 5, epochs: int = 25, lr: float = 0.1,
+                       batch_size: int = 32, seed: int = 0, device="cpu") -> torch.Tensor:
+    """Train `runs` fresh networks at once with the collection engine -> (runs, P) float32 params.
+
+    Plain SGD on the whole TRAIN split of `splits` (no undersampling, no forgetting phase, one fixed
+    lr), PyTorch-default init per run; the runs share the minibatch order and differ in their init.
+    The network shape is the engine's: 784 inputs, spec's hidden sizes, one output per class."""
+    from ..collection.collect import BlockTrainer, CollectConfig
+    _check_positive(runs=runs, epochs=epochs, lr=lr, batch_size=batch_size)
+    if spec.in_features != 784 or spec.num_classes != len(splits.classes):
+        raise ValueError(f"the collection engine trains 784 -> hidden -> {len(splits.classes)} networks; "
+                         f"spec is {spec.layer_sizes}")
+    if len(splits.y_train) == 0:
+        raise ValueError("the training split is empty")
+    cfg = CollectConfig(classes=tuple(splits.classes), pivots=(), hidden=spec.hidden_sizes, runs=int(runs),
+                        block_runs=int(runs), epochs=int(epochs), batch_size=int(batch_size),
+                        lr_range=(float(lr), float(lr)), undersample_prob=0.0, forget_prob=0.0, seed=int(seed),
+                        split_seed=splits.seed, fractions=tuple(splits.fractions))
+    tr = BlockTrainer(cfg, splits, 0, device)
+    for step in range(1, tr.total_steps + 1):   # the engine's SGD steps without collection offers
+        tr.sgd_step(*tr.sample_batch(step))
+    return tr.flat_params().float().cpu()
+
+
+def retrain(params: torch.Tensor | None, spec: MLPSpec, forget, splits: DigitSplits, *, seeds: int = 5,
+            epochs: int = 25, lr: float = 0.1, batch_size: int = 32, seed: int = 0, device="cpu") -> BaselineResult:
+    """Retrain from scratch without D_f (the gold standard). `params` only has its shape checked
+    (None allowed): retraining starts from fresh inits.
+
+    Trains `seeds` networks at once on the train split with every D_f sample removed (the engine
+    never holds one), then picks the seed with the highest pooled retain VALIDATION accuracy (ties:
+    lower retain val loss). Tiny ReLU MLPs often die, hence several seeds. Defaults follow the
+    mnist4 preset (25 epochs, batch 32) with a fixed lr of 0.1 from its lr_range (0.01, 0.3).
+    extra: val metrics of all seeds, chosen index, the median seed (by retain val acc) and its params."""
+    if params is not None:
+        _check_model(params, spec, splits)
+    fidx = forget_indices(splits, forget)
+    _check_positive(seeds=seeds)
+    t0 = time.perf_counter()
+    kept = without_classes(splits, fidx)
+    P = train_from_scratch(spec, kept, seeds, epochs, lr, batch_size, seed, device)   # (S, P)
+    val = split_metrics(P, spec, splits.X_val, splits.y_val, fidx)
+    acc, loss = val["retain_acc"].nan_to_num(-1.0), val["retain_loss"].nan_to_num(float("inf"))
+    order = sorted(range(len(P)), key=lambda i: (-float(acc[i]), float(loss[i]), i))  # best first
+    best, median = order[0], order[len(order) // 2]
+    seconds = time.perf_counter() - t0
+    per_seed = {k: v.tolist() for k, v in val.items()}
+    return BaselineResult("retrain", P[best].clone(), seconds,
+                          {"seeds": int(seeds), "epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
+                           "seed": int(seed), "optimizer": "sgd", "init": "pytorch-default",
+                           "selection": "max retain val acc, ties: min retain val loss"},
+                          {"chosen": best, "val": per_seed, "median_index": median, "median_params": P[median].clone(),
+                           "median_val": {k: v[median] for k, v in per_seed.items()},
+                           "forget_class_indices": fidx, "train_samples": len(kept.y_train)})
+
+
+# ----------------------------------------------------------------------------- gradient methods
+def _batches(n: int, batch_size: int, gen: torch.Generator):
+    """Index slices of one random permutation of range(n) (one epoch)."""
+    perm = torch.randperm(n, generator=gen)
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _ce(p: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the network p (P,) on X (n, D), y (n,)."""
+    return F.cross_entropy(batched_logits(p[None], spec, X)[0], y)    # logits (n, m)
+
+
+def _sgd_epochs(p: torch.Tensor, epochs: int, lr: float, batches: Callable[[], list],
+                loss_fn: Callable[[torch.Tensor, object], torch.Tensor]) -> torch.Tensor:
+    """Plain SGD: for each epoch, for each item of batches(), p -= lr * grad loss_fn(p, item)."""
+    p = p.clone()
+    for _ in range(int(epochs)):
+        for item in batches():
+            q = p.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(loss_fn(q, item), q)
+            p = p - lr * g
+    if not torch.isfinite(p).all():
+        raise FloatingPointError("unlearning diverged (non-finite parameters); lower lr or epochs")
+    return p
+
+
+def _prepare(params, spec, forget, splits, **positive):
+    p = _check_model(params, spec, splits)
+    fidx = forget_indices(splits, forget)
+    _check_positive(**positive)
+    fm = _forget_mask(splits.y_train, fidx)
+    return p, fidx, (splits.X_train[~fm], splits.y_train[~fm]), (splits.X_train[fm], splits.y_train[fm])
+
+
+def finetune(params: torch.Tensor, spec: MLPSpec, forget, splits: DigitSplits, *, epochs: int = 5,
+             lr: float = 0.05, batch_size: int = 32, seed: int = 0) -> BaselineResult:
+    """Fine-tune on D_r only (catastrophic forgetting of D_f): plain minibatch SGD on the retain train
+    samples. Defaults: 5 epochs, lr 0.05 (within the 0.01-0.1 of the literature), batch 32."""
+    p, fidx, (Xr, yr), _ = _prepare(params, spec, forget, splits, epochs=epochs, lr=lr, batch_size=batch_size)
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(int(seed))
+    out = _sgd_epochs(p, epochs, lr, lambda: _batches(len(yr), int(batch_size), gen),
+                      lambda q, idx: _ce(q, spec, Xr[idx], yr[idx]))
+    return BaselineResult("finetune", out, time.perf_counter() - t0,
+                          {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed),
+                           "optimizer": "sgd"}, {"forget_class_indices": fidx})
+
+
+def neggrad_plus(params: torch.Tensor, spec: MLPSpec, forget, splits: DigitSplits, *, beta: float = 0.999,
+                 epochs: int = 5, lr: float = 0.05, batch_size: int = 32, seed: int = 0) -> BaselineResult:
+    """NegGrad+ (Kurmanji et al. 2023): SGD on beta * CE(D_r batch) - (1 - beta) * CE(D_f batch).
+    An epoch walks D_r in minibatches; each step pairs its retain batch with the next batch of a
+    D_f stream (reshuffled whenever exhausted)."""
+    p, fidx, (Xr, yr), (Xf, yf) = _prepare(params, spec, forget, splits, epochs=epochs, lr=lr,
+                                           batch_size=batch_size)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    t0 = time.perf_counter()
+    gen, B = torch.Generator().manual_seed(int(seed)), int(batch_size)
+    fstream: list = []
+
+    def batches():
+        out = []
+        for r in _batches(len(yr), B, gen):
+            if not fstream:
+                fstream.extend(_batches(len(yf), B, gen))
+            out.append((r, fstream.pop(0)))
+        return out
+
+    def loss(q, item):
+        r, f = item
+        return beta * _ce(q, spec, Xr[r], yr[r]) - (1.0 - beta) * _ce(q, spec, Xf[f], yf[f])
+
+    out = _sgd_epochs(p, epochs, lr, batches, loss)
+    return BaselineResult("neggrad_plus", out, time.perf_counter() - t0,
+                          {"beta": float(beta), "epochs": int(epochs), "lr": float(lr), "batch_size": B,
+                           "seed": int(seed), "optimizer": "sgd"}, {"forget_class_indices": fidx})
+
+
+def random_labels(params: torch.Tensor, spec: MLPSpec, forget, splits: DigitSplits, *, epochs: int = 3,
+                  lr: float = 0.05, batch_size: int = 32, seed: int = 0) -> BaselineResult:
+    """Random relabelling (Graves et al. 2021 "amnesiac" unlearning): fine-tune on D_r together with
+    D_f under random WRONG labels (uniform over the other classes, redrawn each epoch)."""
+    p, fidx, (Xr, yr), (Xf, yf) = _prepare(params, spec, forget, splits, epochs=epochs, lr=lr,
+                                           batch_size=batch_size)
+    t0 = time.perf_counter()
+    gen, m = torch.Generator().manual_seed(int(seed)), spec.num_classes
+    X = torch.cat([Xr, Xf])                                                # (N, D): D_r then D_f
+    state = {}
+
+    def batches():
+        wrong = (yf + torch.randint(1, m, yf.shape, generator=gen)) % m    # never the true label
+        state["y"] = torch.cat([yr, wrong])                                # (N,)
+        return _batches(len(X), int(batch_size), gen)
+
+    out = _sgd_epochs(p, epochs, lr, batches, lambda q, idx: _ce(q, spec, X[idx], state["y"][idx]))
+    return BaselineResult("random_labels", out, time.perf_counter() - t0,
+                          {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed),
+                           "optimizer": "sgd", "labels": "uniform wrong label per D_f sample, redrawn per epoch"},
+                          {"forget_class_indices": fidx})
+
+
+def _importance(p: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch.Tensor, batch_size: int,
+                gen: torch.Generator) -> torch.Tensor:
+    """SSD importance (P,): mean over minibatches of the squared minibatch gradient of the CE loss
+    (the diagonal-Fisher estimate of the SSD reference implementation)."""
+    q = p.detach().requires_grad_(True)
+    imp = torch.zeros_like(p)
+    bs = _batches(len(y), batch_size, gen)
+    for idx in bs:
+        (g,) = torch.autograd.grad(_ce(q, spec, X[idx], y[idx]), q)
+        imp += g * g
+    return imp / len(bs)
+
+
+def ssd(params: torch.Tensor, spec: MLPSpec, forget, splits: DigitSplits, *, alpha: float = 10.0,
+        lam: float = 1.0, batch_size: int = 64, seed: int = 0) -> BaselineResult:
+    """Selective Synaptic Dampening (Foster et al. 2024), no training: importances on the full train
+    set (imp_D) and on D_f (imp_f); every parameter with imp_f > alpha * imp_D is multiplied by
+    min(lam * imp_D / imp_f, 1). Defaults alpha = 10 (selection), lam = 1 (dampening) as in the paper."""
+    p, fidx, _, (Xf, yf) = _prepare(params, spec, forget, splits, alpha=alpha, lam=lam, batch_size=batch_size)
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(int(seed))
+    imp_d = _importance(p, spec, splits.X_train, splits.y_train, int(batch_size), gen)   # (P,)
+    imp_f = _importance(p, spec, Xf, yf, int(batch_size), gen)                          # (P,)
+    sel = imp_f > alpha * imp_d
+    damp = torch.where(sel, (lam * imp_d / imp_f.clamp_min(1e-30)).clamp(max=1.0), torch.ones_like(p))
+    out = p * damp
+    return BaselineResult("ssd", out, time.perf_counter() - t0,
+                          {"alpha": float(alpha), "lam": float(lam), "batch_size": int(batch_size), "seed": int(seed),
+                           "importance": "mean squared minibatch CE gradient"},
+                          {"forget_class_indices": fidx, "selected": int(sel.sum()),
+                           "mean_dampening": float(damp[sel].mean()) if sel.any() else 1.0})
+
+
+# ----------------------------------------------------------------------------- retrieval
+@dataclass
+class RetrievalHit:
+    """Nearest stored checkpoint: index (global row), class_loss (m,) its VALIDATION losses,
+    distance (weighted squared L2 to the target), params (P,) float32 or None without a source."""
+
+    index: int
+    class_loss: np.ndarray
+    distance: float
+    params: torch.Tensor | None
+
+
+class RetrievalIndex:
+    """Nearest-neighbour search over a whole checkpoint store by per-class validation loss.
+
+    The (n, m) float32 loss matrix is loaded once and kept; a query scans it in float64 chunks
+    (d_i = sum_c w_c (L_ic - t_c)^2), so the answer is the exact argmin (lowest index on ties).
+    `params` is an (n, P) array / tensor, a CheckpointStore (rows read on demand), or None."""
+
+    CHUNK = 1 << 18
+
+    def __init__(self, class_loss, params=None):
+        L = torch.as_tensor(np.asarray(class_loss, dtype=np.float32))
+        if L.ndim != 2 or L.shape[0] == 0 or L.shape[1] == 0:
+            raise ValueError(f"class_loss must be a non-empty (n, m) matrix, got shape {tuple(L.shape)}")
+        if params is not None and not isinstance(params, CheckpointStore) and len(params) != L.shape[0]:
+            raise ValueError(f"params has {len(params)} rows but class_loss has {L.shape[0]}")
+        self.class_loss, self.params = L.contiguous(), params
+
+    @classmethod
+    def from_store(cls, store) -> "RetrievalIndex":
+        """Index of a CheckpointStore (its class_loss array, read once; params read per hit)."""
+        return cls(store.load("class_loss"), store)
+
+    def __len__(self) -> int:
+        return self.class_loss.shape[0]
+
+    def _check_query(self, target, weights) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.class_loss.shape[1]
+        t = torch.as_tensor(np.asarray(target, dtype=np.float64))
+        if t.shape != (m,) or not torch.isfinite(t).all():
+            raise ValueError(f"target must be {m} finite per-class losses, got {np.asarray(target).tolist()}")
+        w = torch.ones(m, dtype=torch.float64) if weights is None else torch.as_tensor(np.asarray(weights, np.float64))
+        if w.shape != (m,) or not torch.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
+            raise ValueError(f"weights must be {m} finite non-negative numbers, not all zero; got "
+                             f"{np.asarray(weights).tolist()}")
+        return t, w
+
+    def distances(self, target, weights=None) -> torch.Tensor:
+        """(n,) float64 weighted squared L2 distances of every checkpoint to target (NaN rows -> inf)."""
+        t, w = self._check_query(target, weights)
+        out = torch.empty(len(self), dtype=torch.float64)
+        for i in range(0, len(self), self.CHUNK):
+            d = self.class_loss[i:i + self.CHUNK].double() - t                # (c, m)
+            out[i:i + len(d)] = (d * d) @ w
+        return out.nan_to_num_(nan=math.inf)
+
+    def query(self, target, weights=None) -> RetrievalHit:
+        """Exact nearest checkpoint to `target` (m,) under optional per-class `weights` (m,)."""
+        d = self.distances(target, weights)
+        i = int(torch.argmin(d))                                          # first minimum
+        if self.params is None:
+            p = None
+        elif isinstance(self.params, CheckpointStore):
+            p = torch.from_numpy(self.params.take("params", np.array([i]))[0].copy())
+        else:
+            p = torch.as_tensor(np.asarray(self.params[i], dtype=np.float32)).clone()
+        return RetrievalHit(i, self.class_loss[i].numpy().copy(), float(d[i]), p)
+
+
+_INDEXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # store -> its RetrievalIndex
+
+
+def retrieval(store, target, weights=None) -> BaselineResult:
+    """Retrieval baseline: the stored checkpoint whose per-class validation losses are nearest to
+    `target` (m,) (weighted L2, whole store). The store's index is built once per store object and
+    cached. extra: index, class_loss, distance. Pass a RetrievalIndex to reuse one explicitly."""
+    if isinstance(store, RetrievalIndex):
+        idx = store
+    elif isinstance(store, CheckpointStore):
+        idx = _INDEXES.get(store)
+        if idx is None:
+            idx = _INDEXES[store] = RetrievalIndex.from_store(store)
+    else:
+        raise TypeError(f"retrieval needs a CheckpointStore or RetrievalIndex, got {type(store).__name__}")
+    if idx.params is None:
+        raise ValueError("this RetrievalIndex has no params source; build it with params=")
+    t0 = time.perf_counter()
+    hit = idx.query(target, weights)
+    return BaselineResult("retrieval", hit.params, time.perf_counter() - t0,
+                          {"metric": "weighted squared L2 over per-class validation losses",
+                           "weights": None if weights is None else np.asarray(weights, np.float64).tolist()},
+                          {"index": hit.index, "class_loss": hit.class_loss.tolist(), "distance": hit.distance,
+                           "target": np.asarray(target, np.float64).tolist(), "store_size": len(idx)})
+
+
+BASELINES = {"retrain": retrain, "finetune": finetune, "neggrad_plus": neggrad_plus,
+             "random_labels": random_labels, "ssd": ssd}
