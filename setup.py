@@ -65,7 +65,7 @@ setup(
     ext_modules=[Extension("hyforget_fast._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "numpy", "triton; platform_system=='Linux'", "mlxtend", "scikit-learn",
-                      "matplotlib", "tqdm"],
+                      "matplotlib", "tqdm", "tensorboard", "safetensors"],
     extras_require={"test": ["pytest", "hypothesis", "torchvision", "pybind11", "ninja", "cmake"]},
     entry_points={"console_scripts": ["hyforget=hyforget_fast.cli:main"]},
 )

@@ -14,7 +14,22 @@ __version__ = "0.1.0"
 
 # Later stages are loaded lazily so `import hyforget_fast` stays light: name -> module.
 _LAZY = {"CollectConfig": "collection.collect", "preset": "collection.collect", "CheckpointStore": "collection.store",
-         "PairDataset": "collection.pairs", "load_digits": "collection.data"}
+         "PairDataset": "collection.pairs", "load_digits": "collection.data",
+         # hypernetwork
+         "HypernetConfig": "hypernet.models", "DiHyFo": "hypernet.models", "GaussianDiffusion": "hypernet.diffusion",
+         "TrainConfig": "hypernet.train", "train": "hypernet.train", "Hypernet": "hypernet.api",
+         "load_hypernet": "hypernet.api", "evaluate_hypernet": "hypernet.evaluate",
+         "save_evaluation": "hypernet.evaluate",
+         # unlearning
+         "forget": "unlearn.forget", "ForgetResult": "unlearn.forget", "evaluate_forgetting": "unlearn.report",
+         "BaselineResult": "unlearn.baselines", "retrain": "unlearn.baselines", "finetune": "unlearn.baselines",
+         "neggrad_plus": "unlearn.baselines", "random_labels": "unlearn.baselines", "ssd": "unlearn.baselines",
+         "retrieval": "unlearn.baselines", "RetrievalIndex": "unlearn.baselines",
+         "as_module": "unlearn.mlp", "flat_params": "unlearn.mlp"}
+_LAZY.update({n: "unlearn.metrics" for n in (
+    "accuracies", "prediction_overlap", "split_overlaps", "activation_distance", "js_divergence", "unlearning_score",
+    "entropy", "mia", "MIA_VARIANTS", "anamnesis_index", "edit_locality", "nearest_checkpoint", "neighbour_distance",
+    "CheckpointIndex")})
 
 __all__ = ["MLPSpec", "TokenLayout", "ParamNorm", "backends", "tokenize", "detokenize", "permute",
            "sample_perms", "validate_perms", "class_metrics", "class_outputs", "ClassMetrics", "csr_linear",

@@ -1,7 +1,9 @@
-"""`hyforget` command line. Subcommands: collect, plot-coverage (train and forget come later)."""
+"""`hyforget` command line: collect, plot-coverage, train, evaluate-hypernet, forget, evaluate, demo."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 
@@ -20,7 +22,20 @@ def _add_collect(sub):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a busy machine)")
     p.add_argument("--figures", action="store_true", help="write coverage.png into --out when done")
+    p.add_argument("--holdout", action="append", metavar="C:high|low:LOSS,...",
+                   help="never store a checkpoint meeting all these validation-loss conditions, e.g. "
+                        "'3:high:1.0,2:low:0.5' (class 3 loss > 1.0 while class 2 loss < 0.5); repeatable")
     p.add_argument("--quiet", action="store_true")
+
+
+def _parse_holdout(rule: str) -> tuple:
+    conds = []
+    for part in rule.split(","):
+        bits = part.strip().split(":")
+        if len(bits) != 3:
+            raise ValueError(f"holdout condition {part!r} must read CLASS:high|low:LOSS")
+        conds.append((int(bits[0]), bits[1], float(bits[2])))
+    return tuple(conds)
 
 
 def cmd_collect(a) -> int:
@@ -32,12 +47,189 @@ def cmd_collect(a) -> int:
     over = {k: v for k, v in {"runs": a.runs, "block_runs": a.block_runs, "seed": a.seed, "split_seed": a.split_seed,
                               "epochs": a.epochs, "ckpts_per_run": a.ckpts_per_run, "batch_size": a.batch_size,
                               "schedule": a.schedule}.items() if v is not None}
+    if a.holdout:
+        over["holdout"] = tuple(_parse_holdout(r) for r in a.holdout)
     cfg = preset(a.preset, **over)
     log = (lambda *_: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     manifest = collect(cfg, a.out, device=a.device, log=log)
     if manifest is not None and a.figures:
         from .collection.figures import plot_coverage
         log(f"coverage figure: {plot_coverage(a.out)}")
+    return 0
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a DiHyFo hypernetwork on a collected checkpoint dataset")
+    p.add_argument("--model", required=True, choices=["dihyfo1", "dihyfo2"])
+    p.add_argument("--data", required=True, help="collection folder (`hyforget collect --out`)")
+    p.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or paper (width 1536, 12 layers)")
+    p.add_argument("--out", required=True, help="output folder: checkpoint, config.json, curves.json, tb/")
+    p.add_argument("--steps", type=int, help="total optimizer steps (the cosine schedule's length)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    p.add_argument("--batch-size", type=int, help="global batch (split over torchrun processes)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--eval-every", type=int, help="evaluate prompt alignment every N steps (default 0 = off)")
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this wall-clock budget")
+    p.add_argument("--width", type=int, help="override the preset's transformer width")
+    p.add_argument("--depth", type=int, help="override the preset's number of blocks")
+    p.add_argument("--heads", type=int)
+    p.add_argument("--chunk", type=int, help="override the preset's token size")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_train(a) -> int:
+    import torch
+
+    from .hypernet.train import TrainConfig, train
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    over = {k: v for k, v in {"width": a.width, "depth": a.depth, "heads": a.heads, "chunk": a.chunk}.items()
+            if v is not None}
+    kw = {k: v for k, v in {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
+                            "seed": a.seed, "ckpt_every": a.ckpt_every, "log_every": a.log_every,
+                            "minutes": a.minutes}.items() if v is not None}
+    if a.eval_every is not None:
+        kw["eval_every"] = a.eval_every
+    if a.resume:
+        # the saved run's config is the base: only the knobs given here change (steps, budget, cadence)
+        import dataclasses
+
+        from .hypernet.train import read_checkpoint
+        _, saved = read_checkpoint(a.out, prefixes=())
+        cfg = TrainConfig.from_dict(saved["train"])
+        if cfg.model != a.model:
+            raise ValueError(f"{a.out} holds a {cfg.model} run; cannot resume it as {a.model}")
+        changeable = ("steps", "eval_every", "ckpt_every", "log_every")
+        fixed = sorted(set(kw) - {*changeable, "minutes"}) + (["width/depth/heads/chunk"] if over else [])
+        if fixed:
+            print(f"hyforget train: note: --resume keeps the saved run's {', '.join(fixed)}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, minutes=a.minutes,   # a budget is per invocation
+                                  **{k: v for k, v in kw.items() if k in changeable})
+    else:
+        cfg = TrainConfig(model=a.model, preset=a.preset, overrides=over, **kw)
+    log = (lambda *_: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    train(cfg, a.data, a.out, resume=a.resume, log=log, device=a.device)
+    return 0
+
+
+def _add_evaluate_hypernet(sub):
+    p = sub.add_parser("evaluate-hypernet", help="prompt alignment R² of a trained hypernetwork on its held-out runs")
+    p.add_argument("dir", help="training folder (`hyforget train --out`); eval.json and figures are written here")
+    p.add_argument("--data", help="collection folder (default: the one the model was trained on)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (DDPM always runs all of its steps)")
+    p.add_argument("--per-prompt", type=int, default=8, help="networks sampled per prompt")
+    p.add_argument("--prompts", type=int, default=20, help="regularly spaced prompts per class")
+    p.add_argument("--start", default="pair", choices=["pair", "init"],
+                   help="DiHyFo-1 starting point: an earlier held-out checkpoint, or the run's initial params")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+
+
+def cmd_evaluate_hypernet(a) -> int:
+    from .hypernet.api import load_hypernet
+    from .hypernet.evaluate import evaluate_hypernet, save_evaluation
+    hn = load_hypernet(a.dir) if a.device is None else load_hypernet(a.dir, device=a.device)
+    res = evaluate_hypernet(hn, a.data, None, num_prompts=a.prompts, per_prompt=a.per_prompt, sampler=a.sampler,
+                            steps=a.steps, seed=a.seed, start=a.start)
+    paths = save_evaluation(res, a.dir)
+    r2 = ", ".join(f"{c}: {v:.3f}" for c, v in res["r2"].items())
+    print(f"R² {{{r2}}}; free-class mean {res['r2_free_mean']:.3f}; non-finite {res['nonfinite_total']}; "
+          f"{res['seconds']:.1f} s -> {paths['json']}")
+    return 0
+
+
+def _add_forget(sub):
+    p = sub.add_parser("forget", help="forget classes with a trained hypernetwork; writes the chosen classifier")
+    p.add_argument("--hypernet", required=True, help="training folder of a DiHyFo (`hyforget train --out`)")
+    p.add_argument("--forget", required=True, type=int, nargs="+", help="class labels to forget")
+    p.add_argument("--out", required=True, help="folder for model.safetensors and forget.json")
+    p.add_argument("--model", help="DiHyFo-1 only: safetensors file with the classifier to edit (key 'params', "
+                                   "flat (P,)); default: the best stored checkpoint")
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+
+
+def cmd_forget(a) -> int:
+    from safetensors.torch import load_file, save_file
+
+    from .collection.store import CheckpointStore, write_json_atomic
+    from .hypernet.api import load_hypernet
+    from .hypernet.evaluate import validation_split
+    from .unlearn.forget import forget
+    hn = load_hypernet(a.hypernet) if a.device is None else load_hypernet(a.hypernet, device=a.device)
+    splits = validation_split(CheckpointStore(hn.meta["dataset"]["dir"], verify="size"))
+    model = load_file(a.model)["params"] if a.model else None
+    res = forget(hn, a.forget, splits, k=a.k, sampler=a.sampler, steps=a.steps, model=model, seed=a.seed)
+    os.makedirs(a.out, exist_ok=True)
+    save_file({"params": res.params.contiguous()}, os.path.join(a.out, "model.safetensors"),
+              metadata={"layer_sizes": json.dumps(list(hn.spec.layer_sizes))})
+    i = res.chosen
+    info = {"forget": list(res.forget_classes), "chosen": i, "timing": res.timing, "start": res.start,
+            "prompt": res.prompt[i].tolist(), "prompt_levels": res.prompt_levels,
+            "val_forget_acc": float(res.candidates["forget_acc"][i]), "val_retain_acc": float(res.candidates["retain_acc"][i]),
+            "val_class_loss": res.candidates["class_loss"][i].tolist(), "layer_sizes": list(hn.spec.layer_sizes)}
+    write_json_atomic(os.path.join(a.out, "forget.json"), info)
+    t = res.timing
+    print(f"forgot {list(res.forget_classes)}: candidate {i} of {a.k}, validation acc D_f "
+          f"{info['val_forget_acc']:.3f} D_r {info['val_retain_acc']:.3f}; sample {t['sample']:.2f} s, score "
+          f"{t['score']:.3f} s, select {t['select'] * 1e3:.2f} ms -> {a.out}/model.safetensors")
+    return 0
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="DiHyFo-1/2 and every baseline on forget sets; tables, JSON, figures")
+    p.add_argument("--data", required=True, help="collection folder")
+    p.add_argument("--dihyfo1", help="DiHyFo-1 training folder")
+    p.add_argument("--dihyfo2", help="DiHyFo-2 training folder")
+    p.add_argument("--forget", action="append", required=True, metavar="C[,C...]",
+                   help="a forget set, e.g. --forget 2 --forget 2,3")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--retrain-seeds", type=int, default=5)
+    p.add_argument("--mia", default="logreg", choices=["logreg", "svc"])
+    p.add_argument("--out", required=True)
+
+
+def cmd_evaluate(a) -> int:
+    from .hypernet.api import load_hypernet
+    from .unlearn.report import evaluate_forgetting, markdown_tables
+    hns = {k: load_hypernet(d) for k, d in (("dihyfo1", a.dihyfo1), ("dihyfo2", a.dihyfo2)) if d}
+    sets = [[int(c) for c in f.split(",")] for f in a.forget]
+    rep = evaluate_forgetting(a.data, hns, sets, seeds=a.seeds, k=a.k, sampler=a.sampler, steps=a.steps,
+                              retrain_seeds=a.retrain_seeds, mia_attack=a.mia, out_dir=a.out,
+                              log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(markdown_tables(rep))
+    for v in rep["verdicts"]:
+        print(f"- {v}")
+    return 0
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the whole pipeline on the bundled digits (resumable)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=6000, help="training steps per hypernetwork")
+    p.add_argument("--minutes", type=float, help="wall-clock cap per hypernetwork's training")
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--runs", type=int, default=512, help="collection runs")
+    p.add_argument("--threads", type=int)
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+    run_demo(a.out, steps=a.steps, minutes=a.minutes, k=a.k, seeds=tuple(a.seeds), runs=a.runs, threads=a.threads)
     return 0
 
 
@@ -51,12 +243,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="hyforget", description="HyperForget: unlearning with diffusion hypernetworks")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_collect(sub)
+    _add_train(sub)
+    _add_evaluate_hypernet(sub)
+    _add_forget(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
     p = sub.add_parser("plot-coverage", help="histograms of per-class loss coverage of a collection")
     p.add_argument("dir")
     p.add_argument("--png", help="output path (default DIR/coverage.png)")
     a = ap.parse_args(argv)
     try:
-        return {"collect": cmd_collect, "plot-coverage": cmd_plot}[a.cmd](a)
+        return {"collect": cmd_collect, "plot-coverage": cmd_plot, "train": cmd_train,
+                "evaluate-hypernet": cmd_evaluate_hypernet, "forget": cmd_forget, "evaluate": cmd_evaluate,
+                "demo": cmd_demo}[a.cmd](a)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"hyforget {a.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -21,16 +21,29 @@ class PairDataset(torch.utils.data.Dataset):
     - `sample_batch(B, generator, device)`: a whole batch by vectorized indexing -> dict of
       theta (B, P), loss (B, m), theta_star (B, P), loss_star (B, m), run (B,), step, step_star.
       After `.to(device)` the arrays live on that device and batches are gathered there.
+    - `sample_checkpoints(B, generator, device)`: single checkpoints (DiHyFo-2), uniform over
+      the checkpoints of the selected runs -> dict of params (B, P), loss (B, m), run, step.
+    - `runs`: restrict both samplers to these run ids (e.g. the training runs, with a held-out
+      set of whole runs left out); `rows` are the global indices of their checkpoints.
     """
 
     def __init__(self, store: CheckpointStore | str, length: int | None = None, seed: int = 0,
-                 verify: str = "size"):
+                 verify: str = "size", runs=None):
         self.store = CheckpointStore(store, verify=verify) if isinstance(store, str) else store
         run = self.store.load("run")                          # (n,) small: one int per checkpoint
         if len(run) and np.any(np.diff(run) < 0):
             # runs are contiguous and sorted within a shard, and blocks hold increasing run ids
             raise ValueError("checkpoint store is not sorted by run; pairs need contiguous runs")
         uniq, start, count = np.unique(run, return_index=True, return_counts=True)
+        if runs is not None:
+            want = np.unique(np.asarray(list(runs), dtype=np.int64))
+            missing = np.setdiff1d(want, uniq)
+            if missing.size:
+                raise ValueError(f"runs {missing[:10].tolist()} are not in the checkpoint store")
+            keep = np.isin(uniq, want)
+            uniq, start, count = uniq[keep], start[keep], count[keep]
+        self.rows = np.concatenate([np.arange(s, s + c) for s, c in zip(start, count)]) if len(uniq) \
+            else np.zeros(0, np.int64)                        # (n_sel,) global checkpoint indices
         ok = count >= 2
         if not ok.any():
             raise ValueError("no run has two checkpoints; cannot form (θ, θ*) pairs")
@@ -38,6 +51,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.length = int(length) if length is not None else len(self.store)
         self.seed = int(seed)
         self._dev = None   # dict of device tensors after .to(device)
+        self._rows_t = None
 
     def __len__(self) -> int:
         return self.length
@@ -60,6 +74,11 @@ class PairDataset(torch.utils.data.Dataset):
                      for k in ("params", "class_loss", "run", "step")}
         return self
 
+    def take(self, name: str, idx) -> torch.Tensor:
+        """Rows idx (global checkpoint indices) of store array `name`, from the device copy if any."""
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return self._gather(name, idx, self._dev[name].device if self._dev is not None else "cpu")
+
     def _gather(self, name: str, idx: torch.Tensor, device) -> torch.Tensor:
         if self._dev is not None:
             return self._dev[name][idx.to(self._dev[name].device)].to(device)
@@ -75,6 +94,19 @@ class PairDataset(torch.utils.data.Dataset):
                 "theta_star": self._gather("params", j, device), "loss_star": self._gather("class_loss", j, device),
                 "run": self._gather("run", i, device), "step": self._gather("step", i, device),
                 "step_star": self._gather("step", j, device)}
+
+    def sample_checkpoints(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> dict:
+        """B checkpoints uniform over `rows` -> params (B, P), loss (B, m), run (B,), step (B,)."""
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        device = torch.device(device) if device is not None else (
+            next(iter(self._dev.values())).device if self._dev is not None else torch.device("cpu"))
+        u = torch.rand(batch_size, generator=generator, device=gdev, dtype=torch.float64)
+        n = len(self.rows)
+        if self._rows_t is None or self._rows_t.device != gdev:
+            self._rows_t = torch.as_tensor(self.rows, device=gdev)
+        i = self._rows_t[(u * n).long().clamp_(max=n - 1)]
+        return {"params": self._gather("params", i, device), "loss": self._gather("class_loss", i, device),
+                "run": self._gather("run", i, device), "step": self._gather("step", i, device)}
 
     def __getitem__(self, k: int) -> dict:
         if not 0 <= k < self.length:

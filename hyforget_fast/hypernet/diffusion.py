@@ -57,10 +57,16 @@ class GaussianDiffusion:
         return torch.randint(0, self.num_steps, (batch,), generator=generator, device=self.device)
 
     def training_loss(self, model_fn: ModelFn, x0: torch.Tensor, mask: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """MSE between model_fn's x0 prediction and x0, over real (mask == 1) values."""
-        t = self.sample_t(x0.shape[0], generator)
-        noise = _randn(x0.shape, generator, x0.device) * mask
+                      generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE between model_fn's x0 prediction and x0, over real (mask == 1) values.
+
+        t (B,) and noise (like x0, already masked) may be given, e.g. drawn for a global batch
+        and sliced per DDP rank; otherwise they are drawn from `generator` (t first)."""
+        if t is None:
+            t = self.sample_t(x0.shape[0], generator)
+        if noise is None:
+            noise = _randn(x0.shape, generator, x0.device) * mask
         pred = model_fn(self.q_sample(x0, t, noise), t)
         return ((pred - x0) ** 2 * mask).sum() / (mask.expand_as(x0).sum())
 

@@ -1,0 +1,516 @@
+"""Training loop of DiHyFo-1 / DiHyFo-2 on a collected checkpoint dataset (issue 8).
+
+Data path, all on the model's device: the dataset arrays are copied there once
+(PairDataset.to); a step draws a GLOBAL batch of indices, permutations, diffusion times and
+noise from one torch.Generator, so that every DDP rank draws the same numbers and takes its
+slice (a 2-process run follows the 1-process loss curve). Params are permuted, normalized and
+tokenized by the fused `tokenize` op; θ and θ* of a pair share one permutation.
+
+Checkpoints (rank 0 only, atomic tmp + os.replace, no pickle):
+  out/checkpoint.safetensors   model.*, ema.*, opt.* (AdamW state flattened to tensors),
+                               rng.* (generator states as uint8); its metadata holds the JSON config
+  out/config.json              the same config, readable: HypernetConfig, TrainConfig, diffusion,
+                               ParamNorm stats, dataset identity, held-out runs, loss ranges, step
+  out/curves.json              [{step, loss, lr, grad_norm, eval?}], out/tb/ TensorBoard scalars
+Resuming loads all of it and continues bit-for-bit (the test compares 2N straight vs N + N).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..collection.pairs import PairDataset
+from ..collection.store import CheckpointStore, write_json_atomic
+from ..ops.functional import sample_perms, tokenize
+from ..ops.spec import MLPSpec, ParamNorm
+from .diffusion import GaussianDiffusion
+from .models import PRESETS, DiHyFo, HypernetConfig
+
+CKPT = "checkpoint.safetensors"
+CONFIG = "config.json"
+CURVES = "curves.json"
+FORMAT = "hyforget-hypernet-1"
+
+# Optimisation defaults per model preset. G.pt's EMA 0.9999 averages over ~10^4 steps; a short
+# CPU `tiny` run has a few thousand steps, so its EMA horizon is ~200 steps (0.995).
+TRAIN_PRESETS = {
+    "tiny": dict(lr=4e-4, batch_size=64, warmup_steps=200, ema_decay=0.995),
+    "paper": dict(lr=4e-4, batch_size=256, warmup_steps=1000, ema_decay=0.9999),
+}
+LOSS_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (JSON-able). None = the preset's value (TRAIN_PRESETS)."""
+
+    model: str = "dihyfo2"             # "dihyfo1" (pairs θ -> θ*) or "dihyfo2" (single checkpoints)
+    preset: str = "tiny"               # architecture + optimisation preset
+    steps: int = 20_000                # length of the cosine schedule (and of the run)
+    batch_size: int | None = None      # GLOBAL batch, split over DDP ranks
+    lr: float | None = None
+    weight_decay: float = 0.1          # not on biases, LayerNorms, positional embedding
+    grad_clip: float = 0.75
+    warmup_steps: int | None = None    # linear warm-up, then cosine to 0 at `steps`
+    ema_decay: float | None = None     # effective decay min(ema_decay, (1 + s) / (10 + s))
+    heldout_frac: float = 0.1          # fraction of whole runs kept out for evaluation
+    seed: int = 0                      # init, held-out split, norm sample, every batch
+    norm_samples: int = 20_000         # training checkpoints the ParamNorm is fitted on
+    diffusion_steps: int = 1000
+    ckpt_every: int = 500
+    log_every: int = 50
+    eval_every: int = 0                # 0 = no evaluation during training
+    eval_prompts: int = 20
+    eval_per_prompt: int = 8
+    eval_steps: int = 20
+    eval_max_items: int | None = None
+    minutes: float | None = None       # stop (with a checkpoint) after this wall-clock budget
+    overrides: dict = field(default_factory=dict)   # HypernetConfig fields (width, depth, ...)
+
+    def __post_init__(self):
+        if self.model not in ("dihyfo1", "dihyfo2"):
+            raise ValueError(f"model must be 'dihyfo1' or 'dihyfo2', got {self.model!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        for k, v in TRAIN_PRESETS[self.preset].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "diffusion_steps", "norm_samples"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.eval_every < 0:
+            raise ValueError("warmup_steps and eval_every must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.heldout_frac < 1:
+            raise ValueError(f"heldout_frac must be in [0, 1), got {self.heldout_frac}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine to 0."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.warmup_steps) / span)))
+
+
+# ---------------------------------------------------------------------------- dataset facts
+def dataset_identity(store: CheckpointStore) -> dict:
+    """What ties a model to its dataset: spec, classes, pivots, size and the manifest's hash."""
+    with open(os.path.join(store.root, "manifest.json"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    man = store.manifest
+    return {"dir": os.path.abspath(store.root), "layer_sizes": list(store.layer_sizes),
+            "classes": list(store.classes), "pivots": list(man.get("pivots", [])),
+            "num_checkpoints": int(man["num_checkpoints"]), "manifest_sha256": digest}
+
+
+def check_dataset_matches(cfg: HypernetConfig, store: CheckpointStore) -> None:
+    """Raise ValueError when a dataset's spec or class count differs from the model's."""
+    if tuple(store.layer_sizes) != tuple(cfg.layer_sizes):
+        raise ValueError(f"dataset {store.root} holds MLPSpec{tuple(store.layer_sizes)} networks, but the model "
+                         f"was built for MLPSpec{tuple(cfg.layer_sizes)}")
+
+
+def split_runs(run_ids: np.ndarray, frac: float, seed: int) -> tuple[list[int], list[int]]:
+    """Whole runs -> (training runs, held-out runs), a seeded shuffle; >= 1 held out when frac > 0.
+    Held-out runs are drawn among runs with >= 2 checkpoints, so DiHyFo-1 can evaluate on pairs."""
+    runs, count = np.unique(run_ids, return_counts=True)
+    eligible = runs[count >= 2]
+    n_held = 0 if frac <= 0 or len(runs) < 2 else max(1, int(round(frac * len(runs))))
+    n_held = min(n_held, len(eligible), len(runs) - 1)
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(len(eligible))
+    held = np.sort(eligible[perm[:n_held]])
+    train = runs[~np.isin(runs, held)]
+    return train.tolist(), held.tolist()
+
+
+def loss_ranges(class_loss: np.ndarray, classes) -> dict:
+    """Per class label: min / max / quantiles of the training checkpoints' losses (prompt ranges)."""
+    out = {}
+    for c, col in zip(classes, class_loss.T):
+        col = col[np.isfinite(col)].astype(np.float64)
+        out[str(c)] = {"min": float(col.min()), "max": float(col.max()), "mean": float(col.mean()),
+                       "quantiles": {str(q): float(v)
+                                     for q, v in zip(LOSS_QUANTILES, np.quantile(col, LOSS_QUANTILES))}}
+    return out
+
+
+# ---------------------------------------------------------------------------- model parts
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices; none on biases (incl. per-token bias tables), LayerNorm
+    weights (1-D) and the positional embedding."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if name.endswith("bias") or p.ndim < 2 or name == "pos" or name.endswith(".pos"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    e = [p for p in ema.parameters()]
+    m = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    """EMA warm-up: early averages do not drag in the random initialisation for ~1/(1-d) steps."""
+    return min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def _opt_flatten(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """AdamW state -> ({"opt.<param idx>.<key>": tensor}, JSON-able param_groups)."""
+    sd = opt.state_dict()
+    tensors = {f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items()
+               for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def _opt_unflatten(tensors: dict, groups: list) -> dict:
+    state: dict = {}
+    for name, v in tensors.items():
+        if name.startswith("opt."):
+            _, i, k = name.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    return {"state": state, "param_groups": groups}
+
+
+def _save_safetensors_atomic(path: str, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(out_dir: str, device="cpu", prefixes=None) -> tuple[dict, dict]:
+    """-> (tensors with names starting with one of `prefixes` (all if None), config dict).
+    The config is read from the safetensors metadata, written atomically with the tensors."""
+    from safetensors import safe_open
+    path = os.path.join(out_dir, CKPT)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {CKPT} in {out_dir}: not a trained hypernetwork folder")
+    tensors = {}
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+        for k in f.keys():
+            if prefixes is None or k.startswith(tuple(prefixes)):
+                tensors[k] = f.get_tensor(k)
+    return tensors, json.loads(meta["config"])
+
+
+def _strip(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------------------- distributed
+def _dist_setup(device: str | None):
+    """-> (rank, world, device, owned). WORLD_SIZE > 1 (torchrun): gloo on CPU, nccl on CUDA;
+    owned = this call created the process group (and train() destroys it at the end)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if world > 1:
+        import torch.distributed as dist
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            return rank, world, device, True
+    return rank, world, device, False
+
+
+# ---------------------------------------------------------------------------- training
+class _Step:
+    """One step's data and loss. Every random number comes from `gen` in a fixed order, for the
+    GLOBAL batch; this rank keeps rows [lo, hi)."""
+
+    def __init__(self, cfg: TrainConfig, model: DiHyFo, diffusion: GaussianDiffusion, ds: PairDataset,
+                 norm: ParamNorm, lo: int, hi: int):
+        self.cfg, self.model, self.diffusion, self.ds, self.norm = cfg, model, diffusion, ds, norm
+        self.lo, self.hi = lo, hi
+        self.spec = model.cfg.spec
+        self.layout = model.layout
+
+    def loss(self, fwd, gen: torch.Generator) -> torch.Tensor:
+        B, lo, hi = self.cfg.batch_size, self.lo, self.hi
+        pair = self.model.conditional_on_theta
+        batch = self.ds.sample_batch(B, gen) if pair else self.ds.sample_checkpoints(B, gen)
+        perms = sample_perms(self.spec, B, generator=gen)[lo:hi]                 # (b, H) one per pair
+        t = self.diffusion.sample_t(B, gen)[lo:hi]                               # (b,)
+        mask = self.model.token_mask                                             # (T, C)
+        noise = torch.randn((B, *mask.shape), generator=gen, device=mask.device)[lo:hi] * mask
+        if pair:
+            x0 = tokenize(batch["theta_star"][lo:hi], self.layout, perms, self.norm, validate=False)
+            theta = tokenize(batch["theta"][lo:hi], self.layout, perms, self.norm, validate=False)
+            target, cur = batch["loss_star"][lo:hi], batch["loss"][lo:hi]
+
+            def model_fn(x_t, tt):
+                return fwd(x_t, tt, target, theta, cur)
+        else:
+            x0 = tokenize(batch["params"][lo:hi], self.layout, perms, self.norm, validate=False)
+            target = batch["loss"][lo:hi]
+
+            def model_fn(x_t, tt):
+                return fwd(x_t, tt, target)
+        return self.diffusion.training_loss(model_fn, x0, mask, t=t, noise=noise)
+
+
+def _default_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load_eval():
+    try:
+        from .evaluate import evaluate_hypernet
+    except ImportError:
+        return None
+    return evaluate_hypernet
+
+
+def _flatten_scalars(prefix: str, obj, out: dict) -> dict:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten_scalars(f"{prefix}/{k}" if prefix else str(k), v, out)
+    elif isinstance(obj, (int, float, np.floating, np.integer)) and not isinstance(obj, bool):
+        out[prefix] = float(obj)
+    return out
+
+
+def train(cfg: TrainConfig, data_dir: str, out_dir: str, resume: bool = False, log=_default_log,
+          device: str | None = None, stop_at: int | None = None) -> dict:
+    """Train a DiHyFo on the collection in `data_dir`, writing checkpoints into `out_dir`.
+
+    resume=True continues the run saved in out_dir exactly (its TrainConfig is used, except
+    `steps`, `minutes`, `eval_every`, `ckpt_every` and `log_every`, which may change). Under
+    torchrun (WORLD_SIZE > 1) every rank runs this; rank 0 writes. `stop_at`: stop (with a
+    checkpoint) after that many steps, keeping the schedule of `cfg.steps`. -> the final config dict.
+    """
+    rank, world, device, owned = _dist_setup(device)
+    is_main = rank == 0
+    if not is_main:
+        log = lambda *_: None  # noqa: E731
+    store = CheckpointStore(data_dir, verify="size")
+    ident = dataset_identity(store)
+
+    saved = None
+    if resume:
+        tensors, saved = read_checkpoint(out_dir, device="cpu")
+        old = TrainConfig.from_dict(saved["train"])
+        if old.model != cfg.model:
+            raise ValueError(f"{out_dir} holds a {old.model} run; cannot resume it as {cfg.model}")
+        keep = {k: getattr(cfg, k) for k in ("steps", "minutes", "eval_every", "ckpt_every", "log_every")}
+        cfg = dataclasses.replace(old, **keep)
+        hcfg = HypernetConfig.from_dict(saved["model"])
+        check_dataset_matches(hcfg, store)
+        if saved["dataset"]["manifest_sha256"] != ident["manifest_sha256"]:
+            raise ValueError(f"{data_dir} is not the dataset this run was trained on "
+                             f"({saved['dataset']['dir']}, {saved['dataset']['num_checkpoints']} checkpoints); "
+                             "resume with the same --data")
+    else:
+        if os.path.exists(os.path.join(out_dir, CKPT)):
+            raise ValueError(f"{out_dir} already holds a trained hypernetwork; resume it (--resume) or use a "
+                             "new output folder")
+        hcfg = HypernetConfig.preset(cfg.model, MLPSpec(store.layer_sizes), cfg.preset, **cfg.overrides)
+    if cfg.batch_size % world:
+        raise ValueError(f"global batch {cfg.batch_size} is not divisible by the {world} DDP processes")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # Held-out whole runs; the training runs' checkpoints fit the norm and give the loss ranges.
+    run_ids = store.load("run")
+    if saved is not None:
+        held = saved["heldout_runs"]
+        train_runs = sorted(set(np.unique(run_ids).tolist()) - set(held))
+    else:
+        train_runs, held = split_runs(run_ids, cfg.heldout_frac, cfg.seed)
+    ds = PairDataset(store, runs=train_runs).to(device)
+    if saved is not None:
+        norm = ParamNorm(hcfg.spec, torch.tensor(saved["norm"]["stats"]))
+        ranges = saved["loss_ranges"]
+    else:
+        rng = np.random.default_rng([cfg.seed, 0x40A])
+        rows = ds.rows if len(ds.rows) <= cfg.norm_samples else \
+            np.sort(rng.choice(ds.rows, cfg.norm_samples, replace=False))
+        norm = ParamNorm.fit(ds.take("params", rows), hcfg.spec)
+        ranges = loss_ranges(ds.take("class_loss", ds.rows).cpu().numpy(), store.classes)
+    norm = norm.to(device)
+
+    torch.manual_seed(cfg.seed)  # the initialisation (identical on every rank)
+    model = DiHyFo(hcfg, cfg.diffusion_steps).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    diffusion = GaussianDiffusion(cfg.diffusion_steps, device=device)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    step, wall = 0, 0.0
+    if saved is not None:
+        model.load_state_dict(_strip(tensors, "model."))
+        ema.load_state_dict(_strip(tensors, "ema."))
+        # on the CPU: load_state_dict moves moments to the params' device and keeps AdamW's
+        # `step` counters on the CPU, where the non-capturable implementation wants them
+        opt.load_state_dict(_opt_unflatten({k: v for k, v in tensors.items() if k.startswith("opt.")},
+                                           saved["opt_groups"]))
+        gen.set_state(tensors["rng.batch"])
+        step, wall = int(saved["step"]), float(saved["wall_time_s"])
+        log(f"resumed {out_dir} at step {step}")
+    fwd = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    b = cfg.batch_size // world
+    stepper = _Step(cfg, model, diffusion, ds, norm, rank * b, (rank + 1) * b)
+
+    meta = {"format": FORMAT, "model": hcfg.to_dict(), "train": cfg.to_dict(), "diffusion": diffusion.to_dict(),
+            "norm": {"layer_sizes": list(hcfg.layer_sizes), "stats": norm.stats.cpu().tolist()},
+            "dataset": ident, "data_dir": ident["dir"], "classes": list(store.classes), "pivots": ident["pivots"],
+            "heldout_runs": [int(r) for r in held], "train_runs": len(train_runs), "loss_ranges": ranges,
+            "world_size": world, "device": str(device)}
+
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    curves_path = os.path.join(out_dir, CURVES)
+    curves = []
+    if is_main and resume and os.path.exists(curves_path):
+        with open(curves_path) as f:
+            curves = [c for c in json.load(f) if c["step"] <= step]   # drop rows past the checkpoint
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=step if resume else None)
+
+    def save():
+        if not is_main:
+            return
+        conf = {**meta, "step": step, "wall_time_s": wall, "opt_groups": None}
+        opt_t, groups = _opt_flatten(opt)
+        conf["opt_groups"] = groups
+        tens = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                **{f"ema.{k}": v for k, v in ema.state_dict().items()}, **opt_t,
+                "rng.batch": gen.get_state()}
+        text = json.dumps(conf, sort_keys=True)
+        _save_safetensors_atomic(os.path.join(out_dir, CKPT), tens, {"format": FORMAT, "config": text})
+        write_json_atomic(os.path.join(out_dir, CONFIG), conf)
+        write_json_atomic(curves_path, curves)
+
+    evaluate = _load_eval() if cfg.eval_every else None
+    if cfg.eval_every and evaluate is None:
+        log("eval_every is set but hyforget_fast.hypernet.evaluate is not available; no evaluation")
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=cfg.model, leave=False,
+               disable=not (is_main and sys.stderr.isatty()))
+    n_model = sum(p.numel() for p in model.parameters())
+    log(f"training {cfg.model} ({cfg.preset}, {n_model / 1e6:.2f} M params, {hcfg.layout.num_tokens} tokens of "
+        f"{hcfg.chunk}) on {len(ds.rows)} checkpoints of {len(train_runs)} runs ({len(held)} held out), "
+        f"batch {cfg.batch_size} x {world} process(es) on {device}, steps {step} -> {cfg.steps}")
+    t_start = time.perf_counter()
+    wall0 = wall
+    n_since, t_since, loss_acc = 0, time.perf_counter(), torch.zeros((), device=device)
+    stopped = False
+    model.train()
+    end = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
+    while step < end:
+        lr = cfg.lr_at(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = stepper.loss(fwd, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, model, ema_decay_at(cfg, step))
+        step += 1
+        loss_acc += loss.detach()
+        n_since += 1
+        bar.update(1)
+        wall = wall0 + time.perf_counter() - t_start
+        out_of_time = cfg.minutes is not None and wall - wall0 >= 60 * cfg.minutes
+        if world > 1 and cfg.minutes is not None:   # every rank stops at the same step
+            import torch.distributed as dist
+            flag = torch.tensor([float(out_of_time)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        last = step == end or out_of_time
+        if step % cfg.log_every == 0 or last:
+            mean_loss = loss_acc / n_since
+            if world > 1:
+                import torch.distributed as dist
+                dist.all_reduce(mean_loss)
+                mean_loss = mean_loss / world
+            rate = n_since * cfg.batch_size / max(1e-9, time.perf_counter() - t_since)
+            row = {"step": step, "loss": float(mean_loss), "lr": lr, "grad_norm": float(gn),
+                   "samples_per_s": rate, "wall_time_s": wall}
+            if is_main:
+                curves.append(row)
+                for k in ("loss", "lr", "grad_norm", "samples_per_s"):
+                    writer.add_scalar(f"train/{k}", row[k], step)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                log(f"step {step}/{cfg.steps} loss {row['loss']:.5f} lr {lr:.2e} grad {row['grad_norm']:.3f} "
+                    f"{rate:.0f} samples/s")
+            n_since, t_since, loss_acc = 0, time.perf_counter(), torch.zeros((), device=device)
+        if evaluate is not None and is_main and (step % cfg.eval_every == 0 or last):
+            from .api import Hypernet
+            hn = Hypernet(ema, norm, diffusion, {**meta, "step": step})
+            try:
+                res = evaluate(hn, data_dir, held, num_prompts=cfg.eval_prompts, per_prompt=cfg.eval_per_prompt,
+                               sampler="ddim", steps=cfg.eval_steps, seed=cfg.seed, max_items=cfg.eval_max_items)
+            except (ValueError, RuntimeError) as e:   # a failed evaluation must not end a long run
+                log(f"step {step}: evaluation failed ({type(e).__name__}: {e}); training goes on")
+                res = {}
+            scal = _flatten_scalars("", {k: res[k] for k in ("r2", "pearson", "r2_free_mean") if k in res}, {})
+            for k, v in scal.items():
+                writer.add_scalar(f"eval/{k}", v, step)
+            if curves and curves[-1]["step"] == step:
+                curves[-1]["eval"] = scal
+            else:
+                curves.append({"step": step, "eval": scal})
+            log(f"step {step} eval: " + ", ".join(f"{k} {v:.3f}" for k, v in scal.items()))
+        if step % cfg.ckpt_every == 0 or last:
+            save()
+        if out_of_time:
+            log(f"stopping at step {step}: the {cfg.minutes} minute budget is spent")
+            stopped = True
+            break
+    if step >= end and not stopped and is_main and not os.path.exists(os.path.join(out_dir, CKPT)):
+        save()   # resumed at or past the end: still leave a checkpoint
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if owned:
+        # an exit with live gloo threads aborts the process ("terminate called without an active exception")
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    log(f"done: step {step}, {wall:.0f} s; model in {out_dir}")
+    return {**meta, "step": step, "wall_time_s": wall}

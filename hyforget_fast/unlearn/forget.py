@@ -1,0 +1,194 @@
+"""forget(): prompt a trained hypernetwork, sample K candidates at once, score, select (SPEC §5).
+
+1. Prompt. Forget classes get a HIGH target loss, retained classes a LOW one. The levels are
+   quantiles of each class's loss in the hypernetwork's training data (its meta), so a prompt
+   never asks for a loss the model has not seen; a small grid of (high, low) levels is spread
+   over the K candidates.
+2. Sample all K candidates in one batched call (DDIM by default).
+3. Score all K with the fused evaluator on the VALIDATION split.
+4. Select by the dissertation's rule (§3.5): lowest forget accuracy, then highest retain accuracy.
+The test split is never read here: reported numbers come from `unlearn.report`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..ops.functional import class_metrics
+from .mlp import as_module, check_flat, flat_params
+
+# Quantiles of the training data's per-class loss used as prompt levels (high for D_f, low for D_r).
+HIGH_LEVELS = (0.9, 0.97, 0.995)
+LOW_LEVELS = (0.02, 0.1)
+
+
+@dataclass
+class ForgetResult:
+    """The chosen classifier and the evidence of how it was chosen (validation split only)."""
+
+    model: nn.Module                    # the chosen classifier, an ordinary nn.Sequential
+    params: torch.Tensor                # (P,) its flat parameters
+    forget_classes: tuple[int, ...]     # digit labels
+    chosen: int                         # index of the chosen candidate
+    candidates: dict                    # val metrics of all K: class_loss/class_acc (K, m), forget_acc, retain_acc (K,)
+    prompt: torch.Tensor                # (K, m) target losses each candidate was sampled with
+    prompt_levels: dict                 # the (high, low) quantile grid and its loss values
+    timing: dict                        # seconds: sample, score, select, total
+    start: dict | None = None           # DiHyFo-1: the starting model (user's, or the named stored checkpoint)
+    candidate_params: torch.Tensor | None = field(default=None, repr=False)   # (K, P)
+
+
+def class_indices(classes: Sequence[int], requested, pivots: Sequence[int] = ()) -> list[int]:
+    """Digit labels -> indices into `classes`; refuses empty, unknown, pivot and all-class requests."""
+    req = [requested] if isinstance(requested, (int, np.integer)) else list(requested)
+    if not req:
+        raise ValueError("forget set is empty: name at least one class to forget")
+    if len(set(req)) != len(req):
+        raise ValueError(f"forget set {req} repeats a class")
+    unknown = [c for c in req if c not in classes]
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}: the model's classes are {list(classes)}")
+    piv = [c for c in req if c in pivots]
+    if piv:
+        raise ValueError(f"classes {piv} are pivots (kept above the accuracy threshold in every training "
+                         f"checkpoint); the hypernetwork cannot forget them. Forgettable: "
+                         f"{[c for c in classes if c not in pivots]}")
+    if len(req) == len(classes):
+        raise ValueError("cannot forget every class at once: nothing would be retained")
+    return [list(classes).index(c) for c in req]
+
+
+def group_accuracy(class_acc: torch.Tensor, counts: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+    """(K, m) per-class accuracy, (m,) sample counts -> (K,) accuracy over the samples of classes idx."""
+    idx = torch.as_tensor(list(idx), dtype=torch.long, device=class_acc.device)
+    n = counts.to(class_acc)[idx]
+    return (class_acc[:, idx] * n).sum(1) / n.sum()
+
+
+def select(forget_acc: torch.Tensor, retain_acc: torch.Tensor) -> int:
+    """Dissertation §3.5: lowest forget accuracy first, then highest retain accuracy (NaN last)."""
+    f = torch.nan_to_num(forget_acc.double(), nan=2.0)
+    r = torch.nan_to_num(retain_acc.double(), nan=-1.0)
+    best = f == f.min()
+    return int(torch.where(best, r, torch.full_like(r, -2.0)).argmax())
+
+
+def prompt_grid(loss_quantiles: dict, classes: Sequence[int], forget_idx: Sequence[int], k: int,
+                high=HIGH_LEVELS, low=LOW_LEVELS) -> tuple[torch.Tensor, dict]:
+    """(K, m) prompts: each candidate gets one (high, low) cell of the level grid, round robin.
+
+    loss_quantiles: {"q": [q...], "values": [[per-class loss at q] ...]} (q ascending, values (Q, m)).
+    """
+    q = np.asarray(loss_quantiles["q"], dtype=np.float64)
+    vals = np.asarray(loss_quantiles["values"], dtype=np.float64)           # (Q, m)
+    m = len(classes)
+    if vals.shape != (len(q), m):
+        raise ValueError(f"loss quantile table has shape {vals.shape}, expected ({len(q)}, {m})")
+
+    def at(level):                                                         # (m,) loss at quantile `level`
+        return np.array([np.interp(level, q, vals[:, c]) for c in range(m)])
+
+    cells = [(h, l) for h in high for l in low]
+    rows = []
+    for i in range(k):
+        h, l = cells[i % len(cells)]
+        row = at(l)
+        row[list(forget_idx)] = at(h)[list(forget_idx)]
+        rows.append(row)
+    levels = {"high_quantiles": list(high), "low_quantiles": list(low),
+              "cells": [{"high": h, "low": l, "prompt": [round(float(x), 4) for x in rows[i]]}
+                        for i, (h, l) in enumerate(cells[:k])]}
+    return torch.tensor(np.stack(rows), dtype=torch.float32), levels
+
+
+def loss_quantile_table(loss_ranges: dict, classes: Sequence[int]) -> dict:
+    """Hypernet meta `loss_ranges` ({label: {min, max, quantiles {q: v}}}) -> {"q": [...], "values": (Q, m)}."""
+    try:
+        per = [loss_ranges[str(c)] for c in classes]
+    except KeyError as e:
+        raise ValueError(f"the hypernetwork's meta has no training loss range for class {e}") from None
+    qs = sorted(float(q) for q in per[0]["quantiles"])
+    q = [0.0, *qs, 1.0]
+    vals = [[r["min"] for r in per]] + [[r["quantiles"][str(x) if str(x) in r["quantiles"] else repr(x)] for r in per]
+                                        for x in qs] + [[r["max"] for r in per]]
+    return {"q": q, "values": vals}
+
+
+def best_checkpoint(data_dir: str, exclude_runs: Sequence[int] = ()) -> tuple[torch.Tensor, dict]:
+    """The stored checkpoint with the lowest mean VALIDATION loss outside `exclude_runs` (a well
+    trained classifier: the usual thing one is asked to make forget). -> (P,) params, info."""
+    from ..collection.store import CheckpointStore
+    st = CheckpointStore(data_dir, verify="size")
+    loss = torch.from_numpy(st.load("class_loss")).double()                 # (n, m) validation losses
+    run = st.load("run")
+    score = torch.nan_to_num(loss.mean(1), nan=float("inf"))
+    score[torch.from_numpy(np.isin(run, np.asarray(list(exclude_runs), dtype=run.dtype)))] = float("inf")
+    i = int(score.argmin())
+    params = torch.from_numpy(st.take("params", np.array([i]))[0].copy())
+    return params, {"source": "stored checkpoint (lowest mean validation loss)", "index": i, "run": int(run[i]),
+                    "step": int(st.load("step")[i]), "val_class_loss": [float(x) for x in loss[i]]}
+
+
+def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", steps: int = 50,
+           model: nn.Module | torch.Tensor | None = None, seed: int = 0, high=HIGH_LEVELS, low=LOW_LEVELS,
+           keep_candidates: bool = True) -> ForgetResult:
+    """Forget `forget_classes` (digit labels) with a trained hypernetwork (hf.load_hypernet).
+
+    data: the collection's DigitSplits (its validation split scores the candidates).
+    model: DiHyFo-1's starting classifier (nn.Module of the hypernetwork's spec, or flat (P,)
+    params); None uses `best_checkpoint` of the hypernetwork's dataset and names it in `.start`.
+    """
+    hn = hypernet
+    spec, classes = hn.spec, list(hn.meta["classes"])
+    fidx = class_indices(classes, forget_classes, hn.meta.get("pivots", ()))
+    if tuple(data.classes) != tuple(classes):
+        raise ValueError(f"data holds classes {tuple(data.classes)}, the hypernetwork {tuple(classes)}")
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    ridx = [c for c in range(len(classes)) if c not in fidx]
+    dev = next(hn.model.parameters()).device
+    Xv, yv = data.X_val.to(dev), data.y_val.to(dev)
+    counts = torch.bincount(yv, minlength=len(classes))
+    t0 = time.perf_counter()
+    table = loss_quantile_table(hn.meta["loss_ranges"], classes)
+    prompt, levels = prompt_grid(table, classes, fidx, int(k), high, low)
+    start = None
+    kw = {}
+    if hn.cfg.kind == "dihyfo1":
+        if model is None:
+            theta, start = best_checkpoint(hn.meta["dataset"]["dir"], hn.meta.get("heldout_runs", ()))
+        else:
+            theta = flat_params(model, spec) if isinstance(model, nn.Module) else check_flat(model, spec, "model")[0]
+            start = {"source": "user model"}
+        theta = theta.float().to(dev)
+        cur = class_metrics(theta[None], spec, Xv, yv).class_loss[0]        # (m,) its validation losses
+        start["val_class_loss"] = [float(x) for x in cur]
+        kw = {"theta": theta, "losses": cur}
+    elif model is not None:
+        raise ValueError("DiHyFo-2 generates from the loss prompt alone; it takes no starting model")
+    t1 = time.perf_counter()
+    cand = hn.sample(prompt.to(dev), int(k), sampler=sampler, steps=steps, seed=seed, **kw)   # (K, P)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    met = class_metrics(cand, spec, Xv, yv)
+    f_acc = group_accuracy(met.class_acc, counts, fidx)
+    r_acc = group_accuracy(met.class_acc, counts, ridx)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t3 = time.perf_counter()
+    i = select(f_acc, r_acc)
+    params = cand[i].detach().float().cpu()
+    t4 = time.perf_counter()
+    cands = {"class_loss": met.class_loss.cpu(), "class_acc": met.class_acc.cpu(), "forget_acc": f_acc.cpu(),
+             "retain_acc": r_acc.cpu(), "split": "validation"}
+    return ForgetResult(model=as_module(params, spec), params=params, forget_classes=tuple(classes[c] for c in fidx),
+                        chosen=i, candidates=cands, prompt=prompt, prompt_levels=levels,
+                        timing={"prepare": t1 - t0, "sample": t2 - t1, "score": t3 - t2, "select": t4 - t3,
+                                "total": t4 - t1, "k": int(k), "sampler": sampler, "steps": int(steps)},
+                        start=start, candidate_params=cand.detach().cpu() if keep_candidates else None)
