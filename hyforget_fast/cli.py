@@ -130,6 +130,7 @@ def _add_evaluate_hypernet(sub):
                    help="DiHyFo-1 starting point: an earlier held-out checkpoint, or the run's initial params")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
 
 
 def cmd_evaluate_hypernet(a) -> int:
@@ -137,7 +138,7 @@ def cmd_evaluate_hypernet(a) -> int:
     from .hypernet.evaluate import evaluate_hypernet, save_evaluation
     hn = load_hypernet(a.dir) if a.device is None else load_hypernet(a.dir, device=a.device)
     res = evaluate_hypernet(hn, a.data, None, num_prompts=a.prompts, per_prompt=a.per_prompt, sampler=a.sampler,
-                            steps=a.steps, seed=a.seed, start=a.start)
+                            steps=a.steps, seed=a.seed, start=a.start, guidance=a.guidance)
     paths = save_evaluation(res, a.dir)
     r2 = ", ".join(f"{c}: {v:.3f}" for c, v in res["r2"].items())
     print(f"R² {{{r2}}}; free-class mean {res['r2_free_mean']:.3f}; non-finite {res['nonfinite_total']}; "
@@ -157,6 +158,7 @@ def _add_forget(sub):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
 
 
 def cmd_forget(a) -> int:
@@ -169,7 +171,8 @@ def cmd_forget(a) -> int:
     hn = load_hypernet(a.hypernet) if a.device is None else load_hypernet(a.hypernet, device=a.device)
     splits = splits_from_manifest(CheckpointStore(hn.meta["dataset"]["dir"], verify="size").manifest)
     model = load_file(a.model)["params"] if a.model else None
-    res = forget(hn, a.forget, splits, k=a.k, sampler=a.sampler, steps=a.steps, model=model, seed=a.seed)
+    res = forget(hn, a.forget, splits, k=a.k, sampler=a.sampler, steps=a.steps, model=model, seed=a.seed,
+                 guidance=a.guidance)
     os.makedirs(a.out, exist_ok=True)
     save_file({"params": res.params.contiguous()}, os.path.join(a.out, "model.safetensors"),
               metadata={"layer_sizes": json.dumps(list(hn.spec.layer_sizes))})
@@ -199,6 +202,7 @@ def _add_evaluate(sub):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--retrain-seeds", type=int, default=5)
     p.add_argument("--mia", default="logreg", choices=["logreg", "svc"])
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
     p.add_argument("--out", required=True)
 
 
@@ -208,7 +212,7 @@ def cmd_evaluate(a) -> int:
     hns = {k: load_hypernet(d) for k, d in (("dihyfo1", a.dihyfo1), ("dihyfo2", a.dihyfo2)) if d}
     sets = [[int(c) for c in f.split(",")] for f in a.forget]
     rep = evaluate_forgetting(a.data, hns, sets, seeds=a.seeds, k=a.k, sampler=a.sampler, steps=a.steps,
-                              retrain_seeds=a.retrain_seeds, mia_attack=a.mia, out_dir=a.out,
+                              retrain_seeds=a.retrain_seeds, mia_attack=a.mia, out_dir=a.out, guidance=a.guidance,
                               log=lambda s: print(s, file=sys.stderr, flush=True))
     print(markdown_tables(rep))
     for v in rep["verdicts"]:
@@ -219,8 +223,9 @@ def cmd_evaluate(a) -> int:
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the whole pipeline on the bundled digits (resumable)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=6000, help="training steps per hypernetwork")
-    p.add_argument("--minutes", type=float, help="wall-clock cap per hypernetwork's training")
+    p.add_argument("--steps", type=int, nargs=2, metavar=("DIHYFO1", "DIHYFO2"),
+                   help="training steps of each hypernetwork (default 3500 4500)")
+    p.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap of each hypernetwork's training")
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--runs", type=int, default=512, help="collection runs")
@@ -229,7 +234,8 @@ def _add_demo(sub):
 
 def cmd_demo(a) -> int:
     from .demo import run_demo
-    run_demo(a.out, steps=a.steps, minutes=a.minutes, k=a.k, seeds=tuple(a.seeds), runs=a.runs, threads=a.threads)
+    steps = dict(zip(("dihyfo1", "dihyfo2"), a.steps)) if a.steps else None
+    run_demo(a.out, steps=steps, minutes=a.minutes, k=a.k, seeds=tuple(a.seeds), runs=a.runs, threads=a.threads)
     return 0
 
 

@@ -66,7 +66,7 @@ def test_holdout_filters_without_changing_training(stores):
 
 def test_holdout_applies_to_initial_params_and_keeps_run_capacity(stores):
     st = stores["held"]
-    loss, phase, run = st.load("class_loss"), st.load("phase"), st.load("run")
+    phase, run = st.load("phase"), st.load("run")
     init_plain = stores["plain"].load("class_loss")[stores["plain"].load("phase") == PHASE_INIT]
     assert matches(init_plain, RULES).any(), "config should start some run inside a held-out region"
     assert (phase == PHASE_INIT).sum() == (~matches(init_plain, RULES)).sum()

@@ -135,3 +135,31 @@ def test_sample_errors_name_the_problem():
         h1.sample(ok, 2, theta=torch.zeros(P), losses=[0.1, float("inf"), 1, 1])
     with pytest.raises(ValueError, match="k .* positive integer"):
         h2.sample(ok, 0)
+
+
+@pytest.mark.parametrize("kind", ["dihyfo1", "dihyfo2"])
+def test_guidance_combines_the_two_branches(kind):
+    hn = _hypernet(kind)
+    torch.nn.init.normal_(hn.model.null_target, std=0.5)        # a non-trivial "no target" embedding
+    m, P = 4, SPEC.num_params
+    tgt = torch.rand(3, m)
+    cond = (hf.tokenize(torch.randn(3, P), hn.layout, None, hn.norm), torch.rand(3, m)) if kind == "dihyfo1" else ()
+    x, t = torch.randn(3, *hn.model.token_mask.shape), torch.tensor([5, 500, 999])
+    c = hn.model(x, t, tgt, *cond)
+    u = hn.model(x, t, tgt, *cond, drop_target=torch.ones(3, dtype=torch.bool))
+    assert not torch.allclose(c, u)                              # the target tokens matter
+    torch.testing.assert_close(hn._guided(tgt, cond, 2.5)(x, t), u + 2.5 * (c - u), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hn._guided(tgt, cond, 1.0)(x, t), c)
+    kw = {"theta": torch.randn(P), "losses": torch.rand(m)} if kind == "dihyfo1" else {}
+    assert not torch.equal(hn.sample(tgt[0], 2, steps=3, guidance=1.0, **kw), hn.sample(tgt[0], 2, steps=3, guidance=3.0, **kw))
+
+
+def test_guidance_needs_a_model_trained_with_target_dropout():
+    torch.manual_seed(0)
+    model = DiHyFo(HypernetConfig.preset("dihyfo2", SPEC, "tiny", **SMALL, cond_dropout=0.0))
+    hn = Hypernet(model, hf.ParamNorm.fit(torch.randn(8, SPEC.num_params), SPEC), GaussianDiffusion(), {})
+    assert hn.default_guidance == 1.0
+    with pytest.raises(ValueError, match="without target dropout"):
+        hn.sample(torch.rand(4), 1, steps=2, guidance=2.0)
+    with pytest.raises(ValueError, match="guidance"):
+        _hypernet("dihyfo2").sample(torch.rand(4), 1, steps=2, guidance=float("nan"))

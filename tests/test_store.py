@@ -143,3 +143,14 @@ def test_plot_coverage_writes_png(full, tmp_path):
     png = str(tmp_path / "cov.png")
     assert cli_main(["plot-coverage", full, "--png", png]) == 0
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_change_biased_pairs_favour_moving_losses_and_stay_valid(full):
+    ds = PairDataset(full)
+    a = ds.sample_batch(2048, torch.Generator().manual_seed(3))
+    b = ds.sample_batch(2048, torch.Generator().manual_seed(3), change_bias=1.0)
+    b2 = ds.sample_batch(2048, torch.Generator().manual_seed(3), change_bias=1.0)
+    assert all(torch.equal(b[k], b2[k]) for k in b)                      # seeded
+    assert (b["step"] < b["step_star"]).all() and torch.equal(b["run"], b["run"])
+    move = lambda x: (x["loss_star"] - x["loss"]).abs().amax(1).mean().item()  # noqa: E731
+    assert move(b) > 1.2 * move(a)

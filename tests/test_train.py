@@ -171,3 +171,20 @@ def test_ddp_two_processes_follow_the_single_process_curve(data, tmp_path):
     for k in a:
         if k.startswith(("model.", "ema.")):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_piece_loss_weighting_gives_every_piece_the_same_share():
+    from hyforget_fast.ops.spec import TokenLayout
+    spec = MLPSpec([29, 3, 5])
+    layout = TokenLayout(spec, 16)
+    model = DiHyFo(HypernetConfig.preset("dihyfo2", spec, "tiny", width=32, depth=1, heads=2, chunk=16))
+    mask = model.token_mask
+    w = tr.loss_weight(layout, "piece", mask)
+    assert torch.equal(tr.loss_weight(layout, "value", mask), mask)
+    assert (w[mask == 0] == 0).all() and w.sum().item() == pytest.approx(mask.sum().item())
+    share = {}
+    for i, tok in enumerate(layout.tokens):
+        share[(tok.layer, tok.is_bias)] = share.get((tok.layer, tok.is_bias), 0.0) + w[i].sum().item()
+    assert len(share) == 4 and max(share.values()) == pytest.approx(min(share.values()))
+    with pytest.raises(ValueError, match="loss_weighting"):
+        tr.loss_weight(layout, "layer", mask)

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from ..ops.spec import MLPSpec
+from ..configs import strict_fields
 
 PHASE_INIT, PHASE_TRAIN, PHASE_FORGET = 0, 1, 2
 PHASE_NAMES = {PHASE_INIT: "init", PHASE_TRAIN: "train", PHASE_FORGET: "forget"}
@@ -141,11 +142,7 @@ class CollectConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CollectConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown CollectConfig fields {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in strict_fields(cls, d).items()})
 
 
 HOLDOUT_SIDES = ("high", "low")

@@ -84,12 +84,23 @@ class PairDataset(torch.utils.data.Dataset):
             return self._dev[name][idx.to(self._dev[name].device)].to(device)
         return torch.from_numpy(self.store.take(name, idx.cpu().numpy())).to(device)
 
-    def sample_batch(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> dict:
+    def sample_batch(self, batch_size: int, generator: torch.Generator | None = None, device=None,
+                     change_bias: float = 0.0) -> dict:
+        """change_bias > 0: pairs whose losses move more are drawn more often. 4B candidate pairs
+        are drawn uniformly and B kept without replacement with weight
+        change_bias * max_c |L*_c - L_c| + 0.05 (c over all classes): uniform sampling gives
+        DiHyFo-1 few loss-raising (forgetting) pairs to learn from (~4% move a class by > 1.5)."""
         gdev = generator.device if generator is not None else torch.device("cpu")
         device = torch.device(device) if device is not None else (
             next(iter(self._dev.values())).device if self._dev is not None else torch.device("cpu"))
-        u = torch.rand(batch_size, 3, generator=generator, device=gdev, dtype=torch.float64)
+        n_cand = batch_size * (4 if change_bias > 0 else 1)
+        u = torch.rand(n_cand, 3, generator=generator, device=gdev, dtype=torch.float64)
         i, j = self.pair_indices(u)
+        if change_bias > 0:
+            dl = (self._gather("class_loss", j, gdev) - self._gather("class_loss", i, gdev)).abs()   # (4B, m)
+            w = change_bias * torch.nan_to_num(dl, nan=0.0).amax(1).double() + 0.05
+            keep = torch.multinomial(w, batch_size, replacement=False, generator=generator)
+            i, j = i[keep], j[keep]
         return {"theta": self._gather("params", i, device), "loss": self._gather("class_loss", i, device),
                 "theta_star": self._gather("params", j, device), "loss_star": self._gather("class_loss", j, device),
                 "run": self._gather("run", i, device), "step": self._gather("step", i, device),

@@ -6,6 +6,8 @@ training metadata (classes, pivots, per-class loss ranges of the training data, 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..ops.functional import detokenize, tokenize
@@ -97,16 +99,39 @@ class Hypernet:
             raise ValueError(f"{what} holds a non-finite value (NaN or inf) at row {r}, column {c}")
         return x
 
+    @property
+    def default_guidance(self) -> float:
+        return DEFAULT_GUIDANCE if self.cfg.cond_dropout > 0 else 1.0
+
+    def _guided(self, tgt: torch.Tensor, cond: tuple, w: float):
+        """model_fn(x_t, t) -> guided x0: both branches in ONE batched forward when w != 1."""
+        if w == 1:
+            return lambda x_t, t: self.model(x_t, t, tgt, *cond)
+        b = tgt.shape[0]
+        drop = torch.arange(2 * b, device=tgt.device) >= b                 # (2b,) second half: no target
+        tgt2 = tgt.repeat(2, 1)
+        cond2 = tuple(c.repeat(2, *([1] * (c.ndim - 1))) for c in cond)
+
+        def fn(x_t, t):
+            out = self.model(x_t.repeat(2, 1, 1), t.repeat(2), tgt2, *cond2, drop_target=drop)
+            c, u = out[:b], out[b:]
+            return u + w * (c - u)
+        return fn
+
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, target_losses, k: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,
-               theta=None, losses=None, batch: int | None = None, eta: float = 0.0) -> torch.Tensor:
+               theta=None, losses=None, batch: int | None = None, eta: float = 0.0,
+               guidance: float | None = None) -> torch.Tensor:
         """Sample k networks whose per-class validation losses should be `target_losses`.
 
         target_losses (m,) broadcast to all k, or (k, m). DiHyFo-1 also needs theta ((P,) or (k, P)
         raw flat params) and their per-class losses ((m,) or (k, m)). sampler "ddim" (`steps`
         steps, `eta` 0 = deterministic given the noise) or "ddpm" (all diffusion steps). The same
         seed gives the same samples; `batch` samples in slices of that many (less memory).
+        guidance w (classifier-free): x0 = x0_free + w (x0_cond - x0_free); 1 = plain conditional,
+        > 1 follows the prompt harder (twice the compute); None = the model's default
+        (`default_guidance`: DEFAULT_GUIDANCE if it was trained with target dropout, else 1).
         -> (k, P) float32 flat parameters in the package's order, on the model's device.
         """
         if sampler not in SAMPLERS:
@@ -128,6 +153,12 @@ class Hypernet:
                              "(use a DiHyFo-1 to edit a given network)")
         if sampler == "ddim":
             self.diffusion.ddim_timesteps(steps)   # validates steps
+        w = self.default_guidance if guidance is None else float(guidance)
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+        if w != 1 and self.cfg.cond_dropout <= 0:
+            raise ValueError("this model was trained without target dropout; it has no unconditional branch "
+                             "for guidance != 1")
         batch = k if batch is None else int(batch)
         if batch < 1:
             raise ValueError(f"batch must be positive, got {batch}")
@@ -142,11 +173,10 @@ class Hypernet:
                 th = tokenize(theta[lo:hi].contiguous(), self.layout, None, self.norm)
                 cur = losses[lo:hi]
 
-                def fn(x_t, t):
-                    return self.model(x_t, t, tgt, th, cur)
+                cond = (th, cur)
             else:
-                def fn(x_t, t):
-                    return self.model(x_t, t, tgt)
+                cond = ()
+            fn = self._guided(tgt, cond, w)
             shape = (hi - lo, *mask.shape)
             if sampler == "ddim":
                 x0 = self.diffusion.ddim_sample(fn, shape, steps=steps, eta=eta, mask=mask, generator=gen)
@@ -154,6 +184,9 @@ class Hypernet:
                 x0 = self.diffusion.ddpm_sample(fn, shape, mask=mask, generator=gen)
             out.append(detokenize((x0 * mask).float().contiguous(), self.layout, self.norm))   # (b, P)
         return torch.cat(out)
+
+
+DEFAULT_GUIDANCE = 1.0   # classifier-free guidance weight unless asked; > 1 available for models trained with target dropout
 
 
 def load_hypernet(path: str, device=None) -> Hypernet:

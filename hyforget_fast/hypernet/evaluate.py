@@ -144,7 +144,7 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
                       sampler: str = "ddim", steps: int = 20, seed: int = 0, max_items: int | None = None,
                       classes: Sequence[int] | None = None, *, start: str = "pair",
                       percentiles: tuple[float, float] = (2.0, 98.0), splits=None,
-                      sample_batch: int | None = None, eps: float = R2_EPS) -> dict:
+                      sample_batch: int | None = None, eps: float = R2_EPS, guidance: float | None = None) -> dict:
     """Per-class prompt alignment R² and Pearson r of a hypernetwork on held-out runs.
 
     hn: anything with .sample(target_losses (k, m), k, sampler=, steps=, seed=, theta=, losses=)
@@ -241,6 +241,7 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
             n = sl.stop - sl.start
             outs.append(_as_params(hn.sample(tgt[sl], n, sampler=sampler, steps=steps,
                                              seed=int(seed) * 1_000_003 + c * 1009 + b0,
+                                             **({} if guidance is None else {"guidance": guidance}),
                                              **{a: v[sl] for a, v in kw.items()}), n, P))
         params = torch.cat(outs)                                               # (k, P)
         obs = class_metrics(params, spec, X_val.to(params.device), y_val.to(params.device)).class_loss[:, ci]
@@ -269,6 +270,7 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
         "nonfinite_total": int(sum(res["nonfinite"].values())),
         "settings": {"sampler": sampler, "steps": int(steps), "num_prompts": num_prompts, "per_prompt": per_prompt,
                      "seed": int(seed), "start": start if kind == "dihyfo1" else None,
+                     "guidance": guidance if guidance is not None else getattr(hn, "default_guidance", None),
                      "percentiles": [float(lo_q), float(hi_q)], "eps": float(eps),
                      "r2": "pooled over all (prompt, item) pairs of the class (= mean per-set R²)",
                      "measured_on": "validation split", "heldout_runs": sorted(int(r) for r in per_run),

@@ -31,14 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.spec import MLPSpec, TokenLayout
+from ..configs import strict_fields
 
 KINDS = ("dihyfo1", "dihyfo2")
 
 # Presets: width, depth, heads, chunk. `tiny` trains on a 2-core CPU in minutes; `paper` is the
 # dissertation's MNIST scale (chunk 1000 as G.pt's MNIST tokens).
 PRESETS = {
-    "tiny": dict(width=128, depth=4, heads=4, chunk=64),
-    "paper": dict(width=1536, depth=12, heads=16, chunk=1000),
+    "tiny": dict(width=128, depth=4, heads=4, chunk=64, cond_dropout=0.1),
+    "paper": dict(width=1536, depth=12, heads=16, chunk=1000, cond_dropout=0.1),
 }
 
 
@@ -55,6 +56,8 @@ class HypernetConfig:
     num_freqs: int = 128
     max_freq_log2: float = 14.0
     mlp_ratio: float = 4.0
+    cond_dropout: float = 0.0          # training: chance of replacing the target tokens by "no target"
+    cond_broadcast: bool = False       # also add the mean scalar-token embedding to every parameter token
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -65,6 +68,8 @@ class HypernetConfig:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if min(self.width, self.depth, self.heads, self.chunk, self.num_freqs) <= 0:
             raise ValueError("width, depth, heads, chunk and num_freqs must be positive")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
 
     @property
     def spec(self) -> MLPSpec:
@@ -85,11 +90,7 @@ class HypernetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HypernetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown HypernetConfig fields {sorted(unknown)}")
-        return cls(**d)
+        return cls(**strict_fields(cls, d))
 
     @classmethod
     def preset(cls, kind: str, spec: MLPSpec, preset: str = "tiny", **overrides) -> "HypernetConfig":
@@ -153,9 +154,11 @@ class Block(nn.Module):
 class DiHyFo(nn.Module):
     """DiHyFo-1 (kind "dihyfo1") or DiHyFo-2 (kind "dihyfo2"); predicts clean normalized tokens.
 
-    forward(x_t (B, T, C), t (B,), target_loss (B, m), theta (B, T, C) = None, loss (B, m) = None)
-    -> x0 prediction (B, T, C) float32. T = layout.num_tokens, C = chunk. DiHyFo-1 needs theta and
-    loss (the current parameters and their per-class losses) and returns theta + delta.
+    forward(x_t (B, T, C), t (B,), target_loss (B, m), theta (B, T, C) = None, loss (B, m) = None,
+    drop_target (B,) bool = None) -> x0 prediction (B, T, C) float32. T = layout.num_tokens,
+    C = chunk. DiHyFo-1 needs theta and loss (the current parameters and their per-class losses)
+    and returns theta + delta. Rows with drop_target True see "no target" (guidance's unconditional
+    branch; trained with probability cfg.cond_dropout).
     """
 
     def __init__(self, cfg: HypernetConfig, num_diffusion_steps: int = 1000):
@@ -168,8 +171,13 @@ class DiHyFo(nn.Module):
         self.num_scalars = 1 + (3 * m if self.conditional_on_theta else m)
         self.encoder = FrequencyEncoder(cfg.num_freqs, cfg.max_freq_log2)
         self.scalar_in = TokenLinear(self.num_scalars, self.encoder.dim, W)
+        # Classifier-free guidance (Ho & Salimans 2022): "no target" embeddings that replace the
+        # target-loss tokens (and, for DiHyFo-1, the loss-difference tokens) when dropped.
+        self.target_slots = list(range(1, 1 + m)) + (list(range(1 + 2 * m, 1 + 3 * m)) if self.conditional_on_theta else [])
+        self.null_target = nn.Parameter(torch.zeros(len(self.target_slots), W))
         self.x_in = TokenLinear(T, C, W)
         self.theta_in = TokenLinear(T, C, W) if self.conditional_on_theta else None
+        self.cond_proj = nn.Linear(W, W) if cfg.cond_broadcast else None
         n_seq = self.num_scalars + T
         self.pos = nn.Parameter(torch.zeros(1, n_seq, W))                  # learned, zero-initialised
         self.blocks = nn.ModuleList([Block(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
@@ -197,14 +205,22 @@ class DiHyFo(nn.Module):
                                  f"{tuple(theta.shape)} and {tuple(loss.shape)}")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, target_loss: torch.Tensor,
-                theta: torch.Tensor | None = None, loss: torch.Tensor | None = None) -> torch.Tensor:
+                theta: torch.Tensor | None = None, loss: torch.Tensor | None = None,
+                drop_target: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x_t, t, target_loss, theta, loss)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x_t.is_cuda):
             scal = [t.float()[:, None] / self.num_steps, target_loss]
             if self.conditional_on_theta:
                 scal += [loss, target_loss - loss]
             s = self.scalar_in(self.encoder(torch.cat(scal, 1)))            # (B, S, W)
+            if drop_target is not None:
+                slots = s[:, self.target_slots]                             # (B, n_target, W)
+                null = self.null_target.to(s.dtype).expand_as(slots)
+                s = s.index_copy(1, torch.tensor(self.target_slots, device=s.device),
+                                 torch.where(drop_target[:, None, None], null, slots))
             p = self.x_in(x_t)                                              # (B, T, W)
+            if self.cond_proj is not None:   # every parameter token sees the conditioning directly
+                p = p + self.cond_proj(s.mean(1))[:, None]                  # (B, 1, W) broadcast
             if self.conditional_on_theta:
                 p = p + self.theta_in(theta)
             h = torch.cat([s, p], 1) + self.pos                             # (B, S + T, W)

@@ -35,6 +35,7 @@ from ..ops.functional import sample_perms, tokenize
 from ..ops.spec import MLPSpec, ParamNorm
 from .diffusion import GaussianDiffusion
 from .models import PRESETS, DiHyFo, HypernetConfig
+from ..configs import strict_fields
 
 CKPT = "checkpoint.safetensors"
 CONFIG = "config.json"
@@ -75,6 +76,8 @@ class TrainConfig:
     eval_steps: int = 20
     eval_max_items: int | None = None
     minutes: float | None = None       # stop (with a checkpoint) after this wall-clock budget
+    loss_weighting: str = "piece"      # "piece": every weight / bias piece counts equally; "value": every value
+    pair_change_bias: float = 0.0      # DiHyFo-1: > 0 draws pairs whose losses move more often (pairs.py)
     overrides: dict = field(default_factory=dict)   # HypernetConfig fields (width, depth, ...)
 
     def __post_init__(self):
@@ -100,11 +103,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-        return cls(**d)
+        return cls(**strict_fields(cls, d))
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine to 0."""
@@ -154,6 +153,21 @@ def loss_ranges(class_loss: np.ndarray, classes) -> dict:
                        "quantiles": {str(q): float(v)
                                      for q, v in zip(LOSS_QUANTILES, np.quantile(col, LOSS_QUANTILES))}}
     return out
+
+
+def loss_weight(layout, how: str, mask: torch.Tensor) -> torch.Tensor:
+    """(T, C) weight of each token value in the MSE. "value": 1 per real value (G.pt). "piece":
+    1 / size of its piece, so each layer's weight and bias count equally: in a 784-2-4 MLP the
+    first layer holds 99% of the values, while the output layer decides most per-class losses."""
+    if how == "value":
+        return mask
+    if how != "piece":
+        raise ValueError(f"loss_weighting must be 'piece' or 'value', got {how!r}")
+    size = {}
+    for tok in layout.tokens:
+        size[(tok.layer, tok.is_bias)] = size.get((tok.layer, tok.is_bias), 0) + tok.length
+    per_tok = torch.tensor([1.0 / size[(tok.layer, tok.is_bias)] for tok in layout.tokens], device=mask.device)
+    return mask * per_tok[:, None] * (mask.sum() / len(size))    # mean weight 1 over real values
 
 
 # ---------------------------------------------------------------------------- model parts
@@ -260,29 +274,33 @@ class _Step:
         self.lo, self.hi = lo, hi
         self.spec = model.cfg.spec
         self.layout = model.layout
+        self.weight = loss_weight(self.layout, cfg.loss_weighting, model.token_mask)   # (T, C)
 
     def loss(self, fwd, gen: torch.Generator) -> torch.Tensor:
         B, lo, hi = self.cfg.batch_size, self.lo, self.hi
         pair = self.model.conditional_on_theta
-        batch = self.ds.sample_batch(B, gen) if pair else self.ds.sample_checkpoints(B, gen)
+        batch = self.ds.sample_batch(B, gen, change_bias=self.cfg.pair_change_bias) if pair else \
+            self.ds.sample_checkpoints(B, gen)
         perms = sample_perms(self.spec, B, generator=gen)[lo:hi]                 # (b, H) one per pair
         t = self.diffusion.sample_t(B, gen)[lo:hi]                               # (b,)
         mask = self.model.token_mask                                             # (T, C)
         noise = torch.randn((B, *mask.shape), generator=gen, device=mask.device)[lo:hi] * mask
+        p_drop = self.model.cfg.cond_dropout
+        drop = (torch.rand(B, generator=gen, device=mask.device) < p_drop)[lo:hi] if p_drop > 0 else None
         if pair:
             x0 = tokenize(batch["theta_star"][lo:hi], self.layout, perms, self.norm, validate=False)
             theta = tokenize(batch["theta"][lo:hi], self.layout, perms, self.norm, validate=False)
             target, cur = batch["loss_star"][lo:hi], batch["loss"][lo:hi]
 
             def model_fn(x_t, tt):
-                return fwd(x_t, tt, target, theta, cur)
+                return fwd(x_t, tt, target, theta, cur, drop)
         else:
             x0 = tokenize(batch["params"][lo:hi], self.layout, perms, self.norm, validate=False)
             target = batch["loss"][lo:hi]
 
             def model_fn(x_t, tt):
-                return fwd(x_t, tt, target)
-        return self.diffusion.training_loss(model_fn, x0, mask, t=t, noise=noise)
+                return fwd(x_t, tt, target, drop_target=drop)
+        return self.diffusion.training_loss(model_fn, x0, mask, t=t, noise=noise, weight=self.weight)
 
 
 def _default_log(msg: str) -> None:

@@ -136,12 +136,13 @@ def best_checkpoint(data_dir: str, exclude_runs: Sequence[int] = ()) -> tuple[to
 
 def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", steps: int = 50,
            model: nn.Module | torch.Tensor | None = None, seed: int = 0, high=HIGH_LEVELS, low=LOW_LEVELS,
-           keep_candidates: bool = True) -> ForgetResult:
+           keep_candidates: bool = True, guidance: float | None = None) -> ForgetResult:
     """Forget `forget_classes` (digit labels) with a trained hypernetwork (hf.load_hypernet).
 
     data: the collection's DigitSplits (its validation split scores the candidates).
     model: DiHyFo-1's starting classifier (nn.Module of the hypernetwork's spec, or flat (P,)
     params); None uses `best_checkpoint` of the hypernetwork's dataset and names it in `.start`.
+    guidance: classifier-free guidance weight (None = the model's default).
     """
     hn = hypernet
     spec, classes = hn.spec, list(hn.meta["classes"])
@@ -172,6 +173,8 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     elif model is not None:
         raise ValueError("DiHyFo-2 generates from the loss prompt alone; it takes no starting model")
     t1 = time.perf_counter()
+    if guidance is not None:
+        kw["guidance"] = guidance
     cand = hn.sample(prompt.to(dev), int(k), sampler=sampler, steps=steps, seed=seed, **kw)   # (K, P)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -190,5 +193,6 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     return ForgetResult(model=as_module(params, spec), params=params, forget_classes=tuple(classes[c] for c in fidx),
                         chosen=i, candidates=cands, prompt=prompt, prompt_levels=levels,
                         timing={"prepare": t1 - t0, "sample": t2 - t1, "score": t3 - t2, "select": t4 - t3,
-                                "total": t4 - t1, "k": int(k), "sampler": sampler, "steps": int(steps)},
+                                "total": t4 - t1, "k": int(k), "sampler": sampler, "steps": int(steps),
+                                "guidance": hn.default_guidance if guidance is None else float(guidance)},
                         start=start, candidate_params=cand.detach().cpu() if keep_candidates else None)

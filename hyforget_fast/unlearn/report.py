@@ -92,7 +92,8 @@ def _anamnesis(params, ctx) -> dict:
 
 def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Sequence[int]], seeds=(0,), k: int = 256,
                         sampler: str = "ddim", steps: int = 50, retrain_seeds: int = 5, mia_attack: str = "logreg",
-                        out_dir: str | None = None, log=print, memorization: bool = True, holdout=None) -> dict:
+                        out_dir: str | None = None, log=print, memorization: bool = True, holdout=None,
+                        guidance: float | None = None) -> dict:
     """Run every method on every forget set and seed; -> the JSON-able report (also saved to out_dir).
 
     hypernets: {"dihyfo1": Hypernet, "dihyfo2": Hypernet} (either may be missing).
@@ -138,7 +139,7 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
             ctx["retrain_params"] = rt.params
             for kind, hn in hypernets.items():
                 res = forget(hn, list(fs), splits, k=k, sampler=sampler, steps=steps,
-                             model=original if kind == "dihyfo1" else None, seed=seed)
+                             model=original if kind == "dihyfo1" else None, seed=seed, guidance=guidance)
                 params[kind], seconds[kind] = res.params, res.timing["total"]
                 extra[kind] = {"timing": res.timing, "chosen": res.chosen, "start": res.start,
                                "prompt_levels": res.prompt_levels,
