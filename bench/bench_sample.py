@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, markdown_table, median_time  # noqa: E402
+from common import emit, machine, markdown_table, median_time  # noqa: E402
 
 import hyforget_fast as hf  # noqa: E402
 from hyforget_fast.hypernet.diffusion import GaussianDiffusion  # noqa: E402
@@ -129,10 +129,7 @@ def main():
              if a.score else "") + "\n\n"
           + markdown_table(["model", "K", "sampler", "ms", "ms / step", "TFLOP/s"] + (["score ms"] if a.score else []),
                            rows))
-    print(md)
-    if a.md:
-        with open(a.md, "a") as f:
-            f.write(md + "\n\n")
+    emit(md, a.md)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, markdown_table, median_time  # noqa: E402
+from common import emit, machine, markdown_table, median_time  # noqa: E402
 
 import hyforget_fast as hf  # noqa: E402
 from hyforget_fast.ops import reference as ref  # noqa: E402
@@ -109,10 +109,7 @@ def main():
           "tensor (allocation included, as for any op returning a new tensor); *vs copy_*: into a "
           "preallocated tensor. Medians.\n\n"
           + markdown_table(["spec", "B", "provider", "ms", "GB/s", "vs clone", "vs copy_", "speed-up vs loop"], rows))
-    print(md)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(md + "\n\n")
+    emit(md, a.out)
 
 
 if __name__ == "__main__":

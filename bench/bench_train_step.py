@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, markdown_table, median_time, sync  # noqa: E402
+from common import emit, machine, markdown_table, median_time, sync  # noqa: E402
 
 import hyforget_fast as hf  # noqa: E402
 from hyforget_fast.hypernet.diffusion import GaussianDiffusion  # noqa: E402
@@ -296,10 +296,7 @@ def main():
           + markdown_table(["provider", "matmul dtype", "batch ms", "step ms", "samples/s", "vs G.pt",
                             "TFLOP/s", f"MFU vs {str(gemm_dtype).split('.')[-1]} GEMM", "MFU vs nominal bf16",
                             "peak GiB"], rows))
-    print(md)
-    if a.md:
-        with open(a.md, "a") as f:
-            f.write(md + "\n\n")
+    emit(md, a.md)
 
 
 if __name__ == "__main__":

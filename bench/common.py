@@ -51,3 +51,11 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def emit(md: str, path: str | None) -> None:
+    """Print a result table and append it to `path` (a markdown file) when given."""
+    print(md)
+    if path:
+        with open(path, "a") as f:
+            f.write(md + "\n\n")

@@ -200,11 +200,14 @@ def summarize(report: dict) -> dict:
     return out
 
 
-def _fmt(cell) -> str:
+COUNTS = {"relearn_steps"}
+
+
+def _fmt(cell, count: bool = False) -> str:
     mean, std, n = cell
     if not math.isfinite(mean):
         return "inf" if mean == math.inf else "n/a"
-    s = f"{mean:.3f}" if abs(mean) < 100 else f"{mean:.0f}"
+    s = f"{mean:.0f}" if count and n == 1 else f"{mean:.3f}" if abs(mean) < 100 else f"{mean:.0f}"
     return s + (f" ± {std:.3f}" if n > 1 else "")
 
 
@@ -222,7 +225,7 @@ def markdown_tables(report: dict) -> str:
             lines += [f"### D_f = {{{key}}}: {title}", "", "| method | " + " | ".join(h for _, h in cols) + " |",
                       "|---|" + "---|" * len(cols)]
             for m in rows:
-                lines.append(f"| {LABELS[m]} | " + " | ".join(_fmt(meths[m][c]) if c in meths[m] else "" for c, _ in cols)
+                lines.append(f"| {LABELS[m]} | " + " | ".join(_fmt(meths[m][c], c in COUNTS) if c in meths[m] else "" for c, _ in cols)
                              + " |")
             lines.append("")
         gen = [m for m in GENERATED if m in meths and "nearest_stored_distance" in meths[m]]
@@ -259,6 +262,14 @@ def verdicts(report: dict) -> list[str]:
                       if b in meths and meths[b]["phi"][0] > r["phi"][0] and meths[b]["acc_forget"][0] <= 0.01]
             if better:
                 out.append(f"D_f={{{key}}} {LABELS[g]} LOSES on φ to: {', '.join(better)} (which also forget).")
+        nd = (report.get("neighbour_distance") or {}).get("median")
+        for g in GENERATED:
+            if nd and g in meths and "nearest_stored_distance" in meths[g]:
+                d = meths[g]["nearest_stored_distance"][0]
+                out.append(f"D_f={{{key}}} {LABELS[g]} memorization: nearest stored checkpoint at {d:.3f}, typical "
+                           f"distance between stored neighbours {nd:.3f}: "
+                           + ("closer than stored checkpoints are to each other, i.e. near a training checkpoint."
+                              if d < nd else "not a copy of a stored checkpoint."))
         if "retrieval" in meths:
             for g in GENERATED:
                 if g in meths:
