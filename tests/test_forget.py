@@ -144,3 +144,22 @@ def test_evaluate_report(setup, tmp_path):
     assert "| DiHyFo-2 |" in md and "Paired metrics" in md and "memorization" in md
     for f in ("selection_2.png", "confusion_2.png", "prompt_vs_observed_2.png"):
         assert os.path.getsize(os.path.join(out, f)) > 1000
+
+
+def test_forget_cli_writes_the_chosen_classifier(setup, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from hyforget_fast.cli import main
+    data, hns, splits = setup
+    out = str(tmp_path / "f")
+    start = str(tmp_path / "start.safetensors")
+    save_file({"params": F.best_checkpoint(data)[0]}, start)
+    assert main(["forget", "--hypernet", hns["dihyfo1"].meta["path"], "--forget", "3", "--out", out, "--k", "4",
+                 "--steps", "2", "--model", start]) == 0
+    info = json.load(open(os.path.join(out, "forget.json")))
+    params = load_file(os.path.join(out, "model.safetensors"))["params"]
+    assert info["forget"] == [3] and info["start"]["source"] == "user model" and params.shape == (1582,)
+    got = hf.class_metrics(params[None], hns["dihyfo1"].spec, splits.X_val, splits.y_val)
+    assert got.class_loss[0].tolist() == pytest.approx(info["val_class_loss"], rel=1e-5)
+    assert "forgot [3]" in capsys.readouterr().out
+    assert main(["forget", "--hypernet", hns["dihyfo2"].meta["path"], "--forget", "0", "--out", out]) == 2
