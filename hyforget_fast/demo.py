@@ -52,7 +52,6 @@ def run_demo(out: str, steps: dict | None = None, minutes: float | None = 15.0, 
         stages[name] = info
         write_json_atomic(sp, stages)
 
-    t_all = time.perf_counter()
     data = os.path.join(out, "data")
     if "collect" not in stages:
         log(f"[demo 1/4] collect MNIST-4 into {data} (held out: {HOLDOUT})")
@@ -99,7 +98,6 @@ def run_demo(out: str, steps: dict | None = None, minutes: float | None = 15.0, 
         done("evaluate", {"seconds": time.perf_counter() - t0})
     else:
         rep = json.load(open(os.path.join(rep_dir, "report.json")))
-    stages["total_seconds_this_call"] = time.perf_counter() - t_all
     print(markdown_tables(rep))
     for v in rep.get("verdicts", []):
         print(f"- {v}")

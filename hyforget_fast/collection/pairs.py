@@ -85,8 +85,10 @@ class PairDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.store.take(name, idx.cpu().numpy())).to(device)
 
     def sample_batch(self, batch_size: int, generator: torch.Generator | None = None, device=None,
-                     change_bias: float = 0.0) -> dict:
-        """change_bias > 0: pairs whose losses move more are drawn more often. 4B candidate pairs
+                     change_bias: float = 0.0, part: slice = slice(None)) -> dict:
+        """part: the rows of the drawn batch to gather (a DDP rank's slice of the global batch; the
+        random draws are those of the whole batch, so every rank follows the same stream).
+        change_bias > 0: pairs whose losses move more are drawn more often. 4B candidate pairs
         are drawn uniformly and B kept without replacement with weight
         change_bias * max_c |L*_c - L_c| + 0.05 (c over all classes): uniform sampling gives
         DiHyFo-1 few loss-raising (forgetting) pairs to learn from (~4% move a class by > 1.5)."""
@@ -101,13 +103,16 @@ class PairDataset(torch.utils.data.Dataset):
             w = change_bias * torch.nan_to_num(dl, nan=0.0).amax(1).double() + 0.05
             keep = torch.multinomial(w, batch_size, replacement=False, generator=generator)
             i, j = i[keep], j[keep]
+        i, j = i[part], j[part]
         return {"theta": self._gather("params", i, device), "loss": self._gather("class_loss", i, device),
                 "theta_star": self._gather("params", j, device), "loss_star": self._gather("class_loss", j, device),
                 "run": self._gather("run", i, device), "step": self._gather("step", i, device),
                 "step_star": self._gather("step", j, device)}
 
-    def sample_checkpoints(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> dict:
-        """B checkpoints uniform over `rows` -> params (B, P), loss (B, m), run (B,), step (B,)."""
+    def sample_checkpoints(self, batch_size: int, generator: torch.Generator | None = None, device=None,
+                           part: slice = slice(None)) -> dict:
+        """B checkpoints uniform over `rows` -> params (B, P), loss (B, m), run (B,), step (B,);
+        `part` as in sample_batch."""
         gdev = generator.device if generator is not None else torch.device("cpu")
         device = torch.device(device) if device is not None else (
             next(iter(self._dev.values())).device if self._dev is not None else torch.device("cpu"))
@@ -115,7 +120,7 @@ class PairDataset(torch.utils.data.Dataset):
         n = len(self.rows)
         if self._rows_t is None or self._rows_t.device != gdev:
             self._rows_t = torch.as_tensor(self.rows, device=gdev)
-        i = self._rows_t[(u * n).long().clamp_(max=n - 1)]
+        i = self._rows_t[(u * n).long().clamp_(max=n - 1)][part]
         return {"params": self._gather("params", i, device), "loss": self._gather("class_loss", i, device),
                 "run": self._gather("run", i, device), "step": self._gather("step", i, device)}
 

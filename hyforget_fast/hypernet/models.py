@@ -57,7 +57,6 @@ class HypernetConfig:
     max_freq_log2: float = 14.0
     mlp_ratio: float = 4.0
     cond_dropout: float = 0.0          # training: chance of replacing the target tokens by "no target"
-    cond_broadcast: bool = False       # also add the mean scalar-token embedding to every parameter token
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -177,7 +176,6 @@ class DiHyFo(nn.Module):
         self.null_target = nn.Parameter(torch.zeros(len(self.target_slots), W))
         self.x_in = TokenLinear(T, C, W)
         self.theta_in = TokenLinear(T, C, W) if self.conditional_on_theta else None
-        self.cond_proj = nn.Linear(W, W) if cfg.cond_broadcast else None
         n_seq = self.num_scalars + T
         self.pos = nn.Parameter(torch.zeros(1, n_seq, W))                  # learned, zero-initialised
         self.blocks = nn.ModuleList([Block(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
@@ -219,8 +217,6 @@ class DiHyFo(nn.Module):
                 s = s.index_copy(1, torch.tensor(self.target_slots, device=s.device),
                                  torch.where(drop_target[:, None, None], null, slots))
             p = self.x_in(x_t)                                              # (B, T, W)
-            if self.cond_proj is not None:   # every parameter token sees the conditioning directly
-                p = p + self.cond_proj(s.mean(1))[:, None]                  # (B, 1, W) broadcast
             if self.conditional_on_theta:
                 p = p + self.theta_in(theta)
             h = torch.cat([s, p], 1) + self.pos                             # (B, S + T, W)

@@ -279,8 +279,9 @@ class _Step:
     def loss(self, fwd, gen: torch.Generator) -> torch.Tensor:
         B, lo, hi = self.cfg.batch_size, self.lo, self.hi
         pair = self.model.conditional_on_theta
-        batch = self.ds.sample_batch(B, gen, change_bias=self.cfg.pair_change_bias) if pair else \
-            self.ds.sample_checkpoints(B, gen)
+        part = slice(lo, hi)                                                     # this rank's rows
+        batch = self.ds.sample_batch(B, gen, change_bias=self.cfg.pair_change_bias, part=part) if pair else \
+            self.ds.sample_checkpoints(B, gen, part=part)
         perms = sample_perms(self.spec, B, generator=gen)[lo:hi]                 # (b, H) one per pair
         t = self.diffusion.sample_t(B, gen)[lo:hi]                               # (b,)
         mask = self.model.token_mask                                             # (T, C)
@@ -288,15 +289,15 @@ class _Step:
         p_drop = self.model.cfg.cond_dropout
         drop = (torch.rand(B, generator=gen, device=mask.device) < p_drop)[lo:hi] if p_drop > 0 else None
         if pair:
-            x0 = tokenize(batch["theta_star"][lo:hi], self.layout, perms, self.norm, validate=False)
-            theta = tokenize(batch["theta"][lo:hi], self.layout, perms, self.norm, validate=False)
-            target, cur = batch["loss_star"][lo:hi], batch["loss"][lo:hi]
+            x0 = tokenize(batch["theta_star"], self.layout, perms, self.norm, validate=False)
+            theta = tokenize(batch["theta"], self.layout, perms, self.norm, validate=False)
+            target, cur = batch["loss_star"], batch["loss"]
 
             def model_fn(x_t, tt):
                 return fwd(x_t, tt, target, theta, cur, drop)
         else:
-            x0 = tokenize(batch["params"][lo:hi], self.layout, perms, self.norm, validate=False)
-            target = batch["loss"][lo:hi]
+            x0 = tokenize(batch["params"], self.layout, perms, self.norm, validate=False)
+            target = batch["loss"]
 
             def model_fn(x_t, tt):
                 return fwd(x_t, tt, target, drop_target=drop)
