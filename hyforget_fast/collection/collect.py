@@ -53,6 +53,7 @@ import torch
 
 from ..ops.spec import MLPSpec
 from ..configs import strict_fields
+from ..dist import barrier, dist_setup
 
 PHASE_INIT, PHASE_TRAIN, PHASE_FORGET = 0, 1, 2
 PHASE_NAMES = {PHASE_INIT: "init", PHASE_TRAIN: "train", PHASE_FORGET: "forget"}
@@ -84,11 +85,14 @@ class CollectConfig:
     seed: int = 0
     split_seed: int = 0
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    # Held-out loss combinations: rules, each a conjunction of (class label, "high" | "low",
-    # threshold) conditions ("high": validation loss > threshold, "low": loss < threshold). A
-    # checkpoint meeting every condition of some rule is never saved (initial params included),
-    # so the store never holds that combination. Empty = no rule; then to_dict omits the field,
-    # keeping the collection.json of older collections identical.
+    # Held-out combinations: rules, each a conjunction of (class label, side, threshold)
+    # conditions on the VALIDATION metrics: "high": loss > threshold, "low": loss < threshold,
+    # "acc_high": accuracy >= threshold, "acc_low": accuracy <= threshold. Accuracy rules state
+    # what forgetting means: ((3, "acc_low", 0.2), (0, "acc_high", 0.8), ...) keeps out every
+    # checkpoint that the forget-{3} selection rule would accept. A checkpoint meeting every
+    # condition of some rule is never saved (initial params included), so the store never holds
+    # that combination. Empty = no rule; then to_dict omits the field, keeping the
+    # collection.json of older collections identical.
     holdout: tuple = ()
 
     def __post_init__(self):
@@ -145,28 +149,28 @@ class CollectConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in strict_fields(cls, d).items()})
 
 
-HOLDOUT_SIDES = ("high", "low")
+HOLDOUT_SIDES = ("high", "low", "acc_high", "acc_low")   # loss >, loss <, acc >=, acc <=
 
 
 def _normalise_holdout(holdout, classes) -> tuple:
     """Rules (any nesting of lists / tuples, e.g. from JSON) -> a tuple of rules, each a tuple of
-    (int class label, "high" | "low", float threshold); refuses malformed rules by name."""
+    (int class label, side in HOLDOUT_SIDES, float threshold); refuses malformed rules by name."""
     if isinstance(holdout, (str, bytes)) or not isinstance(holdout, (list, tuple)):
         raise TypeError(f"holdout must be a sequence of rules, got {type(holdout).__name__}")
     rules = []
     for i, rule in enumerate(holdout):
         if isinstance(rule, (str, bytes)) or not isinstance(rule, (list, tuple)) or len(rule) == 0:
-            raise ValueError(f"holdout rule {i} must be a non-empty sequence of (class, 'high'|'low', "
-                             f"threshold) conditions, got {rule!r}")
+            raise ValueError(f"holdout rule {i} must be a non-empty sequence of (class, side, threshold) "
+                             f"conditions, side one of {HOLDOUT_SIDES}, got {rule!r}")
         conds = []
         for cond in rule:
             if isinstance(cond, (str, bytes)) or not isinstance(cond, (list, tuple)) or len(cond) != 3:
-                raise ValueError(f"holdout rule {i}: a condition is (class, 'high'|'low', threshold), got {cond!r}")
+                raise ValueError(f"holdout rule {i}: a condition is (class, side, threshold), got {cond!r}")
             c, side, thr = cond
             if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or int(c) not in classes:
                 raise ValueError(f"holdout rule {i}: class {c!r} is not among classes {tuple(classes)}")
             if side not in HOLDOUT_SIDES:
-                raise ValueError(f"holdout rule {i}: side must be 'high' or 'low', got {side!r}")
+                raise ValueError(f"holdout rule {i}: side must be one of {HOLDOUT_SIDES}, got {side!r}")
             if isinstance(thr, bool) or not isinstance(thr, (int, float, np.floating, np.integer)) \
                     or not math.isfinite(float(thr)):
                 raise ValueError(f"holdout rule {i}: threshold must be a finite number, got {thr!r}")
@@ -258,11 +262,13 @@ class BlockTrainer:
         self.val_count = torch.bincount(self.yv, minlength=self.m).float()  # (m,)
         self._edges_np = np.asarray(cfg.bin_edges, dtype=np.float32)        # (E,) as float32 losses compare
         self._free_np, self._pivot_np = self.free_idx.cpu().numpy(), self.pivot_idx.cpu().numpy()
-        # Held-out rules as (column indices, signs, thresholds): a condition holds when
-        # sign * (loss - threshold) > 0, i.e. loss > t for "high" (+1), loss < t for "low" (-1).
+        # Held-out rules as (column indices, signs, thresholds, on accuracy?): a loss condition
+        # holds when sign * (loss - t) > 0 (loss > t for "high", < t for "low"), an accuracy
+        # condition when sign * (acc - t) >= 0 (acc >= t for "acc_high", <= t for "acc_low").
         self._holdout = [(np.array([cfg.classes.index(c) for c, _, _ in rule]),
-                          np.array([1.0 if side == "high" else -1.0 for _, side, _ in rule]),
-                          np.array([t for _, _, t in rule])) for rule in cfg.holdout]   # float64
+                          np.array([1.0 if side.endswith("high") else -1.0 for _, side, _ in rule]),
+                          np.array([t for _, _, t in rule]),
+                          np.array([side.startswith("acc") for _, side, _ in rule])) for rule in cfg.holdout]
         # Pixels that are 0 in every train and val image (the border) get zero gradient, so their
         # first-layer weights stay at init and add nothing to any logit: compute without them.
         self.active = ((self.Xtr != 0).any(0) | (self.Xv != 0).any(0)).nonzero().squeeze(1)  # (Da,)
@@ -404,15 +410,25 @@ class BlockTrainer:
         lev = np.searchsorted(self._edges_np, np.asarray(class_loss)[:, self._free_np], side="right")  # (n, f)
         return lev @ (self.cfg.num_bins ** np.arange(lev.shape[1]))
 
-    def held_out(self, class_loss) -> np.ndarray:
-        """(n, m) validation losses -> (n,) bool: the checkpoint meets every condition of some
-        holdout rule of the config (so it must not be saved). NaN losses meet no condition.
-        Compared in float64 (exact for float32 losses) against the thresholds as given, so a
-        float64 check of the stored values agrees even for a loss that rounds to the threshold."""
+    def held_out(self, class_loss, class_acc) -> np.ndarray:
+        """(n, m) validation losses and accuracies -> (n,) bool: the checkpoint meets every
+        condition of some holdout rule of the config (so it must not be saved). NaN metrics meet
+        no condition. Losses are compared in float64 (exact for float32 losses) against the
+        thresholds as given, so a float64 check of the stored values agrees even for a loss at the
+        threshold. Accuracies are compared in float32, as stored: k/n and a threshold equal to k/n
+        round to the same float32, so an accuracy exactly at the threshold counts."""
         loss = np.asarray(class_loss, dtype=np.float64)
+        acc = np.asarray(class_acc, dtype=np.float32)
         out = np.zeros(len(loss), dtype=bool)
-        for cols, sign, thr in self._holdout:
-            out |= ((loss[:, cols] - thr) * sign > 0).all(1)
+        for cols, sign, thr, on_acc in self._holdout:
+            hit = np.ones(len(loss), dtype=bool)
+            for j, c in enumerate(cols):
+                if on_acc[j]:
+                    d = (acc[:, c] - np.float32(thr[j])) * np.float32(sign[j])
+                    hit &= d >= 0
+                else:
+                    hit &= (loss[:, c] - thr[j]) * sign[j] > 0
+            out |= hit
         return out
 
     def score_exact(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,7 +476,7 @@ class BlockTrainer:
 
         all_rows = np.arange(R)
         loss0, acc0 = score(all_rows)
-        init_ok = ~self.held_out(loss0)                                      # (R,) initial params kept
+        init_ok = ~self.held_out(loss0, acc0)                                      # (R,) initial params kept
         record(all_rows[init_ok], loss0[init_ok], acc0[init_ok], 0, np.full(init_ok.sum(), PHASE_INIT))
         n_init = init_ok.astype(np.int64)                                    # slot 0 holds the init, if kept
         bin_count = np.zeros(cfg.num_bins ** len(self._free_np), dtype=np.int64)
@@ -485,7 +501,7 @@ class BlockTrainer:
                 continue
             n_offers += len(rows)
             loss, acc = score(rows)
-            ok = (acc[:, self._pivot_np] >= cfg.gamma).all(1) & np.isfinite(loss).all(1) & ~self.held_out(loss)
+            ok = (acc[:, self._pivot_np] >= cfg.gamma).all(1) & np.isfinite(loss).all(1) & ~self.held_out(loss, acc)
             rows, loss, acc = rows[ok], loss[ok], acc[ok]
             if len(rows) == 0:
                 continue
@@ -525,19 +541,6 @@ def collect_block(cfg: CollectConfig, splits, block: int, device="cpu", progress
 
 
 # ----------------------------------------------------------------------------- driver
-def _dist_info():
-    """(rank, world, initialized_here). Initializes torch.distributed only when WORLD_SIZE > 1."""
-    import os
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), True
-
-
 def manifest_meta(cfg: CollectConfig, splits) -> dict:
     from .. import __version__
     return {"spec": {"layer_sizes": list(cfg.spec().layer_sizes)}, "classes": list(cfg.classes),
@@ -546,8 +549,20 @@ def manifest_meta(cfg: CollectConfig, splits) -> dict:
             "phases": {str(k): v for k, v in PHASE_NAMES.items()}}
 
 
-def collect(cfg: CollectConfig, out: str, device="cpu", splits=None, log=print, rank=None, world=None) -> dict | None:
+def _sans_root(meta: dict) -> dict:
+    """A collection record without where its IDX files lay (data_sha256 still ties it to the data)."""
+    sp = {k: v for k, v in meta.get("split", {}).items() if k not in ("root", "files")}
+    return {**meta, "split": sp}
+
+
+def collect(cfg: CollectConfig, out: str, device="cpu", splits=None, log=print, rank=None, world=None,
+            mnist_root: str | None = None) -> dict | None:
     """Collect `cfg` into folder `out`, resuming whatever finished shards it already holds.
+
+    Data: `splits` if given; else full MNIST from the IDX files under `mnist_root` (torchvision's
+    layout ROOT/MNIST/raw, or ROOT itself; see data.find_mnist_files); else the bundled digits.
+    The split, with its source, root and data_sha256, is recorded in the manifest, from which
+    data.splits_from_manifest rebuilds it. A resume may find the same files at another root.
 
     With WORLD_SIZE > 1 (torchrun) this process does blocks k ≡ rank (mod world); rank 0 writes
     the manifest after a barrier. -> the manifest (rank 0) or None (other ranks).
@@ -558,12 +573,13 @@ def collect(cfg: CollectConfig, out: str, device="cpu", splits=None, log=print, 
 
     from . import store
     from .data import load_digits
-    if rank is None:
-        rank, world, _ = _dist_info()
-    if str(device).startswith("cuda") and world > 1 and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    if rank is None:   # torchrun: this rank's device (cuda:LOCAL_RANK) and the process group
+        rank, world, device, _ = dist_setup(device)
+    if splits is not None and mnist_root is not None:
+        raise ValueError("collect takes splits= or mnist_root=, not both")
     if splits is None:
-        splits = load_digits(cfg.classes, cfg.split_seed, fractions=cfg.fractions)
+        splits = load_digits(cfg.classes, cfg.split_seed, fractions=cfg.fractions,
+                             **({"source": "torchvision", "root": mnist_root} if mnist_root is not None else {}))
     meta = manifest_meta(cfg, splits)
     os.makedirs(out, exist_ok=True)
     cpath = os.path.join(out, "collection.json")
@@ -571,12 +587,12 @@ def collect(cfg: CollectConfig, out: str, device="cpu", splits=None, log=print, 
         if os.path.exists(cpath):
             with open(cpath) as f:
                 old = json.load(f)
-            if old != json.loads(json.dumps(meta, sort_keys=True)):
+            if _sans_root(old) != _sans_root(json.loads(json.dumps(meta, sort_keys=True))):
                 raise ValueError(f"{out} holds a collection with a different config or split; "
                                  f"use a new --out folder (differs in {sorted(k for k in meta if old.get(k) != json.loads(json.dumps(meta[k])))})")
         store.write_json_atomic(cpath, meta)
         store.clean_partial(out)
-    _barrier(world)
+    barrier(world)
     done = store.finished_blocks(out)
     mine = [k for k in range(cfg.num_blocks) if k % world == rank]
     todo = [k for k in mine if k not in done]
@@ -599,16 +615,11 @@ def collect(cfg: CollectConfig, out: str, device="cpu", splits=None, log=print, 
         log(f"[rank {rank}] block {k} ({i + 1}/{len(todo)}): runs {n_runs}, checkpoints {n_ck}, "
             f"{n_ck / dt:.0f} ckpts/s, {n_runs / dt:.1f} runs/s")
     bar.close()
-    _barrier(world)
+    barrier(world)
     manifest = None
     if rank == 0:
         manifest = store.write_manifest(out, meta, cfg.num_blocks)
         log(f"[rank 0] manifest: {manifest['num_checkpoints']} checkpoints in {cfg.num_blocks} shards -> {out}")
-    _barrier(world)
+    barrier(world)
     return manifest
 
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
