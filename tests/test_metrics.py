@@ -297,3 +297,29 @@ def test_memorization_bad_input():
         M.neighbour_distance(S, spec, groups=np.zeros(3))
     with pytest.raises(ValueError, match="no stored checkpoint is left"):
         M.neighbour_distance(S, spec, groups=np.zeros(4))
+
+
+@given(prob_shapes)
+def test_bad_teacher_jsd_matches_the_public_code(shape):
+    """The dissertation's convention: Chundawat et al.'s JSDiv, F.kl_div with reduction 'mean' over
+    all N*m elements, written here exactly as in their code (strictly positive softmax rows)."""
+    import torch.nn.functional as F
+    n, m, seed = shape
+    rng = np.random.default_rng(seed)
+    p, q = (torch.from_numpy(rand_probs(rng, n, m, zeros=False)) for _ in range(2))
+    mid = (p + q) / 2
+    ref = float(0.5 * F.kl_div(torch.log(p), mid) + 0.5 * F.kl_div(torch.log(q), mid))
+    assert M.js_divergence(p, q, "bad_teacher") == pytest.approx(ref, rel=1e-9, abs=1e-15)
+    assert M.unlearning_score(p, q, "bad_teacher") == pytest.approx(1 - ref, abs=1e-12)
+    assert M.unlearning_score(p, p, "bad_teacher") == 1.0
+    # not the same number as the per-sample JSD unless m == 1 (both 0 then)
+    if m > 1 and not torch.allclose(p, q):
+        assert M.js_divergence(p, q, "bad_teacher") != pytest.approx(M.js_divergence(p, q), rel=1e-3)
+
+
+def test_bad_teacher_jsd_of_a_zero_probability_is_finite_and_convention_is_checked():
+    p = np.array([[1.0, 0.0], [0.5, 0.5]])
+    q = np.array([[0.0, 1.0], [0.5, 0.5]])
+    assert math.isfinite(M.js_divergence(p, q, "bad_teacher"))
+    with pytest.raises(ValueError, match="convention must be one of"):
+        M.js_divergence(p, q, "elementwise")

@@ -148,20 +148,40 @@ def _xlogx_over(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (torch.log(p) - torch.log(q)), torch.zeros_like(p))
 
 
-def js_divergence(probs_a, probs_b) -> float:
-    """Mean over inputs of JSD(P||Q) = KL(P||M)/2 + KL(Q||M)/2, M = (P+Q)/2, natural log; in [0, log 2].
+# The two conventions of JSD in the unlearning literature (SPEC §7). "per_sample": JSD(P||Q) of each
+# input's two softmax rows, summed over classes, averaged over inputs (in [0, ln 2]). "bad_teacher":
+# the public code of Chundawat et al. (2023), which the dissertation's φ follows:
+# JSDiv(p, q) = 0.5 F.kl_div(log p, m) + 0.5 F.kl_div(log q, m) with F.kl_div's default
+# reduction "mean", i.e. the mean over all N·m ELEMENTS of m (log m - log p) (a KL(M||P) term),
+# about m times smaller than the per-sample value.
+JSD_CONVENTIONS = {
+    "per_sample": "mean over inputs of JSD(P||Q) = KL(P||M)/2 + KL(Q||M)/2 summed over classes, natural log",
+    "bad_teacher": "Chundawat et al. (2023) code: 0.5 F.kl_div(log P, M) + 0.5 F.kl_div(log Q, M), reduction "
+                   "'mean' = mean over all N*m elements of M (log M - log P); about m times smaller",
+}
 
-    `batchmean`: summed over classes, averaged over inputs. (Foster et al.'s code calls
-    F.kl_div with reduction="mean", which also divides by the number of classes; not done here.)
-    """
+
+def js_divergence(probs_a, probs_b, convention: str = "per_sample") -> float:
+    """Jensen-Shannon divergence of two models' softmax outputs (N, m), M = (P+Q)/2, natural log,
+    in one of JSD_CONVENTIONS. "bad_teacher" takes log P at P's smallest positive double where a
+    probability underflowed to 0 (the original code would give inf there)."""
+    if convention not in JSD_CONVENTIONS:
+        raise ValueError(f"convention must be one of {sorted(JSD_CONVENTIONS)}, got {convention!r}")
     p, q = _pair(probs_a, probs_b)
     m = (p + q) / 2
-    return float((0.5 * _xlogx_over(p, m).sum(1) + 0.5 * _xlogx_over(q, m).sum(1)).mean())
+    if convention == "per_sample":
+        return float((0.5 * _xlogx_over(p, m).sum(1) + 0.5 * _xlogx_over(q, m).sum(1)).mean())
+    tiny = torch.finfo(p.dtype).tiny
+
+    def kl_div_mean(log_input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:   # F.kl_div(.., "mean")
+        return torch.where(target > 0, target * (torch.log(target) - log_input), torch.zeros_like(target)).mean()
+    return float(0.5 * kl_div_mean(p.clamp_min(tiny).log(), m) + 0.5 * kl_div_mean(q.clamp_min(tiny).log(), m))
 
 
-def unlearning_score(probs_a, probs_b) -> float:
-    """phi = 1 - mean per-sample JSD of two models' softmax outputs (dissertation Eq. 3.3); 1 = same."""
-    return 1.0 - js_divergence(probs_a, probs_b)
+def unlearning_score(probs_a, probs_b, convention: str = "per_sample") -> float:
+    """phi = 1 - JSD of two models' softmax outputs (dissertation Eq. 3.3) in one of
+    JSD_CONVENTIONS; 1 = same outputs. The dissertation's tables use "bad_teacher"."""
+    return 1.0 - js_divergence(probs_a, probs_b, convention)
 
 
 def entropy(probs) -> np.ndarray:
