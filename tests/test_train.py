@@ -116,7 +116,7 @@ def test_eval_hook_and_save_load_round_trip(data, tmp_path, monkeypatch):
         seen["held"], seen["kw"] = heldout_runs, kw
         return {"r2": {"2": 0.5, "3": 0.25}, "pearson": {"2": 0.9, "3": 0.8}, "r2_free_mean": 0.375}
 
-    monkeypatch.setattr(tr, "_load_eval", lambda: fake_eval)
+    monkeypatch.setattr(tr, "evaluate_hypernet", fake_eval)
     out = str(tmp_path / "e")
     train(_cfg("dihyfo1", eval_every=3), data, out, log=QUIET)
     hn = load_hypernet(out, device="cpu")

@@ -10,8 +10,11 @@ import math
 
 import torch
 
-from ..ops.functional import detokenize, tokenize
+from ..collection.store import CheckpointStore
+from ..ops.functional import canonical_perms, detokenize, permute, tokenize
 from ..ops.spec import ParamNorm
+from .checkpoint import (check_dataset_matches, check_same_dataset, dataset_candidates, read_checkpoint,
+                         resolve_dataset)
 from .diffusion import GaussianDiffusion
 from .models import DiHyFo, HypernetConfig
 
@@ -59,6 +62,12 @@ class Hypernet:
         return self.meta.get("loss_ranges", {})
 
     @property
+    def unit_order(self) -> str:
+        """"canonical" when the model was trained on canonically ordered hidden units (then
+        DiHyFo-1's input θ is put in its canonical order, and θ* returned in θ's own order)."""
+        return (self.meta.get("train") or {}).get("unit_order") or "random"
+
+    @property
     def heldout_runs(self) -> list[int]:
         return list(self.meta.get("heldout_runs", []))
 
@@ -66,15 +75,28 @@ class Hypernet:
         return (f"Hypernet({self.kind}, MLPSpec{self.spec.layer_sizes}, width {self.cfg.width}, depth "
                 f"{self.cfg.depth}, step {self.meta.get('step')}, device {self.device})")
 
+    @property
+    def data_dir(self) -> str:
+        """Absolute path of the training dataset (found by `load_hypernet` by its manifest hash,
+        or given there as data=); FileNotFoundError naming the places looked at when it was not found."""
+        d = self.meta.get("data_dir")
+        if d is None:
+            where = ", ".join(self.meta.get("dataset_searched", [])) or "nowhere recorded"
+            raise FileNotFoundError(f"the training dataset of {self.meta.get('path', 'this hypernetwork')} was not "
+                                    f"found (looked in {where}); pass it explicitly: load_hypernet(path, data=DIR) "
+                                    f"or --data DIR")
+        return d
+
     def check_dataset(self, data) -> None:
-        """Raise ValueError when a dataset (CheckpointStore or its folder) does not match this model."""
-        from ..collection.store import CheckpointStore
-        from .train import check_dataset_matches
-        store = CheckpointStore(data, verify="size") if isinstance(data, str) else data
+        """Raise ValueError when a dataset (CheckpointStore or its folder) is not the one this model
+        was trained on: another spec, other classes, or (when the model records it) another manifest hash."""
+        store = CheckpointStore(str(data), verify="size") if not isinstance(data, CheckpointStore) else data
         check_dataset_matches(self.cfg, store)
         if list(store.classes) != self.classes:
             raise ValueError(f"dataset {store.root} has classes {list(store.classes)}, the model was trained "
                              f"on classes {self.classes}")
+        if (self.meta.get("dataset") or {}).get("manifest_sha256"):
+            check_same_dataset(self.meta["dataset"], store.root)
 
     # ---------------------------------------------------------------- inputs
     def _rows(self, x, k: int, width: int, what: str, hint: str) -> torch.Tensor:
@@ -104,10 +126,14 @@ class Hypernet:
         return DEFAULT_GUIDANCE if self.cfg.cond_dropout > 0 else 1.0
 
     def _guided(self, tgt: torch.Tensor, cond: tuple, w: float):
-        """model_fn(x_t, t) -> guided x0: both branches in ONE batched forward when w != 1."""
+        """model_fn(x_t, t) -> guided x0: both branches in ONE batched forward when w != 1; w = 0
+        is the unconditional branch alone (one forward)."""
         if w == 1:
             return lambda x_t, t: self.model(x_t, t, tgt, *cond)
         b = tgt.shape[0]
+        if w == 0:
+            none = torch.ones(b, dtype=torch.bool, device=tgt.device)
+            return lambda x_t, t: self.model(x_t, t, tgt, *cond, drop_target=none)
         drop = torch.arange(2 * b, device=tgt.device) >= b                 # (2b,) second half: no target
         tgt2 = tgt.repeat(2, 1)
         cond2 = tuple(c.repeat(2, *([1] * (c.ndim - 1))) for c in cond)
@@ -169,8 +195,14 @@ class Hypernet:
         for lo in range(0, k, batch):
             hi = min(k, lo + batch)
             tgt = target[lo:hi]
+            back = None
             if self.kind == "dihyfo1":
-                th = tokenize(theta[lo:hi].contiguous(), self.layout, None, self.norm)
+                th_raw = theta[lo:hi].contiguous()
+                perms = canonical_perms(th_raw, self.spec) if self.unit_order == "canonical" else None
+                th = tokenize(th_raw, self.layout, perms, self.norm)
+                if perms is not None:   # inverse perms: θ* comes back in θ's unit order
+                    back = torch.cat([perms[:, o:o + h].argsort(dim=1)
+                                      for o, h in zip(self.spec.hidden_offsets, self.spec.hidden_sizes)], 1)
                 cur = losses[lo:hi]
 
                 cond = (th, cur)
@@ -182,16 +214,22 @@ class Hypernet:
                 x0 = self.diffusion.ddim_sample(fn, shape, steps=steps, eta=eta, mask=mask, generator=gen)
             else:
                 x0 = self.diffusion.ddpm_sample(fn, shape, mask=mask, generator=gen)
-            out.append(detokenize((x0 * mask).float().contiguous(), self.layout, self.norm))   # (b, P)
+            flat = detokenize((x0 * mask).float().contiguous(), self.layout, self.norm)      # (b, P)
+            out.append(flat if back is None else permute(flat, self.spec, back))
         return torch.cat(out)
 
 
 DEFAULT_GUIDANCE = 1.0   # classifier-free guidance weight unless asked; > 1 available for models trained with target dropout
 
 
-def load_hypernet(path: str, device=None) -> Hypernet:
-    """Load the EMA model of a training folder (checkpoint.safetensors + config) -> Hypernet."""
-    from .train import read_checkpoint
+def load_hypernet(path: str, device=None, data: str | None = None) -> Hypernet:
+    """Load the EMA model of a training folder (checkpoint.safetensors + config) -> Hypernet.
+
+    The training dataset is found by its manifest hash: `data` (a collection folder) when given,
+    else where the config records it (relative to the training folder, then the absolute path
+    of training time). A folder holding another collection is refused (ValueError naming it);
+    a dataset found nowhere only matters to what needs it (`Hypernet.data_dir` then says so).
+    """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     tensors, conf = read_checkpoint(path, device="cpu", prefixes=("ema.",))
     cfg = HypernetConfig.from_dict(conf["model"])
@@ -202,4 +240,14 @@ def load_hypernet(path: str, device=None) -> Hypernet:
     diffusion = GaussianDiffusion(**conf["diffusion"], device=device)
     meta = {k: v for k, v in conf.items() if k not in ("opt_groups",)}
     meta["path"] = path
+    if "dataset" in meta:
+        # in memory, data_dir and dataset.dir hold the resolved absolute path; when it was found
+        # nowhere, data_dir is None and dataset.dir the first place looked at (a reader fails naming it)
+        found = resolve_dataset(path, meta["dataset"], data)
+        searched = [] if found else dataset_candidates(path, meta["dataset"])
+        meta["dataset_searched"] = searched
+        meta["dataset"] = {**meta["dataset"], "dir": found or (searched[0] if searched else None)}
+        meta["data_dir"] = found
+    elif data is not None:
+        meta["data_dir"] = str(data)
     return Hypernet(model, norm, diffusion, meta)

@@ -37,6 +37,7 @@ import torch
 from ..collection.data import splits_from_manifest
 from ..collection.store import CheckpointStore
 from ..ops.functional import class_metrics
+from .checkpoint import manifest_sha256
 
 R2_EPS = 1e-8
 
@@ -185,14 +186,10 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
 
     store = data_dir if isinstance(data_dir, CheckpointStore) else CheckpointStore(str(data_dir), verify="size")
     want_sha = (meta.get("dataset") or {}).get("manifest_sha256")
-    if want_sha is not None and runs_from_meta:
+    if want_sha is not None and runs_from_meta and manifest_sha256(store.root) != want_sha:
         # held-out run ids name runs of the training dataset; in another collection they are others
-        import hashlib
-        import os
-        with open(os.path.join(store.root, "manifest.json"), "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != want_sha:
-                raise ValueError(f"{store.root} is not the collection this hypernetwork was trained on "
-                                 f"(manifest hash differs): its held-out run ids do not apply there")
+        raise ValueError(f"{store.root} is not the collection this hypernetwork was trained on "
+                         f"(manifest hash differs): its held-out run ids do not apply there")
     spec = hn.spec
     if tuple(spec.layer_sizes) != tuple(store.layer_sizes):
         raise ValueError(f"hypernetwork spec {tuple(spec.layer_sizes)} does not match the collection's "

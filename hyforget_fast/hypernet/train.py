@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -33,14 +32,14 @@ from ..collection.pairs import PairDataset
 from ..collection.store import CheckpointStore, write_json_atomic
 from ..ops.functional import sample_perms, tokenize
 from ..ops.spec import MLPSpec, ParamNorm
+from ..dist import dist_setup
+from .api import Hypernet
+from .checkpoint import (CKPT, CONFIG, CURVES, FORMAT, check_dataset_matches, check_same_dataset,  # noqa: F401
+                         dataset_identity, read_checkpoint, save_safetensors_atomic)
 from .diffusion import GaussianDiffusion
+from .evaluate import evaluate_hypernet
 from .models import PRESETS, DiHyFo, HypernetConfig
 from ..configs import strict_fields
-
-CKPT = "checkpoint.safetensors"
-CONFIG = "config.json"
-CURVES = "curves.json"
-FORMAT = "hyforget-hypernet-1"
 
 # Optimisation defaults per model preset. G.pt's EMA 0.9999 averages over ~10^4 steps; a short
 # CPU `tiny` run has a few thousand steps, so its EMA horizon is ~200 steps (0.995).
@@ -114,23 +113,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------- dataset facts
-def dataset_identity(store: CheckpointStore) -> dict:
-    """What ties a model to its dataset: spec, classes, pivots, size and the manifest's hash."""
-    with open(os.path.join(store.root, "manifest.json"), "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    man = store.manifest
-    return {"dir": os.path.abspath(store.root), "layer_sizes": list(store.layer_sizes),
-            "classes": list(store.classes), "pivots": list(man.get("pivots", [])),
-            "num_checkpoints": int(man["num_checkpoints"]), "manifest_sha256": digest}
-
-
-def check_dataset_matches(cfg: HypernetConfig, store: CheckpointStore) -> None:
-    """Raise ValueError when a dataset's spec or class count differs from the model's."""
-    if tuple(store.layer_sizes) != tuple(cfg.layer_sizes):
-        raise ValueError(f"dataset {store.root} holds MLPSpec{tuple(store.layer_sizes)} networks, but the model "
-                         f"was built for MLPSpec{tuple(cfg.layer_sizes)}")
-
-
 def split_runs(run_ids: np.ndarray, frac: float, seed: int) -> tuple[list[int], list[int]]:
     """Whole runs -> (training runs, held-out runs), a seeded shuffle; >= 1 held out when frac > 0.
     Held-out runs are drawn among runs with >= 2 checkpoints, so DiHyFo-1 can evaluate on pairs."""
@@ -212,58 +194,11 @@ def _opt_unflatten(tensors: dict, groups: list) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def _save_safetensors_atomic(path: str, tensors: dict, metadata: dict) -> None:
-    from safetensors.torch import save_file
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_checkpoint(out_dir: str, device="cpu", prefixes=None) -> tuple[dict, dict]:
-    """-> (tensors with names starting with one of `prefixes` (all if None), config dict).
-    The config is read from the safetensors metadata, written atomically with the tensors."""
-    from safetensors import safe_open
-    path = os.path.join(out_dir, CKPT)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no {CKPT} in {out_dir}: not a trained hypernetwork folder")
-    tensors = {}
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
-        for k in f.keys():
-            if prefixes is None or k.startswith(tuple(prefixes)):
-                tensors[k] = f.get_tensor(k)
-    return tensors, json.loads(meta["config"])
-
-
 def _strip(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-# ---------------------------------------------------------------------------- distributed
-def _dist_setup(device: str | None):
-    """-> (rank, world, device, owned). WORLD_SIZE > 1 (torchrun): gloo on CPU, nccl on CUDA;
-    owned = this call created the process group (and train() destroys it at the end)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if world > 1:
-        import torch.distributed as dist
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            return rank, world, device, True
-    return rank, world, device, False
-
-
-# ---------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------- one step
 class _Step:
     """One step's data and loss. Every random number comes from `gen` in a fixed order, for the
     GLOBAL batch; this rank keeps rows [lo, hi)."""
@@ -308,14 +243,6 @@ def _default_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _load_eval():
-    try:
-        from .evaluate import evaluate_hypernet
-    except ImportError:
-        return None
-    return evaluate_hypernet
-
-
 def _flatten_scalars(prefix: str, obj, out: dict) -> dict:
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -325,48 +252,77 @@ def _flatten_scalars(prefix: str, obj, out: dict) -> dict:
     return out
 
 
-def train(cfg: TrainConfig, data_dir: str, out_dir: str, resume: bool = False, log=_default_log,
-          device: str | None = None, stop_at: int | None = None) -> dict:
-    """Train a DiHyFo on the collection in `data_dir`, writing checkpoints into `out_dir`.
+# ---------------------------------------------------------------------------- resuming
+RESUMABLE = ("steps", "minutes", "eval_every", "ckpt_every", "log_every")   # may change when a run resumes
 
-    resume=True continues the run saved in out_dir exactly (its TrainConfig is used, except
-    `steps`, `minutes`, `eval_every`, `ckpt_every` and `log_every`, which may change). Under
-    torchrun (WORLD_SIZE > 1) every rank runs this; rank 0 writes. `stop_at`: stop (with a
-    checkpoint) after that many steps, keeping the schedule of `cfg.steps`. -> the final config dict.
+
+def resumed_config(saved: dict, given: dict | None = None, where: str = "the saved run", name=str) -> TrainConfig:
+    """The TrainConfig a resumed run continues with: the saved run's (`saved`: its config dict),
+    with the RESUMABLE fields of `given` (TrainConfig field -> value) taken from `given`.
+
+    Any other field in `given` must equal the saved value ("overrides": {HypernetConfig field:
+    value}, compared with the saved model's): a change (another preset, lr, width, ...) is refused
+    with a ValueError naming each such field as `name(field)` (the CLI passes its flag names).
     """
-    rank, world, device, owned = _dist_setup(device)
-    is_main = rank == 0
-    if not is_main:
-        log = lambda *_: None  # noqa: E731
-    store = CheckpointStore(data_dir, verify="size")
-    ident = dataset_identity(store)
+    old = TrainConfig.from_dict(saved["train"])
+    given = given or {}
+    if "model" in given and given["model"] != old.model:
+        raise ValueError(f"{where} holds a {old.model} run; cannot resume it as {given['model']}")
+    arch = saved.get("model", {})
+    changed = []
+    for k, v in given.items():
+        if k in RESUMABLE or k == "model":
+            continue
+        if k == "overrides":
+            for f, x in v.items():
+                was = arch.get(f, old.overrides.get(f))
+                if was != x:
+                    changed.append(f"{name(f)} (saved {was!r}, given {x!r})")
+        elif getattr(old, k) != v:
+            changed.append(f"{name(k)} (saved {getattr(old, k)!r}, given {v!r})")
+    if changed:
+        raise ValueError(f"resuming {where} continues it exactly as it was trained, but "
+                         f"{'; '.join(changed)} would change it. Only {', '.join(name(k) for k in RESUMABLE)} "
+                         "may change on resume; train a new run into another folder instead")
+    return dataclasses.replace(old, **{k: given[k] for k in RESUMABLE if k in given})
 
-    saved = None
+
+def _open_run(cfg: TrainConfig | None, store: CheckpointStore, out_dir: str, resume: bool):
+    """A fresh run or a resumed one -> (cfg, hcfg, saved tensors, saved config). Resuming reads the
+    checkpoint, merges the configuration (resumed_config) and checks that the dataset is the one
+    the run was trained on (same spec, same manifest hash)."""
     if resume:
         tensors, saved = read_checkpoint(out_dir, device="cpu")
-        old = TrainConfig.from_dict(saved["train"])
-        if old.model != cfg.model:
-            raise ValueError(f"{out_dir} holds a {old.model} run; cannot resume it as {cfg.model}")
-        keep = {k: getattr(cfg, k) for k in ("steps", "minutes", "eval_every", "ckpt_every", "log_every")}
-        cfg = dataclasses.replace(old, **keep)
+        cfg = resumed_config(saved, None if cfg is None else cfg.to_dict(), out_dir)
         hcfg = HypernetConfig.from_dict(saved["model"])
         check_dataset_matches(hcfg, store)
-        if saved["dataset"]["manifest_sha256"] != ident["manifest_sha256"]:
-            raise ValueError(f"{data_dir} is not the dataset this run was trained on "
-                             f"({saved['dataset']['dir']}, {saved['dataset']['num_checkpoints']} checkpoints); "
-                             "resume with the same --data")
-    else:
-        if os.path.exists(os.path.join(out_dir, CKPT)):
-            raise ValueError(f"{out_dir} already holds a trained hypernetwork; resume it (--resume) or use a "
-                             "new output folder")
-        hcfg = HypernetConfig.preset(cfg.model, MLPSpec(store.layer_sizes), cfg.preset, **cfg.overrides)
-    if cfg.batch_size % world:
-        raise ValueError(f"global batch {cfg.batch_size} is not divisible by the {world} DDP processes")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        check_same_dataset(saved["dataset"], store.root, f"the run in {out_dir}")
+        return cfg, hcfg, tensors, saved
+    if cfg is None:
+        raise ValueError("a new run needs a TrainConfig (cfg=None only resumes a saved run)")
+    if os.path.exists(os.path.join(out_dir, CKPT)):
+        raise ValueError(f"{out_dir} already holds a trained hypernetwork; resume it (--resume) or use a "
+                         "new output folder")
+    hcfg = HypernetConfig.preset(cfg.model, MLPSpec(store.layer_sizes), cfg.preset, **cfg.overrides)
+    return cfg, hcfg, None, None
 
-    # Held-out whole runs; the training runs' checkpoints fit the norm and give the loss ranges.
+
+# ---------------------------------------------------------------------------- run parts
+@dataclass
+class _Data:
+    """A run's data: held-out runs, the training runs' checkpoints on the device, ParamNorm, loss ranges."""
+    hcfg: HypernetConfig
+    train_runs: list
+    held: list
+    ds: PairDataset
+    norm: ParamNorm
+    ranges: dict
+
+
+def _prepare_data(cfg: TrainConfig, hcfg: HypernetConfig, store: CheckpointStore, saved: dict | None,
+                  device) -> _Data:
+    """Held-out whole runs; the training runs' checkpoints fit the norm and give the loss ranges
+    (a resumed run reads them back from its config)."""
     run_ids = store.load("run")
     if saved is not None:
         held = saved["heldout_runs"]
@@ -383,16 +339,37 @@ def train(cfg: TrainConfig, data_dir: str, out_dir: str, resume: bool = False, l
             np.sort(rng.choice(ds.rows, cfg.norm_samples, replace=False))
         norm = ParamNorm.fit(ds.take("params", rows), hcfg.spec)
         ranges = loss_ranges(ds.take("class_loss", ds.rows).cpu().numpy(), store.classes)
-    norm = norm.to(device)
+    return _Data(hcfg, train_runs, held, ds, norm.to(device), ranges)
 
+
+@dataclass
+class _State:
+    """What the optimisation changes and a checkpoint holds."""
+    model: DiHyFo
+    ema: DiHyFo
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    step: int = 0
+    wall: float = 0.0
+
+    def tensors(self) -> tuple[dict, list]:
+        """-> (checkpoint tensors model.* ema.* opt.* rng.batch, the optimizer's JSON param groups)."""
+        opt_t, groups = _opt_flatten(self.opt)
+        return {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
+                **{f"ema.{k}": v for k, v in self.ema.state_dict().items()}, **opt_t,
+                "rng.batch": self.gen.get_state()}, groups
+
+
+def _build_state(cfg: TrainConfig, hcfg: HypernetConfig, device, tensors: dict | None, saved: dict | None) -> _State:
+    """Model, EMA copy, AdamW and the batch generator: seeded (identical on every rank), then, when
+    resuming, loaded from the checkpoint."""
     torch.manual_seed(cfg.seed)  # the initialisation (identical on every rank)
     model = DiHyFo(hcfg, cfg.diffusion_steps).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    diffusion = GaussianDiffusion(cfg.diffusion_steps, device=device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
-    step, wall = 0, 0.0
+    st = _State(model, ema, opt, gen)
     if saved is not None:
         model.load_state_dict(_strip(tensors, "model."))
         ema.load_state_dict(_strip(tensors, "ema."))
@@ -401,135 +378,215 @@ def train(cfg: TrainConfig, data_dir: str, out_dir: str, resume: bool = False, l
         opt.load_state_dict(_opt_unflatten({k: v for k, v in tensors.items() if k.startswith("opt.")},
                                            saved["opt_groups"]))
         gen.set_state(tensors["rng.batch"])
-        step, wall = int(saved["step"]), float(saved["wall_time_s"])
-        log(f"resumed {out_dir} at step {step}")
-    fwd = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    b = cfg.batch_size // world
-    stepper = _Step(cfg, model, diffusion, ds, norm, rank * b, (rank + 1) * b)
+        st.step, st.wall = int(saved["step"]), float(saved["wall_time_s"])
+    return st
 
-    meta = {"format": FORMAT, "model": hcfg.to_dict(), "train": cfg.to_dict(), "diffusion": diffusion.to_dict(),
-            "norm": {"layer_sizes": list(hcfg.layer_sizes), "stats": norm.stats.cpu().tolist()},
+
+def _run_meta(cfg: TrainConfig, data: _Data, diffusion: GaussianDiffusion, store: CheckpointStore, out_dir: str,
+              world: int, device) -> dict:
+    """The config saved with every checkpoint (config.json). The dataset is recorded by its
+    identity and its path relative to out_dir (checkpoint.dataset_identity)."""
+    hcfg = data.hcfg
+    ident = dataset_identity(store, run_dir=out_dir)
+    return {"format": FORMAT, "model": hcfg.to_dict(), "train": cfg.to_dict(), "diffusion": diffusion.to_dict(),
+            "norm": {"layer_sizes": list(hcfg.layer_sizes), "stats": data.norm.stats.cpu().tolist()},
             "dataset": ident, "data_dir": ident["dir"], "classes": list(store.classes), "pivots": ident["pivots"],
-            "heldout_runs": [int(r) for r in held], "train_runs": len(train_runs), "loss_ranges": ranges,
-            "world_size": world, "device": str(device)}
+            "heldout_runs": [int(r) for r in data.held], "train_runs": len(data.train_runs),
+            "loss_ranges": data.ranges, "world_size": world, "device": str(device)}
 
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-    curves_path = os.path.join(out_dir, CURVES)
-    curves = []
-    if is_main and resume and os.path.exists(curves_path):
-        with open(curves_path) as f:
-            curves = [c for c in json.load(f) if c["step"] <= step]   # drop rows past the checkpoint
-    writer = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=step if resume else None)
 
-    def save():
-        if not is_main:
+class _Record:
+    """Rank 0's record of a run in out_dir: checkpoints (with config.json, atomic), curves.json and
+    TensorBoard scalars. On the other ranks (on=False) every method does nothing."""
+
+    def __init__(self, out_dir: str, meta: dict, on: bool, resume: bool, step: int):
+        self.out_dir, self.meta, self.on = out_dir, meta, on
+        self.curves_path = os.path.join(out_dir, CURVES)
+        self.curves, self.writer = [], None
+        if not on:
             return
-        conf = {**meta, "step": step, "wall_time_s": wall, "opt_groups": None}
-        opt_t, groups = _opt_flatten(opt)
-        conf["opt_groups"] = groups
-        tens = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                **{f"ema.{k}": v for k, v in ema.state_dict().items()}, **opt_t,
-                "rng.batch": gen.get_state()}
-        text = json.dumps(conf, sort_keys=True)
-        _save_safetensors_atomic(os.path.join(out_dir, CKPT), tens, {"format": FORMAT, "config": text})
-        write_json_atomic(os.path.join(out_dir, CONFIG), conf)
-        write_json_atomic(curves_path, curves)
+        os.makedirs(out_dir, exist_ok=True)
+        if resume and os.path.exists(self.curves_path):
+            with open(self.curves_path) as f:
+                self.curves = [c for c in json.load(f) if c["step"] <= step]   # drop rows past the checkpoint
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=step if resume else None)
 
-    evaluate = _load_eval() if cfg.eval_every else None
-    if cfg.eval_every and evaluate is None:
-        log("eval_every is set but hyforget_fast.hypernet.evaluate is not available; no evaluation")
+    def save(self, st: _State) -> None:
+        if not self.on:
+            return
+        tens, groups = st.tensors()
+        conf = {**self.meta, "step": st.step, "wall_time_s": st.wall, "opt_groups": groups}
+        save_safetensors_atomic(os.path.join(self.out_dir, CKPT), tens,
+                                {"format": FORMAT, "config": json.dumps(conf, sort_keys=True)})
+        write_json_atomic(os.path.join(self.out_dir, CONFIG), conf)
+        write_json_atomic(self.curves_path, self.curves)
 
+    def train_row(self, row: dict) -> None:
+        if not self.on:
+            return
+        self.curves.append(row)
+        for k in ("loss", "lr", "grad_norm", "samples_per_s"):
+            self.writer.add_scalar(f"train/{k}", row[k], row["step"])
+
+    def eval_row(self, step: int, scal: dict) -> None:
+        if not self.on:
+            return
+        for k, v in scal.items():
+            self.writer.add_scalar(f"eval/{k}", v, step)
+        if self.curves and self.curves[-1]["step"] == step:
+            self.curves[-1]["eval"] = scal
+        else:
+            self.curves.append({"step": step, "eval": scal})
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _evaluate(cfg: TrainConfig, st: _State, data: _Data, diffusion: GaussianDiffusion, meta: dict,
+              store: CheckpointStore, log) -> dict:
+    """Prompt alignment of the EMA model on the held-out runs -> flat scalars (r2/<class>,
+    pearson/<class>, r2_free_mean). A failed evaluation is logged and gives {}: it must not end a long run."""
+    root = os.path.abspath(store.root)
+    hn = Hypernet(st.ema, data.norm, diffusion, {**meta, "step": st.step, "data_dir": root,
+                                                 "dataset": {**meta["dataset"], "dir": root}})
+    try:
+        res = evaluate_hypernet(hn, store, data.held, num_prompts=cfg.eval_prompts, per_prompt=cfg.eval_per_prompt,
+                                sampler="ddim", steps=cfg.eval_steps, seed=cfg.seed, max_items=cfg.eval_max_items)
+    except (ValueError, RuntimeError) as e:
+        log(f"step {st.step}: evaluation failed ({type(e).__name__}: {e}); training goes on")
+        res = {}
+    return _flatten_scalars("", {k: res[k] for k in ("r2", "pearson", "r2_free_mean") if k in res}, {})
+
+
+def _any_rank(flag: bool, world: int, device) -> bool:
+    """True when `flag` holds on some DDP rank (every rank then stops at the same step)."""
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _mean_over_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world <= 1:
+        return x
+    import torch.distributed as dist
+    dist.all_reduce(x)
+    return x / world
+
+
+def _loop(cfg: TrainConfig, st: _State, stepper: _Step, fwd, rec: _Record, end: int, world: int, device, log,
+          evaluate=None) -> bool:
+    """Optimizer steps st.step -> end: warm-up + cosine lr, clipped AdamW step, EMA update; the mean
+    loss every log_every steps (averaged over ranks), `evaluate(st)` -> scalars every eval_every
+    steps (rank 0), a checkpoint every ckpt_every steps and at the end. -> True when the minutes
+    budget stopped the run early."""
     from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=cfg.model, leave=False,
-               disable=not (is_main and sys.stderr.isatty()))
-    n_model = sum(p.numel() for p in model.parameters())
-    log(f"training {cfg.model} ({cfg.preset}, {n_model / 1e6:.2f} M params, {hcfg.layout.num_tokens} tokens of "
-        f"{hcfg.chunk}) on {len(ds.rows)} checkpoints of {len(train_runs)} runs ({len(held)} held out), "
-        f"batch {cfg.batch_size} x {world} process(es) on {device}, steps {step} -> {cfg.steps}")
-    t_start = time.perf_counter()
-    wall0 = wall
+    bar = tqdm(total=cfg.steps, initial=st.step, unit="step", desc=cfg.model, leave=False,
+               disable=not (rec.on and sys.stderr.isatty()))
+    t_start, wall0 = time.perf_counter(), st.wall
     n_since, t_since, loss_acc = 0, time.perf_counter(), torch.zeros((), device=device)
+    st.model.train()
     stopped = False
-    model.train()
-    end = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
-    while step < end:
-        lr = cfg.lr_at(step)
-        for g in opt.param_groups:
+    while st.step < end:
+        lr = cfg.lr_at(st.step)
+        for g in st.opt.param_groups:
             g["lr"] = lr
-        loss = stepper.loss(fwd, gen)
-        opt.zero_grad(set_to_none=True)
+        loss = stepper.loss(fwd, st.gen)
+        st.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update(ema, model, ema_decay_at(cfg, step))
-        step += 1
+        gn = torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
+        st.opt.step()
+        ema_update(st.ema, st.model, ema_decay_at(cfg, st.step))
+        st.step += 1
         loss_acc += loss.detach()
         n_since += 1
         bar.update(1)
-        wall = wall0 + time.perf_counter() - t_start
-        out_of_time = cfg.minutes is not None and wall - wall0 >= 60 * cfg.minutes
-        if world > 1 and cfg.minutes is not None:   # every rank stops at the same step
-            import torch.distributed as dist
-            flag = torch.tensor([float(out_of_time)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
-        last = step == end or out_of_time
-        if step % cfg.log_every == 0 or last:
-            mean_loss = loss_acc / n_since
-            if world > 1:
-                import torch.distributed as dist
-                dist.all_reduce(mean_loss)
-                mean_loss = mean_loss / world
+        st.wall = wall0 + time.perf_counter() - t_start
+        out_of_time = cfg.minutes is not None and _any_rank(st.wall - wall0 >= 60 * cfg.minutes, world, device)
+        last = st.step == end or out_of_time
+        if st.step % cfg.log_every == 0 or last:
+            mean_loss = _mean_over_ranks(loss_acc / n_since, world)
             rate = n_since * cfg.batch_size / max(1e-9, time.perf_counter() - t_since)
-            row = {"step": step, "loss": float(mean_loss), "lr": lr, "grad_norm": float(gn),
-                   "samples_per_s": rate, "wall_time_s": wall}
-            if is_main:
-                curves.append(row)
-                for k in ("loss", "lr", "grad_norm", "samples_per_s"):
-                    writer.add_scalar(f"train/{k}", row[k], step)
+            row = {"step": st.step, "loss": float(mean_loss), "lr": lr, "grad_norm": float(gn),
+                   "samples_per_s": rate, "wall_time_s": st.wall}
+            rec.train_row(row)
+            if rec.on:
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-                log(f"step {step}/{cfg.steps} loss {row['loss']:.5f} lr {lr:.2e} grad {row['grad_norm']:.3f} "
-                    f"{rate:.0f} samples/s")
+            log(f"step {st.step}/{cfg.steps} loss {row['loss']:.5f} lr {lr:.2e} grad {row['grad_norm']:.3f} "
+                f"{rate:.0f} samples/s")
             n_since, t_since, loss_acc = 0, time.perf_counter(), torch.zeros((), device=device)
-        if evaluate is not None and is_main and (step % cfg.eval_every == 0 or last):
-            from .api import Hypernet
-            hn = Hypernet(ema, norm, diffusion, {**meta, "step": step})
-            try:
-                res = evaluate(hn, data_dir, held, num_prompts=cfg.eval_prompts, per_prompt=cfg.eval_per_prompt,
-                               sampler="ddim", steps=cfg.eval_steps, seed=cfg.seed, max_items=cfg.eval_max_items)
-            except (ValueError, RuntimeError) as e:   # a failed evaluation must not end a long run
-                log(f"step {step}: evaluation failed ({type(e).__name__}: {e}); training goes on")
-                res = {}
-            scal = _flatten_scalars("", {k: res[k] for k in ("r2", "pearson", "r2_free_mean") if k in res}, {})
-            for k, v in scal.items():
-                writer.add_scalar(f"eval/{k}", v, step)
-            if curves and curves[-1]["step"] == step:
-                curves[-1]["eval"] = scal
-            else:
-                curves.append({"step": step, "eval": scal})
-            log(f"step {step} eval: " + ", ".join(f"{k} {v:.3f}" for k, v in scal.items()))
-        if step % cfg.ckpt_every == 0 or last:
-            save()
+        if evaluate is not None and rec.on and (st.step % cfg.eval_every == 0 or last):
+            scal = evaluate(st)
+            rec.eval_row(st.step, scal)
+            log(f"step {st.step} eval: " + ", ".join(f"{k} {v:.3f}" for k, v in scal.items()))
+        if st.step % cfg.ckpt_every == 0 or last:
+            rec.save(st)
         if out_of_time:
-            log(f"stopping at step {step}: the {cfg.minutes} minute budget is spent")
+            log(f"stopping at step {st.step}: the {cfg.minutes} minute budget is spent")
             stopped = True
             break
-    if step >= end and not stopped and is_main and not os.path.exists(os.path.join(out_dir, CKPT)):
-        save()   # resumed at or past the end: still leave a checkpoint
     bar.close()
-    if writer is not None:
-        writer.close()
+    return stopped
+
+
+# ---------------------------------------------------------------------------- training
+def train(cfg: TrainConfig | None, data_dir: str, out_dir: str, resume: bool = False, log=_default_log,
+          device: str | None = None, stop_at: int | None = None) -> dict:
+    """Train a DiHyFo on the collection in `data_dir`, writing checkpoints into `out_dir`.
+
+    resume=True continues the run saved in out_dir exactly: its TrainConfig is used, with `steps`,
+    `minutes`, `eval_every`, `ckpt_every` and `log_every` (RESUMABLE) taken from cfg; cfg differing
+    in any other field is refused (ValueError naming it); cfg=None resumes as saved. The dataset must
+    be the one the run was trained on (same manifest hash), wherever it now lies. Under torchrun
+    (WORLD_SIZE > 1) every rank runs this; rank 0 writes. `stop_at`: stop (with a checkpoint) after
+    that many steps, keeping the schedule of `cfg.steps`. -> the final config dict.
+    """
+    rank, world, device, owned = dist_setup(device)
+    is_main = rank == 0
+    if not is_main:
+        log = lambda *_: None  # noqa: E731
+    store = CheckpointStore(data_dir, verify="size")
+    cfg, hcfg, tensors, saved = _open_run(cfg, store, out_dir, resume)
+    if cfg.batch_size % world:
+        raise ValueError(f"global batch {cfg.batch_size} is not divisible by the {world} DDP processes")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    data = _prepare_data(cfg, hcfg, store, saved, device)
+    diffusion = GaussianDiffusion(cfg.diffusion_steps, device=device)
+    st = _build_state(cfg, data.hcfg, device, tensors, saved)
+    if saved is not None:
+        log(f"resumed {out_dir} at step {st.step}")
+    fwd = st.model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        fwd = DDP(st.model, device_ids=[device.index] if device.type == "cuda" else None)
+    b = cfg.batch_size // world
+    stepper = _Step(cfg, st.model, diffusion, data.ds, data.norm, rank * b, (rank + 1) * b)
+    meta = _run_meta(cfg, data, diffusion, store, out_dir, world, device)
+    rec = _Record(out_dir, meta, is_main, resume, st.step)
+    evaluate = None
+    if cfg.eval_every:
+        def evaluate(s):
+            return _evaluate(cfg, s, data, diffusion, meta, store, log)
+
+    n_model = sum(p.numel() for p in st.model.parameters())
+    log(f"training {cfg.model} ({cfg.preset}, {n_model / 1e6:.2f} M params, {data.hcfg.layout.num_tokens} tokens of "
+        f"{data.hcfg.chunk}) on {len(data.ds.rows)} checkpoints of {len(data.train_runs)} runs ({len(data.held)} "
+        f"held out), batch {cfg.batch_size} x {world} process(es) on {device}, steps {st.step} -> {cfg.steps}")
+    end = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
+    stopped = _loop(cfg, st, stepper, fwd, rec, end, world, device, log, evaluate)
+    if st.step >= end and not stopped and is_main and not os.path.exists(os.path.join(out_dir, CKPT)):
+        rec.save(st)   # resumed at or past the end: still leave a checkpoint
+    rec.close()
     if owned:
         # an exit with live gloo threads aborts the process ("terminate called without an active exception")
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
-    log(f"done: step {step}, {wall:.0f} s; model in {out_dir}")
-    return {**meta, "step": step, "wall_time_s": wall}
+    log(f"done: step {st.step}, {st.wall:.0f} s; model in {out_dir}")
+    return {**meta, "step": st.step, "wall_time_s": st.wall}

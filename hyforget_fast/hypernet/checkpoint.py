@@ -1,0 +1,136 @@
+"""The on-disk format of a hypernetwork training folder, and what ties it to its dataset.
+
+A training folder holds
+  checkpoint.safetensors   model.*, ema.*, opt.*, rng.* tensors; metadata {"format": FORMAT,
+                           "config": the JSON config}, written atomically with the tensors
+  config.json              the same config, readable
+  curves.json              the training curve
+
+The config's "dataset" record identifies the collection by the sha256 of its manifest.json (which
+lists every shard's size and hash), not by where it lies: "dir" is the collection's path RELATIVE
+to the training folder (so a run moved together with its data still finds it) and "abs_dir" the
+absolute path at training time (so a run moved alone still finds it). `resolve_dataset` finds it,
+or checks a folder the user names (data=), by that hash.
+
+Both the training loop (train.py) and the loader (api.py) import this module; neither imports
+the other's internals.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from ..collection.store import CheckpointStore
+
+CKPT = "checkpoint.safetensors"
+CONFIG = "config.json"
+CURVES = "curves.json"
+FORMAT = "hyforget-hypernet-1"
+
+
+# ---------------------------------------------------------------------------- safetensors
+def save_safetensors_atomic(path: str, tensors: dict, metadata: dict) -> None:
+    """Write `tensors` (+ string metadata) to `path` through a temp file, fsync and os.replace."""
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(out_dir: str, device="cpu", prefixes=None) -> tuple[dict, dict]:
+    """-> (tensors with names starting with one of `prefixes` (all if None), config dict).
+    The config is read from the safetensors metadata, written atomically with the tensors."""
+    from safetensors import safe_open
+    path = os.path.join(out_dir, CKPT)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {CKPT} in {out_dir}: not a trained hypernetwork folder")
+    tensors = {}
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+        for k in f.keys():
+            if prefixes is None or k.startswith(tuple(prefixes)):
+                tensors[k] = f.get_tensor(k)
+    return tensors, json.loads(meta["config"])
+
+
+# ---------------------------------------------------------------------------- dataset identity
+def manifest_sha256(root: str) -> str:
+    """sha256 of a collection's manifest.json: the identity of the dataset (it lists every shard's hash)."""
+    path = os.path.join(root, "manifest.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no manifest.json in {root}: not a collection folder")
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def dataset_identity(store: CheckpointStore, run_dir: str | None = None) -> dict:
+    """What ties a model to its dataset: spec, classes, pivots, size and the manifest's hash.
+    "dir" is the collection's path relative to `run_dir` (absolute when run_dir is None)."""
+    man = store.manifest
+    root = os.path.abspath(store.root)
+    return {"dir": root if run_dir is None else os.path.relpath(root, os.path.abspath(run_dir)),
+            "abs_dir": root, "layer_sizes": list(store.layer_sizes),
+            "classes": list(store.classes), "pivots": list(man.get("pivots", [])),
+            "num_checkpoints": int(man["num_checkpoints"]), "manifest_sha256": manifest_sha256(store.root)}
+
+
+def check_dataset_matches(cfg, store: CheckpointStore) -> None:
+    """Raise ValueError when a dataset's spec differs from the model's (cfg: anything with .layer_sizes)."""
+    if tuple(store.layer_sizes) != tuple(cfg.layer_sizes):
+        raise ValueError(f"dataset {store.root} holds MLPSpec{tuple(store.layer_sizes)} networks, but the model "
+                         f"was built for MLPSpec{tuple(cfg.layer_sizes)}")
+
+
+def _describe(ident: dict) -> str:
+    return (f"{ident.get('num_checkpoints')} checkpoints of MLPSpec{tuple(ident.get('layer_sizes', ()))}, classes "
+            f"{ident.get('classes')}, manifest sha256 {str(ident.get('manifest_sha256'))[:12]}…")
+
+
+def check_same_dataset(ident: dict, root: str, what: str = "this hypernetwork") -> None:
+    """Raise ValueError, naming `root`, when the collection there is not the one `ident` records."""
+    got = manifest_sha256(root)
+    if got != ident["manifest_sha256"]:
+        raise ValueError(f"{root} is not the dataset {what} was trained on: its manifest sha256 is {got[:12]}…, "
+                         f"the training dataset was {_describe(ident)} (at {ident.get('abs_dir', ident.get('dir'))})")
+
+
+def dataset_candidates(run_dir: str, ident: dict) -> list[str]:
+    """Where a run's dataset may be: "dir" against the run folder (or as is when absolute), then
+    "abs_dir" (older configs hold only an absolute "dir")."""
+    out = []
+    for p in (ident.get("dir"), ident.get("abs_dir")):
+        if p:
+            p = p if os.path.isabs(p) else os.path.normpath(os.path.join(os.path.abspath(run_dir), p))
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def resolve_dataset(run_dir: str, ident: dict, data: str | None = None) -> str | None:
+    """The absolute path of a run's dataset, matched by manifest hash.
+
+    data given: that folder, after checking it is the training dataset (ValueError naming it
+    otherwise). data None: the first recorded location (relative to the run folder, then the
+    absolute one) whose manifest matches; when the only collections found there are OTHER ones,
+    ValueError; None when no recorded location holds a collection (a run moved without its data).
+    """
+    if data is not None:
+        root = os.path.abspath(str(data))
+        check_same_dataset(ident, root)
+        return root
+    wrong = None
+    for p in dataset_candidates(run_dir, ident):
+        if os.path.exists(os.path.join(p, "manifest.json")):
+            try:
+                check_same_dataset(ident, p)
+                return p
+            except ValueError as e:
+                wrong = wrong or e
+    if wrong is not None:
+        raise ValueError(f"{wrong}; pass the training dataset explicitly (data= / --data)")
+    return None
