@@ -35,8 +35,8 @@ from common import emit, machine, markdown_table, median_time, sync  # noqa: E40
 
 import hyforget_fast as hf  # noqa: E402
 from hyforget_fast.hypernet.diffusion import GaussianDiffusion  # noqa: E402
-from hyforget_fast.hypernet.gpt_reference import GptStyleDiHyFo, gpt_style_batch  # noqa: E402
 from hyforget_fast.hypernet.models import DiHyFo, HypernetConfig  # noqa: E402
+from gpt_reference import GptStyleDiHyFo, gpt_style_batch  # noqa: E402  (bench/gpt_reference.py)
 
 SPECS = {"mnist4": [784, 2, 4], "mnist10": [784, 7, 10]}
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched on the device name.

@@ -1,10 +1,16 @@
 """The benchmark's "G.pt way" baseline computes the same function as the fast path it is compared to."""
+import os
+import sys
+
 import pytest
 import torch
 
 import hyforget_fast as hf
-from hyforget_fast.hypernet.gpt_reference import GptStyleDiHyFo, gpt_style_batch
 from hyforget_fast.hypernet.models import DiHyFo, HypernetConfig
+
+# the reference serves the benchmark only, so it lives in bench/, outside the installed package
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from gpt_reference import GptStyleDiHyFo, gpt_style_batch  # noqa: E402
 
 SPEC = hf.MLPSpec([20, 6, 3])
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.spec import ParamNorm, TokenLayout
-from .models import DiHyFo
+from hyforget_fast.hypernet.models import DiHyFo
+from hyforget_fast.ops.spec import ParamNorm, TokenLayout
 
 
 def _token_loop(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
