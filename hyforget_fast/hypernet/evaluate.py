@@ -141,34 +141,8 @@ def _as_params(out, k: int, P: int) -> torch.Tensor:
     return p.float()
 
 
-def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, per_prompt: int = 8,
-                      sampler: str = "ddim", steps: int = 20, seed: int = 0, max_items: int | None = None,
-                      classes: Sequence[int] | None = None, *, start: str = "pair",
-                      percentiles: tuple[float, float] = (2.0, 98.0), splits=None,
-                      sample_batch: int | None = None, eps: float = R2_EPS, guidance: float | None = None) -> dict:
-    """Per-class prompt alignment R² and Pearson r of a hypernetwork on held-out runs.
-
-    hn: anything with .sample(target_losses (k, m), k, sampler=, steps=, seed=, theta=, losses=)
-        -> (k, P), .spec (MLPSpec) and .cfg.kind ("dihyfo1" | "dihyfo2"); e.g. a `Hypernet`.
-    data_dir: a collection folder or an open CheckpointStore (None: hn.meta['data_dir']).
-    heldout_runs: run ids (None: hn.meta['heldout_runs']). classes: digit labels to evaluate
-    (default all). max_items caps the networks sampled per class: per_prompt is lowered to
-    max(1, max_items // num_prompts). splits: (X_val, y_val) or a DigitSplits, to skip
-    rebuilding the validation split (e.g. every evaluation of a training run).
-    Returns a JSON-able dict (int class keys): r2, pearson, nonfinite,
-    r2_mean, r2_free_mean, pearson_mean, pearson_free_mean, prompts / target / observed / range /
-    reference (median held-out loss) per class, and `settings`.
-    """
-    t0 = time.perf_counter()
-    meta = getattr(hn, "meta", None) or {}
-    kind = hn.cfg.kind
-    if data_dir is None:
-        data_dir = meta.get("data_dir") or (meta.get("dataset") or {}).get("dir")
-    runs_from_meta = heldout_runs is None
-    if runs_from_meta:
-        heldout_runs = meta.get("heldout_runs")
-    if data_dir is None or heldout_runs is None:
-        raise ValueError("need data_dir and heldout_runs (or a hypernet whose meta records them)")
+def _check_settings(sampler: str, start: str, num_prompts, per_prompt, percentiles, max_items) -> tuple[int, int]:
+    """Validate the sampling settings -> (num_prompts, per_prompt), per_prompt lowered to fit max_items."""
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
     if start not in ("pair", "init"):
@@ -182,21 +156,109 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
         if int(max_items) < 1:
             raise ValueError(f"max_items must be positive, got {max_items}")
         per_prompt = max(1, min(int(per_prompt), int(max_items) // int(num_prompts)))
-    num_prompts, per_prompt = int(num_prompts), int(per_prompt)
+    return int(num_prompts), int(per_prompt)
 
+
+def _open_store(hn, meta: dict, data_dir, runs_from_meta: bool) -> CheckpointStore:
+    """The collection, checked against the hypernetwork: the same spec and classes, and (when the
+    held-out runs come from the model's meta) the same manifest hash, as run ids name runs of it."""
     store = data_dir if isinstance(data_dir, CheckpointStore) else CheckpointStore(str(data_dir), verify="size")
     want_sha = (meta.get("dataset") or {}).get("manifest_sha256")
     if want_sha is not None and runs_from_meta and manifest_sha256(store.root) != want_sha:
         # held-out run ids name runs of the training dataset; in another collection they are others
         raise ValueError(f"{store.root} is not the collection this hypernetwork was trained on "
                          f"(manifest hash differs): its held-out run ids do not apply there")
-    spec = hn.spec
-    if tuple(spec.layer_sizes) != tuple(store.layer_sizes):
-        raise ValueError(f"hypernetwork spec {tuple(spec.layer_sizes)} does not match the collection's "
+    if tuple(hn.spec.layer_sizes) != tuple(store.layer_sizes):
+        raise ValueError(f"hypernetwork spec {tuple(hn.spec.layer_sizes)} does not match the collection's "
                          f"{tuple(store.layer_sizes)} ({store.root})")
     all_classes = [int(c) for c in store.classes]
     if meta.get("classes") is not None and [int(c) for c in meta["classes"]] != all_classes:
         raise ValueError(f"hypernetwork classes {list(meta['classes'])} differ from the collection's {all_classes}")
+    return store
+
+
+def _sample_items(hn, tgt: torch.Tensor, kw: dict, sampler: str, steps: int, seed: int, c: int, bs: int,
+                  guidance) -> torch.Tensor:
+    """One network per item (row of tgt), in slices of `bs` -> (k, P) float32."""
+    k, P = tgt.shape[0], hn.spec.num_params
+    outs = []
+    for b0 in range(0, k, bs):
+        sl = slice(b0, min(k, b0 + bs))
+        n = sl.stop - sl.start
+        outs.append(_as_params(hn.sample(tgt[sl], n, sampler=sampler, steps=steps,
+                                         seed=int(seed) * 1_000_003 + c * 1009 + b0,
+                                         **({} if guidance is None else {"guidance": guidance}),
+                                         **{a: v[sl] for a, v in kw.items()}), n, P))
+    return torch.cat(outs)
+
+
+def _evaluate_class(hn, store: CheckpointStore, c: int, ci: int, held_loss: np.ndarray, per_run: dict,
+                    rows: np.ndarray, phase: np.ndarray, X_val, y_val, *, num_prompts: int, per_prompt: int,
+                    percentiles, start: str, sampler: str, steps: int, seed: int, bs: int, guidance,
+                    eps: float) -> dict:
+    """Class c (column ci): its prompt grid, the items (others prompted as in the data), one sampled
+    network per item, its validation loss -> {r2, pearson, nonfinite, prompts, target, observed,
+    range, reference}."""
+    kind = hn.cfg.kind
+    k = num_prompts * per_prompt
+    grid = prompt_grid(held_loss[:, ci], num_prompts, percentiles)       # (num_prompts,)
+    rng = np.random.default_rng([int(seed), c])
+    star, src = _draw_items(rng, k, kind, start, per_run, rows, phase)    # item j -> prompt j // per_prompt
+    target = store.take("class_loss", star).astype(np.float32)           # (k, m) others as in the data
+    target[:, ci] = np.repeat(grid, per_prompt)
+    kw = {}
+    if kind == "dihyfo1":
+        kw = {"theta": torch.from_numpy(store.take("params", src)), "losses": torch.from_numpy(store.take("class_loss", src))}
+    params = _sample_items(hn, torch.from_numpy(target), kw, sampler, steps, seed, c, bs, guidance)   # (k, P)
+    obs = class_metrics(params, hn.spec, X_val.to(params.device), y_val.to(params.device)).class_loss[:, ci]
+    obs = obs.double().cpu().numpy()                                       # (k,)
+    tc = target[:, ci].astype(np.float64)
+    ok = np.isfinite(obs)
+    fin = held_loss[:, ci][np.isfinite(held_loss[:, ci])]
+    return {"r2": prompt_alignment_r2(obs[ok], tc[ok], eps), "pearson": pearson(obs[ok], tc[ok]),
+            "nonfinite": int((~ok).sum()), "prompts": grid.tolist(), "target": tc.tolist(),
+            "observed": [float(v) if math.isfinite(v) else float("nan") for v in obs.tolist()],
+            "range": [float(fin.min()), float(fin.max())], "reference": float(np.median(fin))}
+
+
+def _mean(d: dict, keys) -> float:
+    v = [d[c] for c in keys if math.isfinite(d[c])]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, per_prompt: int = 8,
+                      sampler: str = "ddim", steps: int = 20, seed: int = 0, max_items: int | None = None,
+                      classes: Sequence[int] | None = None, *, start: str = "pair",
+                      percentiles: tuple[float, float] = (2.0, 98.0), splits=None,
+                      sample_batch: int | None = None, eps: float = R2_EPS, guidance: float | None = None) -> dict:
+    """Per-class prompt alignment R² and Pearson r of a hypernetwork on held-out runs.
+
+    hn: anything with .sample(target_losses (k, m), k, sampler=, steps=, seed=, theta=, losses=)
+        -> (k, P), .spec (MLPSpec) and .cfg.kind ("dihyfo1" | "dihyfo2"); e.g. a `Hypernet`.
+    data_dir: a collection folder or an open CheckpointStore (None: hn.meta['data_dir'], the
+    training dataset as `load_hypernet` found it). heldout_runs: run ids (None:
+    hn.meta['heldout_runs']). classes: digit labels to evaluate
+    (default all). max_items caps the networks sampled per class: per_prompt is lowered to
+    max(1, max_items // num_prompts). splits: (X_val, y_val) or a DigitSplits, to skip
+    rebuilding the validation split (e.g. every evaluation of a training run).
+    Returns a JSON-able dict (int class keys): r2, pearson, nonfinite,
+    r2_mean, r2_free_mean, pearson_mean, pearson_free_mean, prompts / target / observed / range /
+    reference (median held-out loss) per class, and `settings`.
+    """
+    t0 = time.perf_counter()
+    meta = getattr(hn, "meta", None) or {}
+    kind = hn.cfg.kind
+    if data_dir is None:
+        data_dir = meta.get("data_dir")
+    runs_from_meta = heldout_runs is None
+    if runs_from_meta:
+        heldout_runs = meta.get("heldout_runs")
+    if data_dir is None or heldout_runs is None:
+        raise ValueError("need data_dir and heldout_runs (or a hypernet whose meta records them; a hypernetwork "
+                         "whose training dataset was not found needs data_dir)")
+    num_prompts, per_prompt = _check_settings(sampler, start, num_prompts, per_prompt, percentiles, max_items)
+    store = _open_store(hn, meta, data_dir, runs_from_meta)
+    all_classes = [int(c) for c in store.classes]
     pivots = [int(p) for p in store.manifest.get("pivots", meta.get("pivots", []))]
     classes = all_classes if classes is None else [int(c) for c in classes]
     bad = [c for c in classes if c not in all_classes]
@@ -213,57 +275,25 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
     held_loss = store.take("class_loss", rows)                                # (n_held, m)
     phase = np.full(len(store), -1, np.int8)
     phase[rows] = store.take("phase", rows)
-    P = spec.num_params
-    k = num_prompts * per_prompt
+    bs = num_prompts * per_prompt if sample_batch is None else int(sample_batch)
+    if bs < 1:
+        raise ValueError(f"sample_batch must be positive, got {sample_batch}")
 
-    res = {k_: {} for k_ in ("r2", "pearson", "nonfinite", "prompts", "target", "observed",
-                             "range", "reference")}
+    keys = ("r2", "pearson", "nonfinite", "prompts", "target", "observed", "range", "reference")
+    res = {k_: {} for k_ in keys}
     for c in classes:
-        ci = all_classes.index(c)
-        grid = prompt_grid(held_loss[:, ci], num_prompts, percentiles)       # (num_prompts,)
-        rng = np.random.default_rng([int(seed), c])
-        star, src = _draw_items(rng, k, kind, start, per_run, rows, phase)    # item j -> prompt j // per_prompt
-        target = store.take("class_loss", star).astype(np.float32)           # (k, m) others as in the data
-        target[:, ci] = np.repeat(grid, per_prompt)
-        kw = {}
-        if kind == "dihyfo1":
-            kw = {"theta": torch.from_numpy(store.take("params", src)), "losses": torch.from_numpy(store.take("class_loss", src))}
-        tgt = torch.from_numpy(target)
-        bs = k if sample_batch is None else int(sample_batch)
-        if bs < 1:
-            raise ValueError(f"sample_batch must be positive, got {sample_batch}")
-        outs = []
-        for b0 in range(0, k, bs):
-            sl = slice(b0, min(k, b0 + bs))
-            n = sl.stop - sl.start
-            outs.append(_as_params(hn.sample(tgt[sl], n, sampler=sampler, steps=steps,
-                                             seed=int(seed) * 1_000_003 + c * 1009 + b0,
-                                             **({} if guidance is None else {"guidance": guidance}),
-                                             **{a: v[sl] for a, v in kw.items()}), n, P))
-        params = torch.cat(outs)                                               # (k, P)
-        obs = class_metrics(params, spec, X_val.to(params.device), y_val.to(params.device)).class_loss[:, ci]
-        obs = obs.double().cpu().numpy()                                       # (k,)
-        tc = target[:, ci].astype(np.float64)
-        ok = np.isfinite(obs)
-        res["r2"][c] = prompt_alignment_r2(obs[ok], tc[ok], eps)
-        res["pearson"][c] = pearson(obs[ok], tc[ok])
-        res["nonfinite"][c] = int((~ok).sum())
-        res["prompts"][c] = grid.tolist()
-        res["target"][c] = tc.tolist()
-        res["observed"][c] = [float(v) if math.isfinite(v) else float("nan") for v in obs.tolist()]
-        fin = held_loss[:, ci][np.isfinite(held_loss[:, ci])]
-        res["range"][c] = [float(fin.min()), float(fin.max())]
-        res["reference"][c] = float(np.median(fin))
-
-    def mean(d, keys):
-        v = [d[c] for c in keys if math.isfinite(d[c])]
-        return float(np.mean(v)) if v else float("nan")
+        one = _evaluate_class(hn, store, c, all_classes.index(c), held_loss, per_run, rows, phase, X_val, y_val,
+                              num_prompts=num_prompts, per_prompt=per_prompt, percentiles=percentiles, start=start,
+                              sampler=sampler, steps=steps, seed=seed, bs=bs, guidance=guidance, eps=eps)
+        for k_ in keys:
+            res[k_][c] = one[k_]
 
     free = [c for c in classes if c not in pivots]
+    lo_q, hi_q = percentiles
     res.update({
         "kind": kind, "classes": all_classes, "pivots": pivots, "evaluated_classes": classes, "free_classes": free,
-        "r2_mean": mean(res["r2"], classes), "r2_free_mean": mean(res["r2"], free),
-        "pearson_mean": mean(res["pearson"], classes), "pearson_free_mean": mean(res["pearson"], free),
+        "r2_mean": _mean(res["r2"], classes), "r2_free_mean": _mean(res["r2"], free),
+        "pearson_mean": _mean(res["pearson"], classes), "pearson_free_mean": _mean(res["pearson"], free),
         "nonfinite_total": int(sum(res["nonfinite"].values())),
         "settings": {"sampler": sampler, "steps": int(steps), "num_prompts": num_prompts, "per_prompt": per_prompt,
                      "seed": int(seed), "start": start if kind == "dihyfo1" else None,
