@@ -448,36 +448,45 @@ class BlockTrainer:
         cm = ops.class_metrics(self.flat_params(rows, full=False), self.eval_spec, self.Xv, self.yv, self.m)
         return cm.class_loss, cm.class_acc
 
+    def _score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class validation (loss, acc) of runs `rows` as host arrays (n, m)."""
+        loss, acc = self.score_exact(torch.from_numpy(rows).to(self.device))
+        return loss.cpu().numpy(), acc.cpu().numpy()
+
+    def _acceptable(self, loss: np.ndarray, acc: np.ndarray) -> np.ndarray:
+        """(n,) bool, the selection rules: every pivot class at accuracy >= gamma, every loss finite,
+        no holdout rule met."""
+        return ((acc[:, self._pivot_np] >= self.cfg.gamma).all(1) & np.isfinite(loss).all(1)
+                & ~self.held_out(loss, acc))
+
+    def _claim_bins(self, rows: np.ndarray, cell: np.ndarray, bin_count: np.ndarray) -> np.ndarray:
+        """Bin caps, deterministic within a step: offers claim a cell's free slots in run order.
+        -> (n,) bool, the offers that fit under cfg.bin_cap (bin_count is not changed)."""
+        order = np.argsort(cell * self.R + rows, kind="stable")             # by (cell, run)
+        cs = cell[order]
+        rank = np.arange(len(cs)) - np.searchsorted(cs, cs)                  # position within its cell
+        keep = np.empty(len(cs), dtype=bool)
+        keep[order] = bin_count[cs] + rank < self.cfg.bin_cap
+        return keep
+
+    def _run_info(self) -> dict:
+        """Per-run draws of the block: lr, keep rates, forget step and forgotten classes."""
+        cfg = self.cfg
+        return {"lr": self.lr.cpu().tolist(), "keep": self.keep.cpu().tolist(),
+                "forget_step": [None if math.isinf(s) else int(s) for s in self.forget_step.cpu().tolist()],
+                "forget_classes": [[cfg.classes[c] for c in np.flatnonzero(r)] for r in self.forget_mask.cpu().numpy()]}
+
     def run(self, progress=None) -> BlockResult:
         """Train the block to the end (or until every run is full) -> its saved checkpoints.
         The per-step rules run on the host in numpy: they touch a few dozen numbers, where each
         torch op would cost more in dispatch than in work."""
         cfg, R, dev = self.cfg, self.R, self.device
-        # Saved checkpoints go straight to slot count[r] of their run r (at most ckpts_per_run + 1
-        # each, arriving in step order), so the block comes out sorted by (run, step) after an
-        # in-place compaction (mnist10: ~420 MB of parameters per block; a second array that size
-        # cost ~1 s of first-touch page faults on the development VM).
-        slots, P = cfg.ckpts_per_run + 1, self.spec.num_params
-        buf = {"params": np.empty((R, slots, P), np.float32), "loss": np.empty((R, slots, self.m), np.float32),
-               "acc": np.empty((R, slots, self.m), np.float32), "step": np.empty((R, slots), np.int64),
-               "phase": np.empty((R, slots), np.int8)}
-        count = np.zeros(R, dtype=np.int64)
-
-        def record(rows, loss, acc, step, phase):
-            k = count[rows]
-            buf["params"][rows, k] = self.flat_params(torch.from_numpy(rows).to(dev)).cpu().numpy()
-            buf["loss"][rows, k], buf["acc"][rows, k] = loss, acc
-            buf["step"][rows, k], buf["phase"][rows, k] = step, phase
-            count[rows] += 1
-
-        def score(rows):   # -> (loss, acc) as host arrays (n, m)
-            loss, acc = self.score_exact(torch.from_numpy(rows).to(dev))
-            return loss.cpu().numpy(), acc.cpu().numpy()
-
+        slots = _RunSlots(R, cfg.ckpts_per_run + 1, self.spec.num_params, self.m)
         all_rows = np.arange(R)
-        loss0, acc0 = score(all_rows)
-        init_ok = ~self.held_out(loss0, acc0)                                      # (R,) initial params kept
-        record(all_rows[init_ok], loss0[init_ok], acc0[init_ok], 0, np.full(init_ok.sum(), PHASE_INIT))
+        loss0, acc0 = self._score(all_rows)
+        init_ok = ~self.held_out(loss0, acc0)                                # (R,) initial params kept
+        slots.record(all_rows[init_ok], self.flat_params(torch.from_numpy(all_rows[init_ok]).to(dev)),
+                     loss0[init_ok], acc0[init_ok], 0, np.full(init_ok.sum(), PHASE_INIT))
         n_init = init_ok.astype(np.int64)                                    # slot 0 holds the init, if kept
         bin_count = np.zeros(cfg.num_bins ** len(self._free_np), dtype=np.int64)
         forgetting = np.zeros(R, dtype=bool)
@@ -493,47 +502,68 @@ class BlockTrainer:
                 self.class_w = self._class_weights(torch.from_numpy(forgetting).to(dev))
             idx, wn = self.sample_batch(step)
             self.sgd_step(idx, wn)
-            saved = count - n_init
+            saved = slots.count - n_init
             rows = np.flatnonzero((u_offer[step - 1] < p_offer[step - 1]) & (saved < cfg.ckpts_per_run))
             if len(rows) == 0:
                 if (saved >= cfg.ckpts_per_run).all():
                     break  # every run is full: training further could save nothing
                 continue
             n_offers += len(rows)
-            loss, acc = score(rows)
-            ok = (acc[:, self._pivot_np] >= cfg.gamma).all(1) & np.isfinite(loss).all(1) & ~self.held_out(loss, acc)
+            loss, acc = self._score(rows)
+            ok = self._acceptable(loss, acc)
             rows, loss, acc = rows[ok], loss[ok], acc[ok]
             if len(rows) == 0:
                 continue
-            # Bin caps, deterministic within a step: offers claim a cell's free slots in run order.
             cell = self.bin_cells(loss)
-            order = np.argsort(cell * R + rows, kind="stable")               # by (cell, run)
-            cs = cell[order]
-            rank = np.arange(len(cs)) - np.searchsorted(cs, cs)              # position within its cell
-            keep = np.empty(len(cs), dtype=bool)
-            keep[order] = bin_count[cs] + rank < cfg.bin_cap
+            keep = self._claim_bins(rows, cell, bin_count)
             if not keep.any():
                 continue
             rows, loss, acc, cell = rows[keep], loss[keep], acc[keep], cell[keep]
             np.add.at(bin_count, cell, 1)
-            record(rows, loss, acc, step, np.where(forgetting[rows], PHASE_FORGET, PHASE_TRAIN))
+            slots.record(rows, self.flat_params(torch.from_numpy(rows).to(dev)), loss, acc, step,
+                         np.where(forgetting[rows], PHASE_FORGET, PHASE_TRAIN))
             if progress is not None:
                 progress(len(rows))
-        filled = np.flatnonzero((np.arange(slots) < count[:, None]).ravel())  # (n,) used slots
-        out = {k: v.reshape(R * slots, *v.shape[2:])[filled] for k, v in buf.items() if k != "params"}
-        flat = buf["params"].reshape(R * slots, P)
+        out = slots.compact()
+        stats = {"runs": R, "steps": step, "offers": n_offers, "scored": n_offers + R,
+                 "saved": int((slots.count - n_init).sum()), "full_bins": int((bin_count >= cfg.bin_cap).sum())}
+        return BlockResult(self.block, out["params"], out["loss"], out["acc"],
+                           np.repeat(self.run_ids.numpy(), slots.count), out["step"], out["phase"],
+                           self._run_info(), stats)
+
+
+class _RunSlots:
+    """Host buffers of a block's saved checkpoints. A checkpoint of run r goes straight to slot
+    count[r] of r (at most `slots` each, arriving in step order), so the block comes out sorted by
+    (run, step) after an in-place compaction (mnist10: ~420 MB of parameters per block; a second
+    array that size cost ~1 s of first-touch page faults on the development VM)."""
+
+    def __init__(self, runs: int, slots: int, num_params: int, m: int):
+        self.R, self.slots, self.P = runs, slots, num_params
+        self.buf = {"params": np.empty((runs, slots, num_params), np.float32),
+                    "loss": np.empty((runs, slots, m), np.float32), "acc": np.empty((runs, slots, m), np.float32),
+                    "step": np.empty((runs, slots), np.int64), "phase": np.empty((runs, slots), np.int8)}
+        self.count = np.zeros(runs, dtype=np.int64)
+
+    def record(self, rows: np.ndarray, params: torch.Tensor, loss, acc, step, phase) -> None:
+        k = self.count[rows]
+        self.buf["params"][rows, k] = params.cpu().numpy()
+        self.buf["loss"][rows, k], self.buf["acc"][rows, k] = loss, acc
+        self.buf["step"][rows, k], self.buf["phase"][rows, k] = step, phase
+        self.count[rows] += 1
+
+    def compact(self) -> dict:
+        """-> {params, loss, acc, step, phase} of the used slots, sorted by (run, step); params is a
+        view of the buffer compacted in place."""
+        R, slots, P = self.R, self.slots, self.P
+        filled = np.flatnonzero((np.arange(slots) < self.count[:, None]).ravel())  # (n,) used slots
+        out = {k: v.reshape(R * slots, *v.shape[2:])[filled] for k, v in self.buf.items() if k != "params"}
+        flat = self.buf["params"].reshape(R * slots, P)
         for i in range(0, len(filled), 1024):   # compact in place: filled[i] >= i, so sources are intact
             src = filled[i:i + 1024]
             flat[i:i + len(src)] = flat[src]
-        out["params"] = flat[:len(filled)]                                  # sorted by (run, step)
-        info = {"lr": self.lr.cpu().tolist(), "keep": self.keep.cpu().tolist(),
-                "forget_step": [None if math.isinf(s) else int(s) for s in self.forget_step.cpu().tolist()],
-                "forget_classes": [[cfg.classes[c] for c in np.flatnonzero(r)] for r in self.forget_mask.cpu().numpy()]}
-        stats = {"runs": R, "steps": step, "offers": n_offers, "scored": n_offers + R,
-                 "saved": int((count - n_init).sum()), "full_bins": int((bin_count >= cfg.bin_cap).sum())}
-        return BlockResult(self.block, out["params"], out["loss"], out["acc"], np.repeat(self.run_ids.numpy(), count),
-                           out["step"], out["phase"], info, stats)
-
+        out["params"] = flat[:len(filled)]
+        return out
 
 def collect_block(cfg: CollectConfig, splits, block: int, device="cpu", progress=None) -> BlockResult:
     """Train and score block `block` of `cfg`; a pure function of (cfg, splits, block, device)."""
