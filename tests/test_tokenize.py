@@ -225,3 +225,25 @@ def test_reference_matches_the_definition(spec, chunk, batch, seed, dtype, use_p
     perms = perms if use_perm else None
     norm = norm if use_norm else None
     assert torch.equal(ref.tokenize(x, layout, perms, norm), _tokenize_by_definition(x, layout, perms, norm))
+
+
+@given(spec=mlp_specs(max_in=17), batch=st.sampled_from([1, 2, 5]), seed=st.integers(0, 2**16))
+def test_canonical_perms_are_valid_idempotent_and_keep_the_function(spec, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, spec.num_params, generator=g, dtype=torch.float64)
+    perms = hf.ops.canonical_perms(x, spec)
+    hf.validate_perms(perms, spec, batch, torch.device("cpu"))               # a permutation per layer
+    canon = hf.permute(x, spec, perms)
+    identity = torch.cat([torch.arange(h).expand(batch, h) for h in spec.hidden_sizes], 1)
+    assert torch.equal(hf.ops.canonical_perms(canon, spec), identity)         # canonicalising twice = once
+    # any random relabelling of the units has the same canonical form (ties have probability 0 here)
+    shuffled = hf.permute(x, spec, hf.sample_perms(spec, batch, seed=seed + 1))
+    assert torch.equal(hf.permute(shuffled, spec, hf.ops.canonical_perms(shuffled, spec)), canon)
+    inputs = torch.randn(11, spec.in_features, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(ref.mlp_logits(canon, spec, inputs), ref.mlp_logits(x, spec, inputs),
+                               rtol=1e-12, atol=1e-12)
+    # the statistic: incoming-weight norms of each hidden layer, in non-increasing order
+    for l in range(spec.num_layers - 1):
+        W, _ = spec.unflatten(canon)[l]
+        n = W.pow(2).sum(2)
+        assert bool((n[:, :-1] >= n[:, 1:]).all())

@@ -19,6 +19,22 @@ normalized mean).
 
 The model predicts x0 (the clean normalized θ*); padding values of the last token of a piece
 are forced to 0 by a (T, chunk) mask.
+
+Conditioning (`HypernetConfig.cond`, issue 14):
+  "tokens"  the in-context scalar tokens above (G.pt; the default of configs saved before it existed).
+  "adaln"   DiT's adaLN-Zero (Peebles & Xie 2023): the sequence holds only the parameter tokens;
+            the conditioning vector c = MLP_t(enc(t)) + MLP_target(enc(target part))
+            [+ MLP_cur(enc(L)) for DiHyFo-1] is computed once per sample and every block maps
+            SiLU(c) to shift/scale/gate of its attention and MLP sub-blocks (LayerNorms without
+            affine), the final LayerNorm to a shift/scale; every modulation map is zero-initialised,
+            so at initialisation each block is the identity and the model still predicts θ / 0.
+            The target part is L* (DiHyFo-1: L* and L* - L); classifier-free guidance's "no
+            target" replaces that part's embedding by one learned vector.
+Target representation (`target_repr`): "raw" feeds L* as is (frequencies up to 2^max_freq_log2);
+"log" feeds z = (log(L* + LOG_EPS) - target_log_mean) / target_log_std, the statistics fitted on
+the training checkpoints' class losses (pooled over classes) and stored in the config, at low
+frequencies up to 2^target_max_freq_log2. DiHyFo-1's current losses L get the same transform and
+its difference input becomes z* - z. The transform lives in the model: callers always pass raw losses.
 """
 from __future__ import annotations
 
@@ -34,6 +50,9 @@ from ..ops.spec import MLPSpec, TokenLayout
 from ..configs import strict_fields
 
 KINDS = ("dihyfo1", "dihyfo2")
+CONDS = ("tokens", "adaln")
+TARGET_REPRS = ("raw", "log")
+LOG_EPS = 1e-3      # log(L + LOG_EPS): losses of well-trained classes go down to ~1e-4
 
 # Presets: width, depth, heads, chunk. `tiny` trains on a 2-core CPU in minutes; `paper` is the
 # dissertation's MNIST scale (chunk 1000 as G.pt's MNIST tokens).
@@ -57,10 +76,22 @@ class HypernetConfig:
     max_freq_log2: float = 14.0
     mlp_ratio: float = 4.0
     cond_dropout: float = 0.0          # training: chance of replacing the target tokens by "no target"
+    cond: str = "tokens"               # "tokens" (in-context scalars, G.pt) or "adaln" (DiT adaLN-Zero)
+    target_repr: str = "raw"           # "raw" L* or "log": standardised log(L* + LOG_EPS)
+    target_log_mean: float = 0.0       # "log": statistics of log(L + LOG_EPS) on the training data
+    target_log_std: float = 1.0
+    target_max_freq_log2: float = 3.0  # "log": encoding frequencies 2**linspace(0, this)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+        if self.cond not in CONDS:
+            raise ValueError(f"cond must be one of {CONDS}, got {self.cond!r}")
+        if self.target_repr not in TARGET_REPRS:
+            raise ValueError(f"target_repr must be one of {TARGET_REPRS}, got {self.target_repr!r}")
+        if not (math.isfinite(self.target_log_mean) and math.isfinite(self.target_log_std) and self.target_log_std > 0):
+            raise ValueError(f"target_log_mean must be finite and target_log_std finite and > 0, got "
+                             f"{self.target_log_mean}, {self.target_log_std}")
         object.__setattr__(self, "layer_sizes", tuple(int(s) for s in self.layer_sizes))
         MLPSpec(self.layer_sizes)
         if self.width % self.heads:
@@ -150,6 +181,37 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]                         # (B, N, D), (B, D)
+
+
+class AdaLNBlock(Block):
+    """DiT adaLN-Zero block: the Block's attention and MLP, LayerNorms without affine, and
+    shift / scale / gate of both sub-blocks from SiLU(c) by one zero-initialised linear map."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__(width, heads, mlp_ratio)
+        self.ln1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ln2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Linear(width, 6 * width)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=1)       # 6 x (B, D)
+        qkv = self.qkv(_modulate(self.ln1(x), sh1, sc1)).view(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)                              # (B, H, N, Dh)
+        x = x + g1[:, None] * self.proj(a.transpose(1, 2).reshape(B, N, D))
+        return x + g2[:, None] * self.mlp(_modulate(self.ln2(x), sh2, sc2))
+
+
+def _embed_mlp(d_in: int, width: int) -> nn.Sequential:
+    """DiT's timestep embedder shape: features -> width -> SiLU -> width."""
+    return nn.Sequential(nn.Linear(d_in, width), nn.SiLU(), nn.Linear(width, width))
+
+
 class DiHyFo(nn.Module):
     """DiHyFo-1 (kind "dihyfo1") or DiHyFo-2 (kind "dihyfo2"); predicts clean normalized tokens.
 
@@ -167,19 +229,40 @@ class DiHyFo(nn.Module):
         T, C, W, m = self.layout.num_tokens, cfg.chunk, cfg.width, cfg.num_classes
         self.num_steps = int(num_diffusion_steps)
         self.conditional_on_theta = cfg.kind == "dihyfo1"
+        self.adaln = cfg.cond == "adaln"
         self.num_scalars = 1 + (3 * m if self.conditional_on_theta else m)
         self.encoder = FrequencyEncoder(cfg.num_freqs, cfg.max_freq_log2)
-        self.scalar_in = TokenLinear(self.num_scalars, self.encoder.dim, W)
-        # Classifier-free guidance (Ho & Salimans 2022): "no target" embeddings that replace the
-        # target-loss tokens (and, for DiHyFo-1, the loss-difference tokens) when dropped.
-        self.target_slots = list(range(1, 1 + m)) + (list(range(1 + 2 * m, 1 + 3 * m)) if self.conditional_on_theta else [])
-        self.null_target = nn.Parameter(torch.zeros(len(self.target_slots), W))
+        # loss scalars: the same encoder ("raw") or a low-frequency one ("log")
+        self.loss_encoder = self.encoder if cfg.target_repr == "raw" else \
+            FrequencyEncoder(cfg.num_freqs, cfg.target_max_freq_log2)
+        n_target = 2 * m if self.conditional_on_theta else m                # L* (and L* - L)
+        if self.adaln:
+            self.scalar_in = None
+            self.t_embed = _embed_mlp(self.encoder.dim, W)
+            self.target_embed = _embed_mlp(n_target * self.loss_encoder.dim, W)
+            self.cur_embed = _embed_mlp(m * self.loss_encoder.dim, W) if self.conditional_on_theta else None
+            self.target_slots = []
+            self.null_target = nn.Parameter(torch.zeros(1, W))              # CFG: "no target" embedding
+            n_seq = T
+        else:
+            self.scalar_in = TokenLinear(self.num_scalars, self.encoder.dim, W)
+            # Classifier-free guidance (Ho & Salimans 2022): "no target" embeddings that replace the
+            # target-loss tokens (and, for DiHyFo-1, the loss-difference tokens) when dropped.
+            self.target_slots = list(range(1, 1 + m)) + (list(range(1 + 2 * m, 1 + 3 * m)) if self.conditional_on_theta else [])
+            self.null_target = nn.Parameter(torch.zeros(len(self.target_slots), W))
+            n_seq = self.num_scalars + T
         self.x_in = TokenLinear(T, C, W)
         self.theta_in = TokenLinear(T, C, W) if self.conditional_on_theta else None
-        n_seq = self.num_scalars + T
         self.pos = nn.Parameter(torch.zeros(1, n_seq, W))                  # learned, zero-initialised
-        self.blocks = nn.ModuleList([Block(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
-        self.ln_f = nn.LayerNorm(W)
+        blk = AdaLNBlock if self.adaln else Block
+        self.blocks = nn.ModuleList([blk(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        if self.adaln:
+            self.ln_f = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+            self.ada_f = nn.Linear(W, 2 * W)                                # final shift / scale, zero-init
+            nn.init.zeros_(self.ada_f.weight)
+            nn.init.zeros_(self.ada_f.bias)
+        else:
+            self.ln_f = nn.LayerNorm(W)
         self.out = TokenLinear(T, W, C, zero=True)                          # zero-initialised decoder
         mask = torch.zeros(T, C)
         for i, tok in enumerate(self.layout.tokens):
@@ -206,11 +289,20 @@ class DiHyFo(nn.Module):
                 theta: torch.Tensor | None = None, loss: torch.Tensor | None = None,
                 drop_target: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x_t, t, target_loss, theta, loss)
+        if self.adaln:
+            return self._forward_adaln(x_t, t, target_loss, theta, loss, drop_target)
+        target_loss, loss = self.loss_repr(target_loss), self.loss_repr(loss)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x_t.is_cuda):
-            scal = [t.float()[:, None] / self.num_steps, target_loss]
-            if self.conditional_on_theta:
-                scal += [loss, target_loss - loss]
-            s = self.scalar_in(self.encoder(torch.cat(scal, 1)))            # (B, S, W)
+            if self.cfg.target_repr == "raw":
+                scal = [t.float()[:, None] / self.num_steps, target_loss]
+                if self.conditional_on_theta:
+                    scal += [loss, target_loss - loss]
+                s = self.scalar_in(self.encoder(torch.cat(scal, 1)))        # (B, S, W)
+            else:                                                           # low frequencies for losses
+                ls = [target_loss] + ([loss, target_loss - loss] if self.conditional_on_theta else [])
+                feats = torch.cat([self.encoder(t.float()[:, None] / self.num_steps),
+                                   self.loss_encoder(torch.cat(ls, 1))], 1)
+                s = self.scalar_in(feats)                                   # (B, S, W)
             if drop_target is not None:
                 slots = s[:, self.target_slots]                             # (B, n_target, W)
                 null = self.null_target.to(s.dtype).expand_as(slots)
@@ -227,6 +319,41 @@ class DiHyFo(nn.Module):
         delta = delta * self.token_mask
         return theta.float() * self.token_mask + delta if self.conditional_on_theta else delta
 
+    def loss_repr(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Raw per-class losses -> the model's representation of them (cfg.target_repr)."""
+        if x is None or self.cfg.target_repr == "raw":
+            return x
+        return ((x.float().clamp(min=0) + LOG_EPS).log() - self.cfg.target_log_mean) / self.cfg.target_log_std
+
+    def cond_embedding(self, t: torch.Tensor, target_loss: torch.Tensor, loss: torch.Tensor | None = None,
+                       drop_target: torch.Tensor | None = None) -> torch.Tensor:
+        """adaLN conditioning vector c (B, W): t, target part and (DiHyFo-1) current-loss part."""
+        B = t.shape[0]
+        z_t, z = self.loss_repr(target_loss), self.loss_repr(loss)
+        c = self.t_embed(self.encoder(t.float()[:, None] / self.num_steps).flatten(1))
+        tgt = [z_t] + ([z_t - z] if self.conditional_on_theta else [])
+        e = self.target_embed(self.loss_encoder(torch.cat(tgt, 1)).flatten(1))  # (B, W)
+        if drop_target is not None:
+            e = torch.where(drop_target[:, None], self.null_target.to(e.dtype).expand(B, -1), e)
+        c = c + e
+        if self.conditional_on_theta:
+            c = c + self.cur_embed(self.loss_encoder(z).flatten(1))
+        return c
+
+    def _forward_adaln(self, x_t, t, target_loss, theta, loss, drop_target) -> torch.Tensor:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x_t.is_cuda):
+            c = self.cond_embedding(t, target_loss, loss, drop_target)     # (B, W)
+            h = self.x_in(x_t)                                              # (B, T, W)
+            if self.conditional_on_theta:
+                h = h + self.theta_in(theta)
+            h = h + self.pos
+            for blk in self.blocks:
+                h = blk(h, c)
+            shift, scale = self.ada_f(F.silu(c)).chunk(2, dim=1)
+            delta = self.out(_modulate(self.ln_f(h), shift, scale)).float()  # (B, T, C)
+        delta = delta * self.token_mask
+        return theta.float() * self.token_mask + delta if self.conditional_on_theta else delta
+
     def num_flops_per_sample(self) -> int:
         """Model FLOPs of one forward (matmuls only, 2 per multiply-add), for MFU reporting."""
         W, T, C = self.cfg.width, self.layout.num_tokens, self.cfg.chunk
@@ -235,4 +362,7 @@ class DiHyFo(nn.Module):
         per_block = 2 * N * (3 * W * W + W * W + 2 * W * hidden) + 2 * 2 * N * N * W
         io = 2 * (self.num_scalars * self.encoder.dim * W + T * C * W * (2 if self.conditional_on_theta else 1)
                   + T * W * C)
+        if self.adaln:   # per-sample modulation maps and embedding MLPs (no per-token cost)
+            per_block += 2 * W * 6 * W
+            io += 2 * (2 * W * W + self.num_scalars * self.loss_encoder.dim * W + 3 * W * W)
         return self.cfg.depth * per_block + io

@@ -30,7 +30,7 @@ import torch
 
 from ..collection.pairs import PairDataset
 from ..collection.store import CheckpointStore, write_json_atomic
-from ..ops.functional import sample_perms, tokenize
+from ..ops.functional import canonical_perms, sample_perms, tokenize
 from ..ops.spec import MLPSpec, ParamNorm
 from ..dist import dist_setup
 from .api import Hypernet
@@ -38,16 +38,17 @@ from .checkpoint import (CKPT, CONFIG, CURVES, FORMAT, check_dataset_matches, ch
                          dataset_identity, read_checkpoint, save_safetensors_atomic)
 from .diffusion import GaussianDiffusion
 from .evaluate import evaluate_hypernet
-from .models import PRESETS, DiHyFo, HypernetConfig
+from .models import LOG_EPS, PRESETS, DiHyFo, HypernetConfig
 from ..configs import strict_fields
 
 # Optimisation defaults per model preset. G.pt's EMA 0.9999 averages over ~10^4 steps; a short
 # CPU `tiny` run has a few thousand steps, so its EMA horizon is ~200 steps (0.995).
 TRAIN_PRESETS = {
-    "tiny": dict(lr=4e-4, batch_size=64, warmup_steps=200, ema_decay=0.995),
-    "paper": dict(lr=4e-4, batch_size=256, warmup_steps=1000, ema_decay=0.9999),
+    "tiny": dict(lr=4e-4, batch_size=64, warmup_steps=200, ema_decay=0.995, unit_order="random"),
+    "paper": dict(lr=4e-4, batch_size=256, warmup_steps=1000, ema_decay=0.9999, unit_order="random"),
 }
 LOSS_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+UNIT_ORDERS = ("random", "canonical")
 
 
 @dataclass
@@ -77,6 +78,10 @@ class TrainConfig:
     minutes: float | None = None       # stop (with a checkpoint) after this wall-clock budget
     loss_weighting: str = "piece"      # "piece": every weight / bias piece counts equally; "value": every value
     pair_change_bias: float = 0.0      # DiHyFo-1: > 0 draws pairs whose losses move more often (pairs.py)
+    unit_order: str | None = None      # "random": a fresh hidden-unit permutation per sample (augmentation);
+                                       # "canonical": ops.canonical_perms (units by incoming-weight norm;
+                                       # DiHyFo-1: θ's order for θ and θ*). None = the preset's; configs
+                                       # saved before the field existed load as "random"
     overrides: dict = field(default_factory=dict)   # HypernetConfig fields (width, depth, ...)
 
     def __post_init__(self):
@@ -96,12 +101,15 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.heldout_frac < 1:
             raise ValueError(f"heldout_frac must be in [0, 1), got {self.heldout_frac}")
+        if self.unit_order not in UNIT_ORDERS:
+            raise ValueError(f"unit_order must be one of {UNIT_ORDERS}, got {self.unit_order!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        d = {"unit_order": "random", **d}    # saved before unit_order existed: random permutations
         return cls(**strict_fields(cls, d))
 
     def lr_at(self, step: int) -> float:
@@ -135,6 +143,13 @@ def loss_ranges(class_loss: np.ndarray, classes) -> dict:
                        "quantiles": {str(q): float(v)
                                      for q, v in zip(LOSS_QUANTILES, np.quantile(col, LOSS_QUANTILES))}}
     return out
+
+
+def log_loss_stats(class_loss: np.ndarray) -> dict:
+    """Mean and std of log(L + LOG_EPS) over the finite training class losses, pooled over classes
+    (the standardisation of target_repr "log", stored in the HypernetConfig)."""
+    x = np.log(np.clip(class_loss[np.isfinite(class_loss)].astype(np.float64), 0, None) + LOG_EPS)
+    return {"target_log_mean": float(x.mean()), "target_log_std": float(max(x.std(), 1e-6))}
 
 
 def loss_weight(layout, how: str, mask: torch.Tensor) -> torch.Tensor:
@@ -218,6 +233,8 @@ class _Step:
         batch = self.ds.sample_batch(B, gen, change_bias=self.cfg.pair_change_bias, part=part) if pair else \
             self.ds.sample_checkpoints(B, gen, part=part)
         perms = sample_perms(self.spec, B, generator=gen)[lo:hi]                 # (b, H) one per pair
+        if self.cfg.unit_order == "canonical":   # same draws as "random", so both follow one stream
+            perms = canonical_perms(batch["theta"] if pair else batch["params"], self.spec)
         t = self.diffusion.sample_t(B, gen)[lo:hi]                               # (b,)
         mask = self.model.token_mask                                             # (T, C)
         noise = torch.randn((B, *mask.shape), generator=gen, device=mask.device)[lo:hi] * mask
@@ -339,6 +356,8 @@ def _prepare_data(cfg: TrainConfig, hcfg: HypernetConfig, store: CheckpointStore
             np.sort(rng.choice(ds.rows, cfg.norm_samples, replace=False))
         norm = ParamNorm.fit(ds.take("params", rows), hcfg.spec)
         ranges = loss_ranges(ds.take("class_loss", ds.rows).cpu().numpy(), store.classes)
+        if hcfg.target_repr == "log" and "target_log_mean" not in cfg.overrides:
+            hcfg = dataclasses.replace(hcfg, **log_loss_stats(ds.take("class_loss", ds.rows).cpu().numpy()))
     return _Data(hcfg, train_runs, held, ds, norm.to(device), ranges)
 
 

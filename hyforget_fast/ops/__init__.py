@@ -2,10 +2,10 @@
 the fastest backend for the tensors' device), the backends' status and the plain-PyTorch
 reference of every op."""
 from .backends import backends
-from .functional import (ClassMetrics, class_metrics, class_outputs, csr_linear, csr_linear_sub_grad_, detokenize,
+from .functional import (ClassMetrics, canonical_perms, class_metrics, class_outputs, csr_linear, csr_linear_sub_grad_, detokenize,
                          permute, sample_perms, tokenize, validate_perms)
 from .spec import MLPSpec, ParamNorm, TokenLayout
 
 __all__ = ["MLPSpec", "TokenLayout", "ParamNorm", "backends", "tokenize", "detokenize", "permute",
-           "sample_perms", "validate_perms", "class_metrics", "class_outputs", "ClassMetrics", "csr_linear",
+           "sample_perms", "canonical_perms", "validate_perms", "class_metrics", "class_outputs", "ClassMetrics", "csr_linear",
            "csr_linear_sub_grad_"]

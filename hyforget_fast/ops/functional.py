@@ -111,6 +111,28 @@ def sample_perms(spec: MLPSpec, batch: int, *, generator: torch.Generator | None
     return torch.cat(segs, 1)
 
 
+def canonical_perms(params: torch.Tensor, spec: MLPSpec) -> torch.Tensor:
+    """The canonical hidden-unit order of each network -> (B, H) int64 perms for tokenize/permute.
+
+    Hidden layer l's units are sorted by the L2 norm of their INCOMING weights (row j of W_l),
+    largest first, ties kept in index order (stable sort). That norm does not change when the
+    previous layer's units are permuted (it permutes the row's entries), so each layer's order
+    is well defined layer by layer, and applying the perms gives a network that computes the
+    same function whose canonical perms are the identity (canonicalising twice = once).
+    params (B, P) float -> perms (B, H) on params' device.
+    """
+    if not isinstance(spec, MLPSpec):
+        raise TypeError(f"spec must be an MLPSpec, got {type(spec).__name__}")
+    _check_params(params, spec)
+    segs = []
+    for l in range(spec.num_layers - 1):
+        ws, _ = spec.layer_slices(l)
+        W = params[:, ws].unflatten(1, (spec.layer_sizes[l + 1], spec.layer_sizes[l]))   # (B, h, in)
+        key = W.double().pow(2).sum(2)                                                    # (B, h)
+        segs.append(torch.argsort(-key, dim=1, stable=True))
+    return torch.cat(segs, 1)
+
+
 def _norm_table(norm: ParamNorm | None, spec: MLPSpec, device: torch.device) -> torch.Tensor | None:
     if norm is None:
         return None

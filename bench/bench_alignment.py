@@ -1,0 +1,174 @@
+"""Conditioning ablation of DiHyFo-1 / DiHyFo-2 (issue 14): one change at a time, same data,
+seed and STEP budget; prompt alignment and the conditioning controls per variant.
+
+Every variant trains with `hyforget_fast.hypernet.train.train` on the same collection, with the
+same seed (initialisation, held-out runs, batches) and the same number of optimizer steps (steps
+are robust to CPU contention; the wall time is recorded beside them). Then, on its EMA model:
+  - diffusion loss: mean training loss over the last 10% of steps (curves.json);
+  - R² and Pearson per free class: `evaluate_hypernet` with the package protocol (20 prompts over
+    the held-out 2nd-98th percentile, 8 networks per prompt, DDIM-20, validation split);
+  - conditioning controls, K candidates (DDIM-50, same seed), for each D_f: how many candidates
+    forget and keep (validation accuracy <= 0.01 on D_f and >= 0.95 on D_r) under
+      forget   the forget prompt (`unlearn.forget.forget`, guidance 1),
+      keep     the keep-every-class prompt (`forget(..., prompt="keep")`: every class at the low levels),
+      uncond   the unconditional branch (`forget(..., guidance=0)`);
+    and the mean D_f validation loss under the forget and keep prompts. DiHyFo-1 starts from the
+    best stored checkpoint (forget()'s default).
+
+Variants (name -> HypernetConfig / TrainConfig fields):
+  tokens          cond tokens, target_repr raw, unit_order random   (the pre-issue-14 design)
+  tokens-log      cond tokens, target_repr log, unit_order random
+  adaln           cond adaln,  target_repr raw, unit_order random
+  adaln-log       cond adaln,  target_repr log, unit_order random
+  adaln-log-canon cond adaln,  target_repr log, unit_order canonical
+  tokens-log-canon cond tokens, target_repr log, unit_order canonical
+
+  python bench/bench_alignment.py --data /tmp/abl/data --out /tmp/abl/runs --model dihyfo2 \\
+      --variants tokens,adaln,adaln-log,adaln-log-canon --steps 3000 --threads 1 --md bench/RESULTS.md
+
+A variant whose folder already holds a finished run of `--steps` steps is evaluated, not retrained.
+Results: one markdown row per variant (printed, appended to --md) and <out>/<model>-<variant>/bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit, machine, markdown_table  # noqa: E402
+
+VARIANTS = {
+    "tokens": dict(cond="tokens", target_repr="raw", unit_order="random"),
+    "tokens-log": dict(cond="tokens", target_repr="log", unit_order="random"),
+    "adaln": dict(cond="adaln", target_repr="raw", unit_order="random"),
+    "adaln-log": dict(cond="adaln", target_repr="log", unit_order="random"),
+    "adaln-log-canon": dict(cond="adaln", target_repr="log", unit_order="canonical"),
+    "tokens-log-canon": dict(cond="tokens", target_repr="log", unit_order="canonical"),
+}
+OK_FORGET, OK_KEEP = 0.01, 0.95
+
+
+def train_variant(name: str, args, out_dir: str) -> dict:
+    from hyforget_fast.hypernet.train import TrainConfig, train
+    v = VARIANTS[name]
+    cfg_path = os.path.join(out_dir, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            conf = json.load(f)
+        if int(conf["step"]) >= args.steps:
+            print(f"{name}: reusing the finished run in {out_dir}", file=sys.stderr)
+            return conf
+        raise SystemExit(f"{out_dir} holds an unfinished run (step {conf['step']}); remove it or resume it")
+    cfg = TrainConfig(model=args.model, preset=args.preset, steps=args.steps, seed=args.seed,
+                      unit_order=v["unit_order"], ckpt_every=max(args.steps, 1), log_every=100,
+                      overrides={"cond": v["cond"], "target_repr": v["target_repr"]})
+    return train(cfg, args.data, out_dir, device="cpu")
+
+
+def count_ok(f_acc: torch.Tensor, r_acc: torch.Tensor) -> int:
+    return int(((f_acc <= OK_FORGET) & (r_acc >= OK_KEEP)).sum())
+
+
+def controls(hn, splits, forget_classes, k: int, steps: int, seed: int) -> dict:
+    """Counts of forget-and-keep candidates under the forget prompt, the keep prompt and guidance 0
+    (`unlearn.forget.forget`: same K, sampler, seed and starting model; validation split)."""
+    from hyforget_fast.unlearn.forget import forget
+    classes = list(hn.meta["classes"])
+    fidx = [classes.index(c) for c in forget_classes]
+    out = {}
+    for name, kw in (("forget", dict(guidance=1.0)), ("keep", dict(guidance=1.0, prompt="keep")),
+                     ("uncond", dict(guidance=0.0))):
+        c = forget(hn, forget_classes, splits, k=k, steps=steps, seed=seed, keep_candidates=False, **kw).candidates
+        out[name] = count_ok(c["forget_acc"], c["retain_acc"])
+        out[f"{name}_df_loss"] = float(c["class_loss"][:, fidx].mean())
+        out[f"{name}_df_acc_median"] = float(c["forget_acc"].median())
+    return out
+
+
+def final_loss(out_dir: str) -> float:
+    with open(os.path.join(out_dir, "curves.json")) as f:
+        rows = [r for r in json.load(f) if "loss" in r]
+    tail = rows[-max(1, len(rows) // 10):]
+    return float(np.mean([r["loss"] for r in tail]))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="dihyfo2", choices=["dihyfo1", "dihyfo2"])
+    ap.add_argument("--variants", default="tokens,adaln,adaln-log,adaln-log-canon")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--k", type=int, default=256)
+    ap.add_argument("--ddim", type=int, default=50, help="DDIM steps of the control sampling")
+    ap.add_argument("--forget", default="2;2,3", help="forget sets, ';'-separated")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--md", default=None, help="append the table to this markdown file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # import everything now: a module edited in the working tree during a long run cannot change it midway
+    import hyforget_fast.hypernet.train  # noqa: F401
+    import hyforget_fast.unlearn.forget  # noqa: F401
+
+    from hyforget_fast.collection.data import splits_from_manifest
+    from hyforget_fast.collection.store import CheckpointStore
+    from hyforget_fast.hypernet.api import load_hypernet
+    from hyforget_fast.hypernet.evaluate import evaluate_hypernet
+    store = CheckpointStore(args.data, verify="size")
+    splits = splits_from_manifest(store.manifest)
+    forget_sets = [[int(c) for c in s.split(",")] for s in args.forget.split(";")]
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variants {bad}; choose from {sorted(VARIANTS)}")
+
+    rows = []
+    for name in names:
+        out_dir = os.path.join(args.out, f"{args.model}-{name}")
+        conf = train_variant(name, args, out_dir)
+        hn = load_hypernet(out_dir, device="cpu")
+        t0 = time.perf_counter()
+        free_cls = [int(c) for c in store.classes if int(c) not in set(store.manifest.get("pivots", []))]
+        ev = evaluate_hypernet(hn, args.data, classes=free_cls, seed=args.seed, splits=(splits.X_val, splits.y_val))
+        free = ev["free_classes"]
+        ctl = {tuple(fs): controls(hn, splits, fs, args.k, args.ddim, args.seed) for fs in forget_sets}
+        rec = {"model": args.model, "variant": name, **VARIANTS[name], "steps": int(conf["step"]),
+               "wall_time_s": float(conf["wall_time_s"]), "final_loss": final_loss(out_dir),
+               "r2": {int(c): ev["r2"][c] for c in free}, "pearson": {int(c): ev["pearson"][c] for c in free},
+               "r2_free_mean": ev["r2_free_mean"], "pearson_free_mean": ev["pearson_free_mean"],
+               "controls": {",".join(map(str, k)): v for k, v in ctl.items()}, "eval_s": time.perf_counter() - t0,
+               "k": args.k, "ddim": args.ddim, "seed": args.seed}
+        with open(os.path.join(out_dir, "bench.json"), "w") as f:
+            json.dump(rec, f, indent=1)
+        rows.append(rec)
+        print(json.dumps(rec), file=sys.stderr, flush=True)
+
+    header = ["model", "variant", "steps", "wall min", "diff. loss"]
+    header += ["R² " + " / ".join(str(c) for c in free), "Pearson " + " / ".join(str(c) for c in free)]
+    for fs in forget_sets:
+        s = "{" + ",".join(map(str, fs)) + "}"
+        header += [f"D_f={s} forget / keep / uncond (of {args.k})", f"D_f={s} loss forget / keep"]
+    table = []
+    for r in rows:
+        line = [r["model"], r["variant"], r["steps"], f"{r['wall_time_s'] / 60:.1f}", f"{r['final_loss']:.4f}",
+                " / ".join(f"{r['r2'][c]:.2f}" for c in free), " / ".join(f"{r['pearson'][c]:.2f}" for c in free)]
+        for fs in forget_sets:
+            c = r["controls"][",".join(map(str, fs))]
+            line += [f"{c['forget']} / {c['keep']} / {c['uncond']}", f"{c['forget_df_loss']:.2f} / {c['keep_df_loss']:.2f}"]
+        table.append(line)
+    cmd = "python bench/bench_alignment.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = (f"\n### bench_alignment: {args.model}, {args.steps} steps, seed {args.seed} ({machine('cpu')})\n\n"
+          f"`{cmd}`\n\n" + markdown_table(header, table) + "\n")
+    emit(md, args.md)
+
+
+if __name__ == "__main__":
+    main()
