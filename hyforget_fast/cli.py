@@ -86,6 +86,15 @@ def _add_train(sub):
     p.add_argument("--depth", type=int, help="override the preset's number of blocks")
     p.add_argument("--heads", type=int)
     p.add_argument("--chunk", type=int, help="override the preset's token size")
+    p.add_argument("--cond", choices=["tokens", "adaln"],
+                   help="conditioning: adaln = DiT adaLN-Zero (tiny preset), tokens = in-context scalar tokens")
+    p.add_argument("--target-repr", choices=["raw", "log"],
+                   help="target losses as given (raw) or standardised log(L*) at low frequencies (log; tiny preset)")
+    p.add_argument("--target-max-freq-log2", type=float,
+                   help="with --target-repr log: top encoding frequency 2^F of the losses (default 3)")
+    p.add_argument("--unit-order", choices=["random", "canonical"],
+                   help="hidden units: random permutation per sample, or canonical (sorted by incoming-weight "
+                        "norm; DiHyFo-1 pairs in θ's order)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true")
 
@@ -96,11 +105,13 @@ def cmd_train(a) -> int:
     from .hypernet.train import TrainConfig, train
     if a.threads:
         torch.set_num_threads(a.threads)
-    over = {k: v for k, v in {"width": a.width, "depth": a.depth, "heads": a.heads, "chunk": a.chunk}.items()
+    over = {k: v for k, v in {"width": a.width, "depth": a.depth, "heads": a.heads, "chunk": a.chunk,
+                              "cond": a.cond, "target_repr": a.target_repr,
+                              "target_max_freq_log2": a.target_max_freq_log2}.items()
             if v is not None}
     kw = {k: v for k, v in {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
                             "seed": a.seed, "ckpt_every": a.ckpt_every, "log_every": a.log_every,
-                            "minutes": a.minutes}.items() if v is not None}
+                            "minutes": a.minutes, "unit_order": a.unit_order}.items() if v is not None}
     if a.eval_every is not None:
         kw["eval_every"] = a.eval_every
     if a.resume:

@@ -192,3 +192,18 @@ def test_canonical_order_uses_the_start_networks_order_for_both_members_of_a_pai
     g = torch.Generator().manual_seed(0)
     batch = ds.sample_batch(4, g)
     assert len(calls) == 1 and torch.equal(calls[0], batch["theta"])
+
+
+def test_train_cli_flags_reach_the_saved_config(data, tmp_path):
+    from hyforget_fast.cli import main
+    out = str(tmp_path / "cli")
+    rc = main(["train", "--model", "dihyfo2", "--data", data, "--out", out, "--steps", "2", "--batch-size", "4",
+               "--width", "32", "--depth", "1", "--heads", "2", "--cond", "tokens", "--target-repr", "log",
+               "--target-max-freq-log2", "2", "--unit-order", "canonical", "--threads", "1", "--quiet",
+               "--device", "cpu"])
+    assert rc == 0
+    with open(os.path.join(out, "config.json")) as f:
+        conf = json.load(f)
+    assert (conf["model"]["cond"], conf["model"]["target_repr"], conf["model"]["target_max_freq_log2"]) == \
+        ("tokens", "log", 2.0)
+    assert conf["train"]["unit_order"] == "canonical"
