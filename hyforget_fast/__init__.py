@@ -24,7 +24,7 @@ _LAZY = {"CollectConfig": "collection.collect", "preset": "collection.collect", 
          "forget": "unlearn.forget", "ForgetResult": "unlearn.forget", "evaluate_forgetting": "unlearn.report",
          "BaselineResult": "unlearn.baselines", "retrain": "unlearn.baselines", "finetune": "unlearn.baselines",
          "neggrad_plus": "unlearn.baselines", "random_labels": "unlearn.baselines", "ssd": "unlearn.baselines",
-         "retrieval": "unlearn.baselines", "RetrievalIndex": "unlearn.baselines",
+         "tuned": "unlearn.baselines", "RetrievalIndex": "unlearn.baselines",
          "as_module": "unlearn.mlp", "flat_params": "unlearn.mlp"}
 _LAZY.update({n: "unlearn.metrics" for n in (
     "accuracies", "prediction_overlap", "split_overlaps", "activation_distance", "js_divergence", "unlearning_score",

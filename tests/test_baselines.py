@@ -125,25 +125,55 @@ def test_retrieval_is_exact_nearest_neighbour(n, m, seed, weighted, dup):
     np.testing.assert_array_equal(hit.params.numpy(), P[best])
 
 
-def test_retrieval_over_a_store_is_cached_and_returns_stored_params(splits, tmp_path):
-    cfg = preset("mnist4", runs=4, block_runs=2, epochs=2, ckpts_per_run=6)
-    collect(cfg, str(tmp_path), splits=splits, log=lambda *_: None)
-    store = CheckpointStore(str(tmp_path))
-    L = store.load("class_loss")
-    r = bl.retrieval(store, L[5] + 0.01)
-    assert r.extra["index"] == 5 and r.extra["store_size"] == len(L)
-    np.testing.assert_array_equal(r.params.numpy(), store.take("params", np.array([5]))[0])
-    assert bl._INDEXES[store] is bl._INDEXES[store]   # built once, then reused
-    idx = bl._INDEXES[store]
-    r2 = bl.retrieval(store, L[3], weights=[0, 0, 1, 1])
-    assert bl._INDEXES[store] is idx
-    d = ((L[:, 2:].astype(np.float64) - L[3, 2:]) ** 2).sum(1)
-    assert r2.extra["index"] == int(np.argmin(d)) and r2.extra["distance"] == 0.0
+def test_nearest_distinct_gives_each_target_its_nearest_unused_checkpoint():
+    rng = np.random.default_rng(3)
+    L = rng.random((50, 4)).astype(np.float32)
+    L[7] = L[8] = L[9]                                    # ties
+    idx = bl.RetrievalIndex(L)
+    cells = rng.random((3, 4))
+    T = cells[[0, 1, 0, 2, 0, 0, 1, 2, 2, 0, 1]]          # 11 targets over 3 distinct cells, repeated
+    got = idx.nearest_distinct(T)
+    assert len(set(got.tolist())) == len(T)
+    taken = set()
+    for t, g in zip(T, got):                              # brute force, target by target, in order
+        d = ((L.astype(np.float64) - t) ** 2).sum(1)
+        free = [i for i in np.argsort(d, kind="stable") if i not in taken]
+        assert d[g] == d[free[0]]
+        taken.add(int(g))
+    with pytest.raises(ValueError, match="K <= 50"):
+        idx.nearest_distinct(np.zeros((51, 4)))
+
+
+def test_tuned_keeps_the_best_retain_among_points_that_forget(model, splits):
+    calls = []
+
+    def fake(params, spec, forget, splits, *, seed=0, shift=0.0):
+        """A 'method' that only shifts the output bias of class 2 (the flat order ends with it)."""
+        calls.append(shift)
+        p = params.clone()
+        p[-SPEC.num_classes + 2] += shift
+        return bl.BaselineResult("fake", p, 0.0, {"shift": shift})
+
+    grid = (0.0, -1.0, -60.0, -30.0)
+    r = bl.tuned("fake", model, SPEC, FORGET, splits, grid={"shift": grid}, method=fake)
+    pts = r.extra["tuning"]["points"]
+    assert calls == list(grid) and [p["shift"] for p in pts] == calls
+    forgets = [p for p in pts if p["val_forget_acc"] <= 0.01]
+    assert forgets and pts[0]["val_forget_acc"] > 0.5       # shift 0 keeps class 2, -60 forgets it
+    want = max(forgets, key=lambda p: p["val_retain_acc"])   # first of equals, as select() breaks ties
+    assert r.hparams["shift"] == want["shift"] == r.extra["tuning"]["chosen"]["shift"]
+    for p in pts:                                          # every point scored on validation, as defined
+        q = fake(model, SPEC, FORGET, splits, shift=p["shift"]).params
+        v = bl.split_metrics(q[None], SPEC, splits.X_val, splits.y_val, bl.forget_indices(splits, FORGET))
+        assert p["val_forget_acc"] == pytest.approx(float(v["forget_acc"][0]))
+    assert r.seconds >= 0 and r.extra["tuning"]["grid"] == {"shift": list(grid)}
+    t = bl.tuned("ssd", model, SPEC, FORGET, splits, grid={"alpha": (10.0,), "lam": (1.0,)})
+    assert torch.equal(t.params, bl.ssd(model, SPEC, FORGET, splits).params)
 
 
 def test_bad_input_refused(model, splits):
-    for forget, msg in (((), "empty"), ((7,), r"\[7\] are not among"), ((0, 1, 2, 3), "all classes"),
-                        ((2, 2), "duplicates"), (("2",), "integer digit labels")):
+    for forget, msg in (((), "empty"), ((7,), r"unknown classes \[7\]"), ((0, 1, 2, 3), "every class"),
+                        ((2, 2), "repeats"), (("2",), "integer digit labels")):
         with pytest.raises((ValueError, TypeError), match=msg):
             bl.finetune(model, SPEC, forget, splits)
     with pytest.raises(ValueError, match="no training samples"):
@@ -167,7 +197,4 @@ def test_bad_input_refused(model, splits):
         idx.query([1.0, 2.0])
     with pytest.raises(ValueError, match="weights"):
         idx.query([1.0] * 4, weights=[-1, 1, 1, 1])
-    with pytest.raises(ValueError, match="no params source"):
-        bl.retrieval(idx, [1.0] * 4)
-    with pytest.raises(TypeError, match="CheckpointStore"):
-        bl.retrieval(np.zeros((3, 4)), [1.0] * 4)
+

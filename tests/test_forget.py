@@ -16,6 +16,7 @@ from hyforget_fast.hypernet.api import load_hypernet
 from hyforget_fast.collection.data import splits_from_manifest
 from hyforget_fast.hypernet.train import TrainConfig, train
 from hyforget_fast.unlearn import forget as F
+from hyforget_fast.unlearn import selection as S
 from hyforget_fast.unlearn.mlp import as_module
 
 torch.set_num_threads(1)
@@ -43,7 +44,7 @@ def test_refusals(setup):
         with pytest.raises(ValueError, match=msg):
             F.forget(hn, bad, splits, k=2)
     with pytest.raises(ValueError, match="every class"):
-        F.class_indices([0, 1, 2, 3], [0, 1, 2, 3], pivots=())
+        S.class_indices([0, 1, 2, 3], [0, 1, 2, 3], pivots=())
     with pytest.raises(ValueError, match="no starting model"):
         F.forget(hn, [2], splits, k=2, model=torch.zeros(hn.spec.num_params))
     wrong = nn.Sequential(nn.Linear(784, 3), nn.ReLU(), nn.Linear(3, 4))
@@ -64,15 +65,27 @@ def test_select_is_lowest_forget_then_highest_retain(rows):
     r = torch.tensor([r[1] for r in rows])
     key = [((2.0 if np.isnan(a) else a), -b, i) for i, (a, b) in enumerate(rows)]
     best = min(key)
-    i = F.select(f, r)
+    i = S.select(f, r)
     assert (key[i][0], key[i][1]) == best[:2]
+    # with a floor, every forget accuracy at or below it ties: the best retain among those wins
+    floor = 0.25
+    keyf = [(max(k[0], floor), k[1]) for k in key]
+    j = S.select(f, r, forget_floor=floor)
+    assert keyf[j] == min(keyf)
+    # the forget-and-keep count, from its definition
+    n = sum(1 for a, b in rows if not np.isnan(a) and a <= 0.25 and b >= 0.5)
+    assert S.forget_keep_count(f, r, forget_max=0.25, retain_min=0.5) == n
 
 
-def test_prompt_grid_is_high_on_forget_low_on_retain(setup):
+def test_forget_prompts_are_high_on_forget_low_on_retain(setup):
     _, hns, _ = setup
     hn = hns["dihyfo2"]
     table = F.loss_quantile_table(hn.meta["loss_ranges"], hn.classes)
-    prompt, levels = F.prompt_grid(table, hn.classes, [2, 3], 13)
+    keep, _ = F.forget_prompts(table, hn.classes, [], 13)                # the keep-every-class control
+    prompt, levels = F.forget_prompts(table, hn.classes, [2, 3], 13)
+    assert torch.equal(keep[:, [0, 1]], prompt[:, [0, 1]]) and (keep[:, [2, 3]] < prompt[:, [2, 3]]).all()
+    lows = np.asarray([np.interp(q, table["q"], np.asarray(table["values"])[:, 2]) for q in F.LOW_LEVELS])
+    assert set(np.round(keep[:, 2].numpy(), 5)) == set(np.round(lows.astype(np.float32), 5))
     assert prompt.shape == (13, 4)
     assert (prompt[:, [2, 3]].min(1).values > prompt[:, [0, 1]].max(1).values).all()
     lo = np.asarray(table["values"]).min(0)
@@ -109,8 +122,43 @@ def test_forget_chooses_on_validation_only_and_reproducibly(setup, kind, monkeyp
     x = splits.X_val[:5]
     probs, _ = hf.class_outputs(res.params[None], hn.spec, x)
     assert torch.allclose(torch.softmax(res.model(x), -1), probs[0], atol=1e-5)
-    assert set(res.timing) >= {"sample", "score", "select", "total"}
+    assert set(res.timing) >= {"sample", "score", "total"}
     assert (kind == "dihyfo1") == (res.start is not None)
+
+
+def test_controls_keep_prompt_unconditional_and_split_check(setup):
+    data, hns, splits = setup
+    hn = hns["dihyfo2"]
+    keep = F.forget(hn, [2], splits, k=6, steps=2, seed=1, prompt="keep")
+    real = F.forget(hn, [2], splits, k=6, steps=2, seed=1)
+    assert keep.prompt_levels["kind"] == "keep" and not torch.equal(keep.prompt, real.prompt)
+    assert keep.candidates["forget_keep"] == S.forget_keep_count(keep.candidates["forget_acc"],
+                                                                 keep.candidates["retain_acc"])
+    # guidance 0 = the unconditional branch alone: the prompt no longer matters
+    u1 = F.forget(hn, [2], splits, k=6, steps=2, seed=1, guidance=0.0)
+    u2 = F.forget(hn, [3], splits, k=6, steps=2, seed=1, guidance=0.0, prompt="keep")
+    assert torch.equal(u1.candidate_params, u2.candidate_params)
+    # rescoring the same candidates for another forget set = forget() for that set
+    i, c = F.choose(u1.candidate_params, hn.spec, splits, [3])
+    assert i == u2.chosen and torch.equal(c["class_acc"], u2.candidates["class_acc"])
+    with pytest.raises(ValueError, match="prompt must be one of"):
+        F.forget(hn, [2], splits, k=2, prompt="forget-all")
+    # a split other than the collection's is refused by what differs
+    from hyforget_fast.collection.data import load_digits
+    other = load_digits(splits.classes, seed=splits.seed + 1, fractions=splits.fractions)
+    with pytest.raises(ValueError, match="not the split .* seed: collection 0, given 1"):
+        F.forget(hn, [2], other, k=2)
+
+
+def test_dihyfo1_prompt_never_asks_for_a_worse_retained_class(setup):
+    _, hns, splits = setup
+    for prompt in ("forget", "keep"):
+        res = F.forget(hns["dihyfo1"], [2], splits, k=8, steps=2, prompt=prompt)
+        cur = torch.tensor(res.start["val_class_loss"])
+        kept = [0, 1, 3] if prompt == "forget" else [0, 1, 2, 3]
+        assert (res.prompt[:, kept] <= cur[kept] + 1e-6).all()
+        if prompt == "forget":
+            assert (res.prompt[:, 2] > cur[2]).any()      # the forget class is still asked to rise
 
 
 def test_dihyfo1_edits_the_users_model(setup):
@@ -128,22 +176,86 @@ def test_evaluate_report(setup, tmp_path):
     from hyforget_fast.unlearn.report import evaluate_forgetting
     data, hns, _ = setup
     out = str(tmp_path / "rep")
-    rep = evaluate_forgetting(data, hns, [[2]], seeds=(0,), k=6, steps=2, retrain_seeds=2, out_dir=out, log=QUIET)
+    rep = evaluate_forgetting(data, hns, [[2], [3]], seeds=(0, 1), k=6, steps=2, retrain_seeds=2, out_dir=out,
+                              log=QUIET, holdout={"rules": [], "forget_set": [3]})
     rows = rep["runs"][0]["methods"]
     expected = {"original", "retrain", "retrain_median", "dihyfo1", "dihyfo2", "finetune", "neggrad_plus",
-                "random_labels", "ssd", "retrieval"}
+                "random_labels", "ssd", "retrieval", "store", "dihyfo1:keep", "dihyfo2:keep"}
+    expected |= {f"{k}:uncond" for k, hn in hns.items() if hn.cfg.cond_dropout > 0}
     assert set(rows) == expected
     assert rows["retrain"]["phi"] == pytest.approx(1.0) and rows["retrain"]["overlap_all"] == 1.0
     for name, row in rows.items():
         assert 0 <= row["acc_forget"] <= 1 and 0 <= row["mia"] <= 1 and row["seconds"] >= 0, name
+        assert row["phi_bt"] >= row["phi"] - 1e-12, name            # the element mean is the smaller divergence
+    for name in ("dihyfo1", "dihyfo2", "dihyfo1:keep", "dihyfo2:keep", "retrieval"):
+        assert 0 <= rows[name]["forget_keep"] <= 6
+    assert 0 <= rows["store"]["forget_keep"] <= rep["store_size"]
     assert "edit_l2" in rows["dihyfo1"] and "edit_l2" not in rows["dihyfo2"]
     assert rows["dihyfo2"]["nearest_stored_distance"] >= 0
+    # the controls were sampled once per model and seed: the same candidates rescored for {3}
+    r2, r3 = rep["runs"][0], rep["runs"][2]
+    assert r3["forget"] == [3] and r3["seed"] == r2["seed"] == 0
+    assert r2["extra"]["dihyfo2:keep"]["prompt"] == "keep"
+    for name, run in (("finetune", r2), ("ssd", r3)):      # tuned: a grid ran and the choice is recorded
+        t = run["extra"][name]["tuning"]
+        assert len(t["points"]) == np.prod([len(v) for v in t["grid"].values()]) and t["chosen"]
     saved = json.load(open(os.path.join(out, "report.json")))
-    assert saved["summary"]["2"]["dihyfo2"]["acc_forget"][2] == 1 and saved["verdicts"]
+    assert saved["summary"]["2"]["dihyfo2"]["acc_forget"][2] == 2 and saved["verdicts"]
+    assert any("held out" in v and "store holds" in v for v in saved["verdicts"])
+    assert any("controls:" in v for v in saved["verdicts"])
     md = open(os.path.join(out, "report.md")).read()
-    assert "| DiHyFo-2 |" in md and "Paired metrics" in md and "memorization" in md
+    for s_ in ("| DiHyFo-2 |", "Paired metrics", "memorization", "forget and keep (controls)", "keep-every-class",
+               "φ bad-teacher", "Baseline tuning", "against the dissertation"):
+        assert s_ in md, s_
     for f in ("selection_2.png", "confusion_2.png", "prompt_vs_observed_2.png"):
         assert os.path.getsize(os.path.join(out, f)) > 1000
+
+
+def test_report_wiring_against_independent_computation(setup):
+    """The report's numbers come from the right arrays: checked against metrics computed here from
+    the models themselves (nn.Module softmax, not the fused evaluator)."""
+    from hyforget_fast.unlearn import baselines as B
+    from hyforget_fast.unlearn import metrics as M
+    from hyforget_fast.unlearn.report import evaluate_forgetting
+    data, hns, splits = setup
+    spec = hns["dihyfo2"].spec
+    got = {}
+
+    def copy_of_retrain(params, spec_, forget, splits_, seed=0):   # a user method: retraining itself
+        got["seen_forget"] = list(forget)
+        return B.retrain(None, spec_, forget, splits_, seeds=2, seed=seed)
+
+    rep = evaluate_forgetting(data, {}, [[2]], seeds=(0,), retrain_seeds=2, log=QUIET, tune=False, relearning=False,
+                              memorization=False, methods={"copy_of_retrain": copy_of_retrain})
+    run = rep["runs"][0]
+    rows = run["methods"]
+    assert got["seen_forget"] == [2]
+    # a method equal to the retrained model scores phi = 1 and overlap 1 in both conventions
+    c = rows["copy_of_retrain"]
+    assert c["phi"] == 1.0 and c["phi_bt"] == 1.0 and c["overlap_all"] == 1.0 and c["activation_distance"] == 0.0
+
+    def softmax(params, X):
+        with torch.no_grad():
+            return torch.softmax(as_module(torch.tensor(params), spec)(X).double(), -1)
+
+    orig, retr = run["params"]["original"], run["params"]["retrain"]
+    f_tr = splits.y_train == 2
+    p_r, p_t, p_f = softmax(orig, splits.X_train[~f_tr]), softmax(orig, splits.X_test), softmax(orig, splits.X_train[f_tr])
+    want = M.mia(p_r, p_t, p_f, seed=0).score
+    assert rows["original"]["mia"] == pytest.approx(want, abs=1e-9)
+    # the test would catch swapped retain / test arrays (when they give a different score) ...
+    swapped = M.mia(p_t, p_r, p_f, seed=0).score
+    assert swapped != pytest.approx(want, abs=1e-9)
+    # ... and a wrong reference model for the paired metrics
+    ref = softmax(retr, splits.X_test)
+    assert rows["original"]["phi"] == pytest.approx(M.unlearning_score(p_t, ref), abs=1e-6)
+    assert rows["original"]["phi"] < 1.0
+    assert rows["original"]["phi_bt"] == pytest.approx(M.unlearning_score(p_t, ref, "bad_teacher"), abs=1e-6)
+    assert rows["original"]["phi"] != pytest.approx(M.unlearning_score(p_t, softmax(orig, splits.X_test)), abs=1e-6)
+    y = splits.y_test
+    acc_f = float((p_t.argmax(1) == y)[y == 2].double().mean())
+    assert rows["original"]["acc_forget"] == pytest.approx(acc_f)
+    assert rows["store"]["forget_keep"] >= 0 and "retrieval" not in rows   # retrieval needs a hypernetwork's prompts
 
 
 def test_forget_cli_writes_the_chosen_classifier(setup, tmp_path, capsys):

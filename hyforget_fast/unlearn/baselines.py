@@ -1,4 +1,5 @@
-"""Unlearning baselines (issue 9): retraining, fine-tuning, NegGrad+, random labels, SSD, retrieval.
+"""Unlearning baselines (issue 9): retraining, fine-tuning, NegGrad+, random labels, SSD, retrieval;
+`tuned` runs a post-hoc method over a small grid and keeps what the validation split prefers.
 
 Every method takes a model as flat parameters (P,) of an MLPSpec (order: hyforget_fast.ops.spec),
 the forget classes as digit labels (as in `splits.classes`) and the DigitSplits, and returns a
@@ -13,9 +14,9 @@ Retraining runs S seeds as ONE batched computation in the collection engine (Blo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,6 +28,7 @@ from ..collection.data import DigitSplits
 from ..collection.store import CheckpointStore
 from ..ops.spec import MLPSpec
 from .mlp import batched_logits, check_flat
+from .selection import FORGET_MAX, class_indices, group_accuracy, select
 
 
 @dataclass
@@ -48,22 +50,10 @@ def _check_splits(splits) -> None:
 
 
 def forget_indices(splits: DigitSplits, forget) -> list[int]:
-    """Forget classes (digit labels; an int or a sequence) -> sorted label indices into splits.classes.
-    Refuses unknown, duplicate, empty and all-class requests, and classes without training samples."""
+    """Forget classes (digit labels; an int or a sequence) -> sorted label indices into splits.classes
+    (`selection.class_indices`), refusing also classes without training samples."""
     _check_splits(splits)
-    labels = [forget] if isinstance(forget, (int, np.integer)) else list(forget)
-    if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in labels):
-        raise TypeError(f"forget classes must be integer digit labels, got {forget!r}")
-    if not labels:
-        raise ValueError("forget classes are empty: name at least one class to forget")
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"forget classes {labels} hold duplicates")
-    unknown = [int(c) for c in labels if int(c) not in splits.classes]
-    if unknown:
-        raise ValueError(f"forget classes {unknown} are not among the model's classes {splits.classes}")
-    if len(labels) == len(splits.classes):
-        raise ValueError(f"cannot forget all classes {splits.classes}: nothing would be left to retain")
-    idx = sorted(splits.classes.index(int(c)) for c in labels)
+    idx = sorted(class_indices(splits.classes, forget))
     counts = torch.bincount(splits.y_train, minlength=len(splits.classes))
     empty = [splits.classes[i] for i in idx if counts[i] == 0]
     if empty:
@@ -114,14 +104,11 @@ def split_metrics(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch
     from ..ops import functional as ops
     m = spec.num_classes
     cm = ops.class_metrics(params.float(), spec, X, y, m)
-    cnt = torch.bincount(y, minlength=m).float()                          # (m,)
-    f = torch.zeros(m, dtype=torch.bool)
-    f[list(fidx)] = True
+    cnt = torch.bincount(y, minlength=m)                                  # (m,)
     out = {"class_loss": cm.class_loss, "class_acc": cm.class_acc}
-    for name, sel in (("retain", ~f & (cnt > 0)), ("forget", f & (cnt > 0))):
-        w = cnt[sel] / cnt[sel].sum()                                     # pooled = count-weighted mean
-        out[f"{name}_acc"] = cm.class_acc[:, sel] @ w                     # (B,)
-        out[f"{name}_loss"] = cm.class_loss[:, sel] @ w
+    for name, idx in (("retain", [c for c in range(m) if c not in fidx]), ("forget", list(fidx))):
+        out[f"{name}_acc"] = group_accuracy(cm.class_acc, cnt, idx)       # (B,) pooled over samples
+        out[f"{name}_loss"] = group_accuracy(cm.class_loss, cnt, idx)
     return out
 
 
@@ -317,6 +304,56 @@ def ssd(params: torch.Tensor, spec: MLPSpec, forget, splits: DigitSplits, *, alp
                            "mean_dampening": float(damp[sel].mean()) if sel.any() else 1.0})
 
 
+# ----------------------------------------------------------------------------- tuning
+# Small grids over each post-hoc method's knobs, as the unlearning literature tunes them
+# (learning rate and length for the gradient methods, beta for NegGrad+, alpha / lambda for SSD).
+TUNING_GRIDS = {
+    "finetune": {"lr": (0.01, 0.05, 0.1), "epochs": (2, 5, 10)},
+    "neggrad_plus": {"beta": (0.9, 0.99, 0.999), "lr": (0.01, 0.05), "epochs": (2, 5)},
+    "random_labels": {"lr": (0.01, 0.05, 0.1), "epochs": (1, 3, 5)},
+    "ssd": {"alpha": (1.0, 3.0, 10.0, 30.0), "lam": (0.1, 1.0, 3.0)},
+}
+
+
+def tuned(name: str, params: torch.Tensor, spec: MLPSpec, forget, splits: DigitSplits, *, seed: int = 0,
+          grid: dict | None = None, method: Callable | None = None) -> BaselineResult:
+    """Run baseline `name` at every point of its grid (TUNING_GRIDS[name] unless given) and keep the
+    one that the VALIDATION split prefers: the highest retain accuracy among the points whose forget
+    accuracy is at most selection.FORGET_MAX, else the lowest forget accuracy (`select` with that
+    floor). `method` replaces BASELINES[name] (a user's method with the baselines' signature).
+    seconds = the whole search (every point and its scoring); hparams = the chosen point's;
+    extra["tuning"] = the grid, every point's validation accuracies and the rule."""
+    fn = method if method is not None else BASELINES[name]
+    grid = TUNING_GRIDS.get(name, {}) if grid is None else grid
+    fidx = forget_indices(splits, forget)
+    t0 = time.perf_counter()
+    keys = list(grid)
+    points = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
+    results, rows = [], []
+    for pt in points:
+        try:
+            r = fn(params, spec, forget, splits, seed=seed, **pt)
+        except FloatingPointError:     # a diverging setting is a point the search rejects, not an error
+            rows.append({**pt, "diverged": True})
+            results.append(None)
+            continue
+        results.append(r)
+        v = split_metrics(r.params[None], spec, splits.X_val, splits.y_val, fidx)
+        rows.append({**pt, "val_forget_acc": float(v["forget_acc"][0]), "val_retain_acc": float(v["retain_acc"][0])})
+    ok = [i for i, r in enumerate(results) if r is not None]
+    if not ok:
+        raise FloatingPointError(f"{name}: every point of the tuning grid {grid} diverged")
+    f = torch.tensor([rows[i]["val_forget_acc"] for i in ok])
+    r_ = torch.tensor([rows[i]["val_retain_acc"] for i in ok])
+    best = ok[select(f, r_, forget_floor=FORGET_MAX)]
+    chosen = results[best]
+    return BaselineResult(chosen.name, chosen.params, time.perf_counter() - t0, chosen.hparams,
+                          {**chosen.extra, "tuning": {"grid": {k: list(v) for k, v in grid.items()}, "points": rows,
+                                                      "chosen": points[best],
+                                                      "rule": f"max val retain acc among val forget acc <= "
+                                                              f"{FORGET_MAX}, else min val forget acc"}})
+
+
 # ----------------------------------------------------------------------------- retrieval
 @dataclass
 class RetrievalHit:
@@ -374,6 +411,27 @@ class RetrievalIndex:
             out[i:i + len(d)] = (d * d) @ w
         return out.nan_to_num_(nan=math.inf)
 
+    def nearest_distinct(self, targets) -> np.ndarray:
+        """(K, m) targets -> (K,) indices of K DISTINCT stored checkpoints: target i gets its nearest
+        checkpoint not already given to targets 0..i-1 (equal-budget retrieval: as many stored
+        candidates as the hypernetwork samples). Needs K <= len(self)."""
+        T = np.asarray(targets, dtype=np.float64)
+        if T.ndim != 2 or T.shape[0] > len(self):
+            raise ValueError(f"targets must be (K, m) with K <= {len(self)} stored checkpoints, got {T.shape}")
+        cells, inv = np.unique(T, axis=0, return_inverse=True)
+        k = T.shape[0]
+        order = []
+        for c in cells:                                                    # each distinct target's K nearest
+            d = self.distances(c)
+            order.append(torch.topk(d, k, largest=False, sorted=True).indices.numpy())
+        taken, pos, out = set(), np.zeros(len(cells), dtype=np.int64), np.empty(k, dtype=np.int64)
+        for i, c in enumerate(np.asarray(inv).reshape(-1)):
+            while int(order[c][pos[c]]) in taken:                          # K nearest always leave one free
+                pos[c] += 1
+            out[i] = order[c][pos[c]]
+            taken.add(int(out[i]))
+        return out
+
     def query(self, target, weights=None) -> RetrievalHit:
         """Exact nearest checkpoint to `target` (m,) under optional per-class `weights` (m,)."""
         d = self.distances(target, weights)
@@ -385,32 +443,6 @@ class RetrievalIndex:
         else:
             p = torch.as_tensor(np.asarray(self.params[i], dtype=np.float32)).clone()
         return RetrievalHit(i, self.class_loss[i].numpy().copy(), float(d[i]), p)
-
-
-_INDEXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # store -> its RetrievalIndex
-
-
-def retrieval(store, target, weights=None) -> BaselineResult:
-    """Retrieval baseline: the stored checkpoint whose per-class validation losses are nearest to
-    `target` (m,) (weighted L2, whole store). The store's index is built once per store object and
-    cached. extra: index, class_loss, distance. Pass a RetrievalIndex to reuse one explicitly."""
-    if isinstance(store, RetrievalIndex):
-        idx = store
-    elif isinstance(store, CheckpointStore):
-        idx = _INDEXES.get(store)
-        if idx is None:
-            idx = _INDEXES[store] = RetrievalIndex.from_store(store)
-    else:
-        raise TypeError(f"retrieval needs a CheckpointStore or RetrievalIndex, got {type(store).__name__}")
-    if idx.params is None:
-        raise ValueError("this RetrievalIndex has no params source; build it with params=")
-    t0 = time.perf_counter()
-    hit = idx.query(target, weights)
-    return BaselineResult("retrieval", hit.params, time.perf_counter() - t0,
-                          {"metric": "weighted squared L2 over per-class validation losses",
-                           "weights": None if weights is None else np.asarray(weights, np.float64).tolist()},
-                          {"index": hit.index, "class_loss": hit.class_loss.tolist(), "distance": hit.distance,
-                           "target": np.asarray(target, np.float64).tolist(), "store_size": len(idx)})
 
 
 BASELINES = {"retrain": retrain, "finetune": finetune, "neggrad_plus": neggrad_plus,

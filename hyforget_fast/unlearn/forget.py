@@ -8,6 +8,10 @@
 3. Score all K with the fused evaluator on the VALIDATION split.
 4. Select by the dissertation's rule (§3.5): lowest forget accuracy, then highest retain accuracy.
 The test split is never read here: reported numbers come from `unlearn.report`.
+
+Controls (SPEC §7): the same call with prompt="keep" (every class prompted low) or guidance=0
+(the unconditional branch) samples K candidates that were NOT asked to forget; how many of
+them meet the forget-and-keep criterion (`forget_keep_count`) is what the real prompt must beat.
 """
 from __future__ import annotations
 
@@ -21,10 +25,13 @@ from torch import nn
 
 from ..ops.functional import class_metrics
 from .mlp import as_module, check_flat, flat_params
+from .selection import class_indices, forget_keep_count, group_accuracy, select
 
 # Quantiles of the training data's per-class loss used as prompt levels (high for D_f, low for D_r).
 HIGH_LEVELS = (0.9, 0.97, 0.995)
 LOW_LEVELS = (0.02, 0.1)
+PROMPTS = ("forget", "keep")   # "keep": the keep-every-class control prompt (every class low)
+
 
 
 @dataclass
@@ -43,44 +50,12 @@ class ForgetResult:
     candidate_params: torch.Tensor | None = field(default=None, repr=False)   # (K, P)
 
 
-def class_indices(classes: Sequence[int], requested, pivots: Sequence[int] = ()) -> list[int]:
-    """Digit labels -> indices into `classes`; refuses empty, unknown, pivot and all-class requests."""
-    req = [requested] if isinstance(requested, (int, np.integer)) else list(requested)
-    if not req:
-        raise ValueError("forget set is empty: name at least one class to forget")
-    if len(set(req)) != len(req):
-        raise ValueError(f"forget set {req} repeats a class")
-    unknown = [c for c in req if c not in classes]
-    if unknown:
-        raise ValueError(f"unknown classes {unknown}: the model's classes are {list(classes)}")
-    piv = [c for c in req if c in pivots]
-    if piv:
-        raise ValueError(f"classes {piv} are pivots (kept above the accuracy threshold in every training "
-                         f"checkpoint); the hypernetwork cannot forget them. Forgettable: "
-                         f"{[c for c in classes if c not in pivots]}")
-    if len(req) == len(classes):
-        raise ValueError("cannot forget every class at once: nothing would be retained")
-    return [list(classes).index(c) for c in req]
-
-
-def group_accuracy(class_acc: torch.Tensor, counts: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
-    """(K, m) per-class accuracy, (m,) sample counts -> (K,) accuracy over the samples of classes idx."""
-    idx = torch.as_tensor(list(idx), dtype=torch.long, device=class_acc.device)
-    n = counts.to(class_acc)[idx]
-    return (class_acc[:, idx] * n).sum(1) / n.sum()
-
-
-def select(forget_acc: torch.Tensor, retain_acc: torch.Tensor) -> int:
-    """Dissertation §3.5: lowest forget accuracy first, then highest retain accuracy (NaN last)."""
-    f = torch.nan_to_num(forget_acc.double(), nan=2.0)
-    r = torch.nan_to_num(retain_acc.double(), nan=-1.0)
-    best = f == f.min()
-    return int(torch.where(best, r, torch.full_like(r, -2.0)).argmax())
-
-
-def prompt_grid(loss_quantiles: dict, classes: Sequence[int], forget_idx: Sequence[int], k: int,
-                high=HIGH_LEVELS, low=LOW_LEVELS) -> tuple[torch.Tensor, dict]:
-    """(K, m) prompts: each candidate gets one (high, low) cell of the level grid, round robin.
+def forget_prompts(loss_quantiles: dict, classes: Sequence[int], forget_idx: Sequence[int], k: int,
+                   high=HIGH_LEVELS, low=LOW_LEVELS) -> tuple[torch.Tensor, dict]:
+    """(K, m) target-loss prompts that ask to forget the classes `forget_idx` (indices into
+    classes): each candidate gets one (high, low) cell of the level grid, round robin; classes in
+    forget_idx at the high quantile, the others at the low one. An empty forget_idx gives the
+    keep-every-class control prompt.
 
     loss_quantiles: {"q": [q...], "values": [[per-class loss at q] ...]} (q ascending, values (Q, m)).
     """
@@ -93,12 +68,13 @@ def prompt_grid(loss_quantiles: dict, classes: Sequence[int], forget_idx: Sequen
     def at(level):                                                         # (m,) loss at quantile `level`
         return np.array([np.interp(level, q, vals[:, c]) for c in range(m)])
 
-    cells = [(h, l) for h in high for l in low]
+    cells = [(h, l) for h in high for l in low] if len(forget_idx) else [(None, l) for l in low]
     rows = []
     for i in range(k):
         h, l = cells[i % len(cells)]
         row = at(l)
-        row[list(forget_idx)] = at(h)[list(forget_idx)]
+        if h is not None:
+            row[list(forget_idx)] = at(h)[list(forget_idx)]
         rows.append(row)
     levels = {"high_quantiles": list(high), "low_quantiles": list(low),
               "cells": [{"high": h, "low": l, "prompt": [round(float(x), 4) for x in rows[i]]}
@@ -134,30 +110,77 @@ def best_checkpoint(data_dir: str, exclude_runs: Sequence[int] = ()) -> tuple[to
                     "step": int(st.load("step")[i]), "val_class_loss": [float(x) for x in loss[i]]}
 
 
+SPLIT_KEYS = ("source", "classes", "seed", "fractions", "sizes")
+
+
+def check_split(hypernet, data) -> None:
+    """Raise ValueError unless `data` (DigitSplits) is the split the hypernetwork's collection was
+    made on (source, classes, split seed, fractions, sizes): candidates chosen on another split's
+    validation set could be chosen on samples the collection trained on."""
+    want = hypernet.meta.get("dataset", {}).get("split")
+    if want is None:   # models trained before the split was recorded with them: read the manifest
+        from ..collection.store import CheckpointStore
+        try:
+            want = CheckpointStore(hypernet.data_dir, verify="size").manifest.get("split")
+        except (OSError, ValueError, AttributeError, KeyError):
+            want = None
+        if want is None:
+            raise ValueError("cannot tell which data split this hypernetwork's collection used (its dataset is "
+                             "not found); load it with its dataset (data=...)")
+    got = data.describe()
+    diff = {k: (want[k], got[k]) for k in SPLIT_KEYS if k in want and want[k] != got[k]}
+    if diff:
+        raise ValueError("data is not the split the hypernetwork's collection was made on: "
+                         + "; ".join(f"{k}: collection {a}, given {b}" for k, (a, b) in diff.items())
+                         + ". Rebuild it with collection.data.splits_from_manifest")
+
+
+def choose(cand: torch.Tensor, spec, data, fidx: Sequence[int]) -> tuple[int, dict]:
+    """Score K candidates (K, P) on the VALIDATION split of `data` at once and pick one by the
+    selection rule for forgetting the class indices `fidx`. -> (chosen index, candidates' metrics:
+    class_loss / class_acc (K, m), forget_acc / retain_acc (K,), forget_keep count)."""
+    m = spec.num_classes
+    Xv, yv = data.X_val.to(cand.device), data.y_val.to(cand.device)
+    met = class_metrics(cand, spec, Xv, yv, m)
+    counts = torch.bincount(yv, minlength=m)
+    f_acc = group_accuracy(met.class_acc, counts, fidx)
+    r_acc = group_accuracy(met.class_acc, counts, [c for c in range(m) if c not in fidx])
+    if cand.device.type == "cuda":
+        torch.cuda.synchronize()
+    return select(f_acc, r_acc), {"class_loss": met.class_loss.cpu(), "class_acc": met.class_acc.cpu(),
+                                  "forget_acc": f_acc.cpu(), "retain_acc": r_acc.cpu(), "split": "validation",
+                                  "forget_keep": forget_keep_count(f_acc, r_acc)}
+
+
 def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", steps: int = 50,
            model: nn.Module | torch.Tensor | None = None, seed: int = 0, high=HIGH_LEVELS, low=LOW_LEVELS,
-           keep_candidates: bool = True, guidance: float | None = None) -> ForgetResult:
+           keep_candidates: bool = True, guidance: float | None = None, prompt: str = "forget") -> ForgetResult:
     """Forget `forget_classes` (digit labels) with a trained hypernetwork (hf.load_hypernet).
 
-    data: the collection's DigitSplits (its validation split scores the candidates).
+    data: the collection's DigitSplits (its validation split scores the candidates); a different
+    split is refused (`check_split`).
     model: DiHyFo-1's starting classifier (nn.Module of the hypernetwork's spec, or flat (P,)
     params); None uses `best_checkpoint` of the hypernetwork's dataset and names it in `.start`.
-    guidance: classifier-free guidance weight (None = the model's default).
+    guidance: classifier-free guidance weight (None = the model's default; 0 = unconditional).
+    prompt: "forget" (the request) or "keep" (the keep-every-class control: same K, sampler, seed
+    and selection rule, every class prompted low). DiHyFo-1's retained-class targets never exceed
+    the starting model's current validation loss: the prompt never asks it to get worse on D_r.
     """
     hn = hypernet
     spec, classes = hn.spec, list(hn.meta["classes"])
     fidx = class_indices(classes, forget_classes, hn.meta.get("pivots", ()))
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
     if tuple(data.classes) != tuple(classes):
         raise ValueError(f"data holds classes {tuple(data.classes)}, the hypernetwork {tuple(classes)}")
+    check_split(hn, data)
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    ridx = [c for c in range(len(classes)) if c not in fidx]
     dev = next(hn.model.parameters()).device
     Xv, yv = data.X_val.to(dev), data.y_val.to(dev)
-    counts = torch.bincount(yv, minlength=len(classes))
     t0 = time.perf_counter()
     table = loss_quantile_table(hn.meta["loss_ranges"], classes)
-    prompt, levels = prompt_grid(table, classes, fidx, int(k), high, low)
+    prompts, levels = forget_prompts(table, classes, fidx if prompt == "forget" else [], int(k), high, low)
     start = None
     kw = {}
     if hn.cfg.kind == "dihyfo1":
@@ -169,30 +192,24 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
         theta = theta.float().to(dev)
         cur = class_metrics(theta[None], spec, Xv, yv).class_loss[0]        # (m,) its validation losses
         start["val_class_loss"] = [float(x) for x in cur]
+        keep = [c for c in range(len(classes)) if c not in fidx] if prompt == "forget" else list(range(len(classes)))
+        prompts[:, keep] = torch.minimum(prompts[:, keep], cur.float().cpu()[keep])   # never worse on D_r
         kw = {"theta": theta, "losses": cur}
     elif model is not None:
         raise ValueError("DiHyFo-2 generates from the loss prompt alone; it takes no starting model")
     t1 = time.perf_counter()
     if guidance is not None:
         kw["guidance"] = guidance
-    cand = hn.sample(prompt.to(dev), int(k), sampler=sampler, steps=steps, seed=seed, **kw)   # (K, P)
+    cand = hn.sample(prompts.to(dev), int(k), sampler=sampler, steps=steps, seed=seed, **kw)   # (K, P)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    met = class_metrics(cand, spec, Xv, yv)
-    f_acc = group_accuracy(met.class_acc, counts, fidx)
-    r_acc = group_accuracy(met.class_acc, counts, ridx)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t3 = time.perf_counter()
-    i = select(f_acc, r_acc)
+    i, cands = choose(cand, spec, data, fidx)
     params = cand[i].detach().float().cpu()
-    t4 = time.perf_counter()
-    cands = {"class_loss": met.class_loss.cpu(), "class_acc": met.class_acc.cpu(), "forget_acc": f_acc.cpu(),
-             "retain_acc": r_acc.cpu(), "split": "validation"}
+    t3 = time.perf_counter()
     return ForgetResult(model=as_module(params, spec), params=params, forget_classes=tuple(classes[c] for c in fidx),
-                        chosen=i, candidates=cands, prompt=prompt, prompt_levels=levels,
-                        timing={"prepare": t1 - t0, "sample": t2 - t1, "score": t3 - t2, "select": t4 - t3,
-                                "total": t4 - t1, "k": int(k), "sampler": sampler, "steps": int(steps),
+                        chosen=i, candidates=cands, prompt=prompts, prompt_levels={**levels, "kind": prompt},
+                        timing={"prepare": t1 - t0, "sample": t2 - t1, "score": t3 - t2,
+                                "total": t3 - t1, "k": int(k), "sampler": sampler, "steps": int(steps),
                                 "guidance": hn.default_guidance if guidance is None else float(guidance)},
                         start=start, candidate_params=cand.detach().cpu() if keep_candidates else None)

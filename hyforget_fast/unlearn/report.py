@@ -1,15 +1,27 @@
 """`hyforget evaluate`: every method, every metric, on the same data; tables shaped like the
-dissertation's Tables 3.1-3.4, plus edit locality, memorization and relearning.
+dissertation's Tables 3.1-3.4, with the controls and fair baselines that make them evidence (SPEC §7),
+plus edit locality, memorization and relearning.
 
 For each forget set and seed, on one collection (its split, its store):
-  original     the starting classifier: the stored checkpoint with the lowest mean validation loss
+  original     the starting classifier: the user's (`model=`) or the stored checkpoint with the
+               lowest mean validation loss
   DiHyFo-1/2   forget() with K candidates chosen on VALIDATION (DiHyFo-1 edits `original`)
+  controls     the same model, K, sampler, seed and selection rule, NOT asked to forget: the
+               keep-every-class prompt (`:keep`), and the unconditional branch (`:uncond`, guidance 0)
+               where the model was trained with target dropout. Neither depends on the forget set,
+               so their K candidates are sampled once per model and seed and rescored per set.
+  store        the selection rule applied straight to the stored checkpoints' validation metrics,
+               over the whole store (no model at all)
+  retrieval    equal budget: the K stored checkpoints nearest to the K prompts (distinct), chosen
+               by the same rule on their stored validation metrics
   retrain      S seeds at once without D_f, best on validation (the gold standard); its median too
-  finetune, neggrad_plus, random_labels, ssd   edits of `original`
-  retrieval    the stored checkpoint nearest to each cell of the same prompt grid, chosen among
-               those by the same validation rule as the hypernetworks
-Every reported number is then computed on the held-out TEST split (MIA also reads the retain
-TRAIN samples, as its definition requires). Nothing here feeds back into a choice.
+  finetune, neggrad_plus, random_labels, ssd   edits of `original`, each TUNED on validation over
+               a small grid (baselines.TUNING_GRIDS); the search time is their time
+  user methods `methods={name: fn}` with the baselines' signature, edits of `original`
+For every candidate source the report counts how many of its candidates meet the forget-and-keep
+criterion (selection.FORGET_MAX / RETAIN_MIN on validation). Every reported metric is then
+computed on the held-out TEST split (MIA also reads the retain TRAIN samples, as its definition
+requires). Nothing on the test split feeds back into a choice.
 """
 from __future__ import annotations
 
@@ -17,7 +29,7 @@ import json
 import math
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,13 +38,53 @@ from ..collection.store import CheckpointStore, write_json_atomic
 from ..ops.functional import class_metrics, class_outputs
 from . import baselines as B
 from . import metrics as M
-from .forget import best_checkpoint, class_indices, forget, group_accuracy, loss_quantile_table, prompt_grid, select
+from .forget import best_checkpoint, choose, forget, forget_prompts, loss_quantile_table
+from .mlp import check_flat, flat_params
+from .selection import FORGET_MAX, RETAIN_MIN, class_indices, forget_keep_count, group_accuracy, select
 
 EDIT_METHODS = ("dihyfo1", "finetune", "neggrad_plus", "random_labels", "ssd")
 GENERATED = ("dihyfo1", "dihyfo2")
-LABELS = {"original": "Original model", "dihyfo1": "DiHyFo-1", "dihyfo2": "DiHyFo-2", "retrain": "Retrained (best of S, val)",
-          "retrain_median": "Retrained (median seed)", "finetune": "Fine-tune", "neggrad_plus": "NegGrad+",
-          "random_labels": "Random labels", "ssd": "SSD", "retrieval": "Retrieval (store kNN)"}
+CONTROLS = ("keep", "uncond")
+POST_HOC = ("finetune", "neggrad_plus", "random_labels", "ssd")
+LABELS = {"original": "Original model", "dihyfo1": "DiHyFo-1", "dihyfo1:keep": "DiHyFo-1, keep-every-class prompt",
+          "dihyfo1:uncond": "DiHyFo-1, unconditional", "dihyfo2": "DiHyFo-2",
+          "dihyfo2:keep": "DiHyFo-2, keep-every-class prompt", "dihyfo2:uncond": "DiHyFo-2, unconditional",
+          "store": "Store (selection rule over every stored checkpoint)",
+          "retrieval": "Retrieval (K nearest stored, same rule)",
+          "retrain": "Retrained (best of S, val)", "retrain_median": "Retrained (median seed)",
+          "finetune": "Fine-tune (tuned)", "neggrad_plus": "NegGrad+ (tuned)", "random_labels": "Random labels (tuned)",
+          "ssd": "SSD (tuned)"}
+
+# The dissertation's Tables 3.1-3.4 (φ in the bad-teacher convention), by classes and forget set.
+DISSERTATION = {
+    (0, 1, 2, 3): {
+        "2": {"dihyfo1": dict(acc_retain=0.9838, acc_forget=0.0, mia=0.6310, overlap_forget=0.3499,
+                              activation_distance=0.4467, phi_bt=0.8537),
+              "dihyfo2": dict(acc_retain=0.9844, acc_forget=0.0, mia=0.4432, overlap_forget=0.6657,
+                              activation_distance=0.1657, phi_bt=0.9630),
+              "retrain": dict(acc_retain=0.9938, acc_forget=0.0, mia=0.4171)},
+        "2,3": {"dihyfo1": dict(acc_retain=0.9967, acc_forget=0.0, mia=0.6338, overlap_forget=0.6812,
+                                activation_distance=0.3597, phi_bt=0.9272),
+                "dihyfo2": dict(acc_retain=0.9995, acc_forget=0.0, mia=0.3994, overlap_forget=0.7988,
+                                activation_distance=0.1555, phi_bt=0.9723),
+                "retrain": dict(acc_retain=0.9991, acc_forget=0.0, mia=0.3398)}},
+    tuple(range(10)): {
+        "2": {"dihyfo1": dict(acc_retain=0.9110, acc_forget=0.0, mia=0.3376, overlap_forget=0.5731,
+                              activation_distance=0.1760, phi_bt=0.9876),
+              "dihyfo2": dict(acc_retain=0.7281, acc_forget=0.0, mia=0.3604, overlap_forget=0.4035,
+                              activation_distance=0.9508, phi_bt=0.4124),
+              "retrain": dict(acc_retain=0.9193, acc_forget=0.0, mia=0.3562)},
+        "2,3,4": {"dihyfo1": dict(acc_retain=0.9411, acc_forget=0.0, mia=0.3992, overlap_forget=0.7946,
+                                  activation_distance=0.1282, phi_bt=0.9952),
+                  "dihyfo2": dict(acc_retain=0.9460, acc_forget=0.0, mia=0.3241, overlap_forget=0.7067,
+                                  activation_distance=0.1878, phi_bt=0.9852),
+                  "retrain": dict(acc_retain=0.9479, acc_forget=0.0, mia=0.3406)},
+        "0,1,2,3,4": {"dihyfo1": dict(acc_retain=0.9362, acc_forget=0.0, mia=0.4379, overlap_forget=0.7891,
+                                      activation_distance=0.1715, phi_bt=0.9943),
+                      "dihyfo2": dict(acc_retain=0.9519, acc_forget=0.0, mia=0.3270, overlap_forget=0.6331,
+                                      activation_distance=0.2928, phi_bt=0.9535),
+                      "retrain": dict(acc_retain=0.9504, acc_forget=0.0, mia=0.3798)}},
+}
 
 
 def splits_of(store: CheckpointStore):
@@ -41,20 +93,48 @@ def splits_of(store: CheckpointStore):
     return splits_from_manifest(store.manifest)
 
 
-def _retrieval_choice(index: B.RetrievalIndex, prompts: torch.Tensor, spec, splits, fidx, ridx) -> B.BaselineResult:
-    """Nearest stored checkpoint for each distinct prompt row, then the hypernetworks' val rule."""
+class StoreView:
+    """The store's per-class VALIDATION accuracies and losses, read once, and its parameters on demand."""
+
+    def __init__(self, store: CheckpointStore, splits):
+        self.store = store
+        self.class_acc = torch.from_numpy(store.load("class_acc"))            # (N, m)
+        self.index = B.RetrievalIndex.from_store(store)
+        self.val_counts = torch.bincount(splits.y_val, minlength=len(store.classes))
+
+    def accuracies(self, rows, fidx) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.class_acc if rows is None else self.class_acc[torch.as_tensor(rows)]
+        ridx = [c for c in range(a.shape[1]) if c not in fidx]
+        return group_accuracy(a, self.val_counts, fidx), group_accuracy(a, self.val_counts, ridx)
+
+    def params(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.store.take("params", np.array([int(i)]))[0].copy())
+
+
+def store_choice(view: StoreView, fidx) -> tuple[B.BaselineResult, int]:
+    """The selection rule over every stored checkpoint's validation metrics -> (its pick, how many
+    stored checkpoints meet the forget-and-keep criterion)."""
     t0 = time.perf_counter()
-    rows = torch.unique(prompts, dim=0)
-    hits = [index.query(r.double().numpy()) for r in rows]
-    P = torch.stack([h.params for h in hits]).float()                       # (G, P)
-    met = class_metrics(P, spec, splits.X_val, splits.y_val)
-    cnt = torch.bincount(splits.y_val, minlength=spec.num_classes)
-    i = select(group_accuracy(met.class_acc, cnt, fidx), group_accuracy(met.class_acc, cnt, ridx))
-    return B.BaselineResult("retrieval", P[i].clone(), time.perf_counter() - t0,
-                            {"prompts": len(rows), "metric": "squared L2 over per-class validation losses",
-                             "selection": "lowest val forget acc, then highest val retain acc"},
-                            {"index": hits[i].index, "class_loss": hits[i].class_loss.tolist(),
-                             "target": rows[i].tolist(), "store_size": len(index)})
+    f, r = view.accuracies(None, fidx)
+    i = select(f, r)
+    res = B.BaselineResult("store", view.params(i), time.perf_counter() - t0,
+                           {"selection": "lowest stored val forget acc, then highest val retain acc"},
+                           {"index": i, "store_size": len(f)})
+    return res, forget_keep_count(f, r)
+
+
+def retrieval_choice(view: StoreView, prompts: torch.Tensor, fidx) -> tuple[B.BaselineResult, int]:
+    """Equal budget: the K stored checkpoints nearest the K prompts (distinct), then the hypernetworks'
+    rule on their stored validation metrics -> (its pick, how many of the K meet the criterion)."""
+    t0 = time.perf_counter()
+    rows = view.index.nearest_distinct(prompts.double().numpy())                # (K,)
+    f, r = view.accuracies(rows, fidx)
+    i = select(f, r)
+    res = B.BaselineResult("retrieval", view.params(rows[i]), time.perf_counter() - t0,
+                           {"candidates": len(rows), "metric": "squared L2 over per-class validation losses",
+                            "selection": "lowest stored val forget acc, then highest val retain acc"},
+                           {"index": int(rows[i]), "target": prompts[i].tolist(), "store_size": len(view.index)})
+    return res, forget_keep_count(f, r)
 
 
 def _test_metrics(name: str, params: torch.Tensor, ref: dict, ctx: dict) -> dict:
@@ -70,8 +150,9 @@ def _test_metrics(name: str, params: torch.Tensor, ref: dict, ctx: dict) -> dict
     pr = ref["retrain"]
     ov = M.split_overlaps(probs, pr, sp.y_test, fidx)
     row.update({"overlap_retain": ov["retain"], "overlap_forget": ov["forget"], "overlap_all": ov["all"],
-                "activation_distance": M.activation_distance(probs, pr), "phi": M.unlearning_score(probs, pr)})
-    if name in EDIT_METHODS:
+                "activation_distance": M.activation_distance(probs, pr), "phi": M.unlearning_score(probs, pr),
+                "phi_bt": M.unlearning_score(probs, pr, "bad_teacher")})
+    if name in EDIT_METHODS or name in ctx.get("user_methods", ()):
         te_r = ~torch.isin(sp.y_test, torch.tensor(fidx))
         el = M.edit_locality(params, ctx["original"], spec, sp.X_test[te_r])
         row.update({"edit_overlap_retain": el.retain_overlap, "edit_l2": el.param_distance})
@@ -90,28 +171,48 @@ def _anamnesis(params, ctx) -> dict:
             "anamnesis_index": r.ratio}
 
 
-def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Sequence[int]], seeds=(0,), k: int = 256,
-                        sampler: str = "ddim", steps: int = 50, retrain_seeds: int = 5, mia_attack: str = "logreg",
-                        out_dir: str | None = None, log=print, memorization: bool = True, holdout=None,
-                        guidance: float | None = None) -> dict:
-    """Run every method on every forget set and seed; -> the JSON-able report (also saved to out_dir).
+def _starting_model(model, spec, data_dir, heldout) -> tuple[torch.Tensor, dict]:
+    if model is None:
+        return best_checkpoint(data_dir, heldout)
+    if isinstance(model, torch.nn.Module):
+        return flat_params(model, spec).float(), {"source": "user model"}
+    return check_flat(model, spec, "model")[0].float(), {"source": "user model"}
+
+
+def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Sequence[int]], seeds=(0, 1, 2),
+                        k: int = 256, sampler: str = "ddim", steps: int = 50, retrain_seeds: int = 5,
+                        mia_attack: str = "logreg", out_dir: str | None = None, log=print, memorization: bool = True,
+                        holdout=None, guidance: float | None = None, model=None,
+                        methods: dict[str, Callable] | None = None, tune: bool = True,
+                        relearning: bool = True) -> dict:
+    """Run every method on every forget set (digit labels) and seed; -> the JSON-able report (also
+    saved to out_dir).
 
     hypernets: {"dihyfo1": Hypernet, "dihyfo2": Hypernet} (either may be missing).
-    holdout: the collection's held-out combination rules (reported beside the forget set they match).
+    holdout: {"rules": ..., "forget_set": [...]}: the collection's held-out combination, reported
+    beside the forget set it names, with the store's count of acceptable checkpoints for it.
+    model: the starting classifier (nn.Module or flat params); None = the best stored checkpoint.
+    methods: extra unlearning methods {name: fn(params, spec, forget, splits, seed=...) ->
+    BaselineResult or flat params}, run on `model` like the baselines. tune=False runs the
+    post-hoc baselines at their defaults instead of tuning them. relearning=False skips the
+    relearning (anamnesis) columns.
     """
     store = CheckpointStore(data_dir, verify="size")
     splits = splits_of(store)
     classes = list(store.classes)
     pivots = list(store.manifest.get("pivots", []))
-    spec = next(iter(hypernets.values())).spec if hypernets else None
     from ..ops.spec import MLPSpec
-    spec = spec or MLPSpec(store.layer_sizes)
-    for name, hn in hypernets.items():
+    spec = next(iter(hypernets.values())).spec if hypernets else MLPSpec(store.layer_sizes)
+    for hn in hypernets.values():
         hn.check_dataset(store)
+    methods = dict(methods or {})
+    clash = set(methods) & set(LABELS)
+    if clash:
+        raise ValueError(f"user method names {sorted(clash)} clash with built-in rows; rename them")
     heldout = sorted({r for hn in hypernets.values() for r in hn.heldout_runs})
-    original, orig_info = best_checkpoint(data_dir, heldout)
+    original, orig_info = _starting_model(model, spec, data_dir, heldout)
     ranges = next(iter(hypernets.values())).meta["loss_ranges"] if hypernets else None
-    rindex = B.RetrievalIndex.from_store(store)
+    view = StoreView(store, splits)
     ckpt_index, neigh = None, None
     if memorization and hypernets:
         log("memorization: indexing the store up to hidden-unit permutations")
@@ -121,49 +222,81 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
         neigh = {"median": nd.median, "n_sample": len(nd.distances),
                  "note": "each sampled stored checkpoint's distance to its nearest stored checkpoint of another run"}
     report = {"data_dir": os.path.abspath(data_dir), "classes": classes, "pivots": pivots, "k": k, "sampler": sampler,
-              "steps": steps, "retrain_seeds": retrain_seeds, "mia_attack": mia_attack,
+              "steps": steps, "seeds": list(seeds), "retrain_seeds": retrain_seeds, "mia_attack": mia_attack,
               "mia_description": M.MIA_VARIANTS[mia_attack] + "; " + M.MIA_SCORING, "original": orig_info,
-              "neighbour_distance": neigh, "holdout": holdout, "runs": []}
+              "criterion": {"forget_max": FORGET_MAX, "retain_min": RETAIN_MIN, "split": "validation",
+                            "text": f"validation accuracy <= {FORGET_MAX} on D_f (pooled) and >= {RETAIN_MIN} on D_r"},
+              "phi_conventions": M.JSD_CONVENTIONS, "tuning_grids": B.TUNING_GRIDS if tune else None,
+              "neighbour_distance": neigh, "holdout": holdout, "store_size": len(view.index), "runs": []}
+    control_cache: dict = {}
     for fs in forget_sets:
         fidx = class_indices(classes, list(fs), pivots)
-        ridx = [c for c in range(len(classes)) if c not in fidx]
+        store_pick, store_count = store_choice(view, fidx)
         for seed in seeds:
             log(f"forget {list(fs)} seed {seed}")
             ctx = {"spec": spec, "splits": splits, "fidx": fidx, "original": original, "seed": seed, "probs": {},
-                   "mia_attack": mia_attack, "ckpt_index": ckpt_index}
-            params, seconds, extra = {"original": original}, {"original": 0.0}, {}
+                   "mia_attack": mia_attack, "ckpt_index": ckpt_index, "user_methods": tuple(methods)}
+            params, seconds, extra, counts = {"original": original}, {"original": 0.0}, {}, {}
             rt = B.retrain(None, spec, list(fs), splits, seeds=retrain_seeds, seed=seed)
             params["retrain"], seconds["retrain"] = rt.params, rt.seconds
             params["retrain_median"], seconds["retrain_median"] = rt.extra["median_params"], rt.seconds
             extra["retrain"] = {"hparams": rt.hparams, "chosen": rt.extra["chosen"], "val": rt.extra["val"]}
             ctx["retrain_params"] = rt.params
             for kind, hn in hypernets.items():
-                res = forget(hn, list(fs), splits, k=k, sampler=sampler, steps=steps,
-                             model=original if kind == "dihyfo1" else None, seed=seed, guidance=guidance)
-                params[kind], seconds[kind] = res.params, res.timing["total"]
+                start = original if kind == "dihyfo1" else None
+                res = forget(hn, list(fs), splits, k=k, sampler=sampler, steps=steps, model=start, seed=seed,
+                             guidance=guidance)
+                params[kind], seconds[kind], counts[kind] = res.params, res.timing["total"], res.candidates["forget_keep"]
                 extra[kind] = {"timing": res.timing, "chosen": res.chosen, "start": res.start,
                                "prompt_levels": res.prompt_levels,
                                "val_forget_acc": res.candidates["forget_acc"].tolist(),
                                "val_retain_acc": res.candidates["retain_acc"].tolist(),
                                "val_class_loss": res.candidates["class_loss"].tolist(),
                                "prompt": res.prompt.tolist()}
-            for name in ("finetune", "neggrad_plus", "random_labels", "ssd"):
-                r = B.BASELINES[name](original, spec, list(fs), splits, seed=seed)
+                for ctl in CONTROLS:
+                    if ctl == "uncond" and hn.cfg.cond_dropout <= 0:
+                        continue                                      # no unconditional branch was trained
+                    key = (kind, seed, ctl)
+                    t0 = time.perf_counter()
+                    if key not in control_cache:                      # sampled once, rescored per forget set
+                        c = forget(hn, list(fs), splits, k=k, sampler=sampler, steps=steps, model=start, seed=seed,
+                                   guidance=0.0 if ctl == "uncond" else guidance,
+                                   prompt="keep" if ctl == "keep" else "forget")
+                        control_cache[key] = (c.candidate_params, c.timing["sample"])
+                    cand, t_sample = control_cache[key]
+                    i, cm = choose(cand, spec, splits, fidx)
+                    name = f"{kind}:{ctl}"
+                    params[name], seconds[name], counts[name] = cand[i].clone(), t_sample + time.perf_counter() - t0, \
+                        cm["forget_keep"]
+                    extra[name] = {"chosen": i, "guidance": 0.0 if ctl == "uncond" else guidance, "prompt": ctl}
+            for name in POST_HOC:
+                r = B.tuned(name, original, spec, list(fs), splits, seed=seed) if tune else \
+                    B.BASELINES[name](original, spec, list(fs), splits, seed=seed)
                 params[name], seconds[name] = r.params, r.seconds
-                extra[name] = {"hparams": r.hparams}
+                extra[name] = {"hparams": r.hparams, "tuning": r.extra.get("tuning")}
+            for name, fn in methods.items():
+                t0 = time.perf_counter()
+                r = fn(original.clone(), spec, list(fs), splits, seed=seed)
+                p = r.params if isinstance(r, B.BaselineResult) else check_flat(r, spec, name)[0]
+                params[name], seconds[name] = p.detach().float().clone(), time.perf_counter() - t0
+                extra[name] = {"hparams": getattr(r, "hparams", {})}
+            params["store"], seconds["store"], counts["store"] = store_pick.params, store_pick.seconds, store_count
+            extra["store"] = {"hparams": store_pick.hparams, **store_pick.extra}
             if ranges is not None:
-                prompts, _ = prompt_grid(loss_quantile_table(ranges, classes), classes, fidx, 64)
-                r = _retrieval_choice(rindex, prompts, spec, splits, fidx, ridx)
-                params["retrieval"], seconds["retrieval"] = r.params, r.seconds
+                prompts, _ = forget_prompts(loss_quantile_table(ranges, classes), classes, fidx, k)
+                r, n_ok = retrieval_choice(view, prompts, fidx)
+                params["retrieval"], seconds["retrieval"], counts["retrieval"] = r.params, r.seconds, n_ok
                 extra["retrieval"] = {"hparams": r.hparams, **r.extra}
             ref = {"retrain": class_outputs(params["retrain"][None], spec, splits.X_test)[0][0].double()}
             rows = {name: _test_metrics(name, p, ref, ctx) for name, p in params.items()}
             report.setdefault("confusion", []).append(
                 {"forget": list(fs), "seed": seed, "y_test": splits.y_test.tolist(),
-                 "preds": {n: ctx["probs"][n].argmax(1).tolist() for n in params}})
+                 "preds": {n: ctx["probs"][n].argmax(1).tolist() for n in params if ":" not in n}})
             for name in params:
                 rows[name]["seconds"] = seconds[name]
-                if name not in ("retrain", "original"):
+                if name in counts:
+                    rows[name]["forget_keep"] = counts[name]
+                if relearning and name not in ("retrain", "original", "store") and ":" not in name:
                     rows[name].update(_anamnesis(params[name], ctx))
             report["runs"].append({"forget": list(fs), "seed": seed, "methods": rows, "extra": extra,
                                    "params": {n: p.tolist() for n, p in params.items()}})
@@ -177,9 +310,10 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
 INDIVIDUAL = [("acc_retain", "Acc D_r"), ("acc_forget", "Acc D_f"), ("acc_all", "Acc test"), ("mia", "MIA"),
               ("seconds", "Time (s)")]
 PAIRED = [("overlap_retain", "Overlap D_r"), ("overlap_forget", "Overlap D_f"), ("overlap_all", "Overlap test"),
-          ("activation_distance", "Act. distance"), ("phi", "φ")]
+          ("activation_distance", "Act. distance"), ("phi", "φ per-sample"), ("phi_bt", "φ bad-teacher (dissertation)")]
 EDIT = [("edit_overlap_retain", "Overlap w/ original on D_r"), ("edit_l2", "L2 to original")]
 RELEARN = [("relearn_steps", "Relearn steps on D_f"), ("anamnesis_index", "Anamnesis index")]
+COUNTS = {"relearn_steps", "forget_keep"}
 
 
 def summarize(report: dict) -> dict:
@@ -200,24 +334,51 @@ def summarize(report: dict) -> dict:
     return out
 
 
-COUNTS = {"relearn_steps"}
-
-
 def _fmt(cell, count: bool = False) -> str:
     mean, std, n = cell
     if not math.isfinite(mean):
         return "inf" if mean == math.inf else "n/a"
-    s = f"{mean:.0f}" if count and n == 1 else f"{mean:.3f}" if abs(mean) < 100 else f"{mean:.0f}"
-    return s + (f" ± {std:.3f}" if n > 1 else "")
+    s = f"{mean:.0f}" if count and n == 1 else f"{mean:.1f}" if count else \
+        f"{mean:.3f}" if abs(mean) < 100 else f"{mean:.0f}"
+    return s + ((f" ± {std:.1f}" if count else f" ± {std:.3f}") if n > 1 else "")
+
+
+def _label(m: str) -> str:
+    return LABELS.get(m, f"{m} (user method)")
+
+
+def _order(meths) -> list[str]:
+    return [m for m in LABELS if m in meths] + sorted(m for m in meths if m not in LABELS)
+
+
+def _count_table(report: dict, key: str, meths: dict) -> list[str]:
+    """The controls: how many candidates of each source meet the forget-and-keep criterion."""
+    k, n = report["k"], report.get("store_size")
+    gens = [g for g in GENERATED if g in meths]
+    lines = [f"### D_f = {{{key}}}: candidates that forget and keep (controls)", "",
+             f"Criterion: {report['criterion']['text']}. Mean ± std over seeds {report.get('seeds')}; same K = {k}, "
+             f"sampler, seed and selection rule in every column.", "",
+             "| source | asked to forget | keep-every-class prompt | unconditional (guidance 0) |", "|---|---|---|---|"]
+    for g in gens:
+        cells = [_fmt(meths[m]["forget_keep"], True) + f" / {k}" if m in meths else "not trained"
+                 for m in (g, f"{g}:keep", f"{g}:uncond")]
+        lines.append(f"| {LABELS[g]} | " + " | ".join(cells) + " |")
+    if "retrieval" in meths:
+        lines.append(f"| Retrieval: K nearest stored checkpoints | {_fmt(meths['retrieval']['forget_keep'], True)} / {k} | | |")
+    if "store" in meths:
+        lines.append(f"| Whole store | {_fmt(meths['store']['forget_keep'], True)} / {n} | | |")
+    return lines + [""]
 
 
 def markdown_tables(report: dict) -> str:
     lines = []
     for key, meths in report["summary"].items():
-        order = [m for m in LABELS if m in meths]
+        order = _order(meths)
+        if any("forget_keep" in meths[m] for m in meths):
+            lines += _count_table(report, key, meths)
         for title, cols, only in (("Individual metrics (test split)", INDIVIDUAL, None),
                                   ("Paired metrics against the retrained model (test split)", PAIRED, None),
-                                  ("Edit locality (methods that edit the original model)", EDIT, EDIT_METHODS),
+                                  ("Edit locality (methods that edit the original model)", EDIT, None),
                                   ("Relearning on D_f", RELEARN, None)):
             rows = [m for m in order if (only is None or m in only) and any(c in meths[m] for c, _ in cols)]
             if not rows:
@@ -225,8 +386,8 @@ def markdown_tables(report: dict) -> str:
             lines += [f"### D_f = {{{key}}}: {title}", "", "| method | " + " | ".join(h for _, h in cols) + " |",
                       "|---|" + "---|" * len(cols)]
             for m in rows:
-                lines.append(f"| {LABELS[m]} | " + " | ".join(_fmt(meths[m][c], c in COUNTS) if c in meths[m] else "" for c, _ in cols)
-                             + " |")
+                lines.append(f"| {_label(m)} | " + " | ".join(_fmt(meths[m][c], c in COUNTS) if c in meths[m] else ""
+                                                              for c, _ in cols) + " |")
             lines.append("")
         gen = [m for m in GENERATED if m in meths and "nearest_stored_distance" in meths[m]]
         if gen and report.get("neighbour_distance"):
@@ -237,14 +398,58 @@ def markdown_tables(report: dict) -> str:
                 lines.append(f"| {LABELS[m]} | {_fmt(meths[m]['nearest_stored_distance'])} | "
                              f"{report['neighbour_distance']['median']:.3f} |")
             lines.append("")
-    return "\n".join(lines)
+        ref = DISSERTATION.get(tuple(report["classes"]), {}).get(key)
+        if ref:
+            cols = [("acc_retain", "Acc D_r"), ("acc_forget", "Acc D_f"), ("mia", "MIA"),
+                    ("overlap_forget", "Overlap D_f"), ("activation_distance", "Act. distance"),
+                    ("phi_bt", "φ (bad-teacher)")]
+            lines += [f"### D_f = {{{key}}}: against the dissertation's tables (its convention; ours / dissertation)",
+                      "", "| method | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+            for m in ("dihyfo1", "dihyfo2", "retrain"):
+                if m in meths and m in ref:
+                    lines.append(f"| {LABELS[m]} | " + " | ".join(
+                        f"{meths[m][c][0]:.3f} / {ref[m][c]:.3f}" if c in ref[m] and c in meths[m] else ""
+                        for c, _ in cols) + " |")
+            lines.append("")
+    tun = _tuning_lines(report)
+    return "\n".join(lines + tun)
+
+
+def _tuning_lines(report: dict) -> list[str]:
+    if not report.get("tuning_grids"):
+        return []
+    lines = ["### Baseline tuning (validation split)", "",
+             "Each post-hoc baseline ran at every grid point; kept: the highest validation retain accuracy among "
+             f"points with validation forget accuracy <= {FORGET_MAX}, else the lowest forget accuracy. The search "
+             "time is the method's time.", "", "| method | grid | chosen (per forget set, seed) |", "|---|---|---|"]
+    for name in POST_HOC:
+        grid = report["tuning_grids"].get(name)
+        chosen = [f"{{{','.join(map(str, r['forget']))}}} s{r['seed']}: " +
+                  ", ".join(f"{a}={b}" for a, b in (r["extra"][name].get("tuning") or {}).get("chosen", {}).items())
+                  for r in report["runs"] if name in r["extra"]]
+        lines.append(f"| {LABELS[name]} | {grid} | {'; '.join(chosen)} |")
+    return lines + [""]
+
+
+def _beyond(a, b) -> bool:
+    """a's mean exceeds b's by more than their seed-to-seed spread (std a + std b)."""
+    return a[0] - b[0] > a[1] + b[1]
 
 
 def verdicts(report: dict) -> list[str]:
-    """Plain statements of where the hypernetworks meet the targets and where a baseline beats them."""
+    """Plain statements: targets met or missed, the controls, the held-out set, and where a
+    baseline beats a hypernetwork (only differences larger than the seed-to-seed spread count)."""
     out = []
+    hold = report.get("holdout") or {}
+    hold_key = ",".join(map(str, hold.get("forget_set", []))) or None
     for key, meths in report["summary"].items():
         rt = meths.get("retrain")
+        if key == hold_key and "store" in meths:
+            n = meths["store"]["forget_keep"][0]
+            out.append(f"D_f={{{key}}} is held out of the collection ({hold.get('rules')}): the store holds {n:.0f} "
+                       f"checkpoints that meet the criterion ({report['criterion']['text']})"
+                       + (", so neither the store nor retrieval can succeed here by copying one." if n == 0 else
+                          ": NOT held out by what forgetting means."))
         for g in GENERATED:
             if g not in meths or rt is None:
                 continue
@@ -257,11 +462,34 @@ def verdicts(report: dict) -> list[str]:
             out.append(f"D_f={{{key}}} {LABELS[g]}: " + ("meets all targets" if not failed else
                                                           "MISSES " + ", ".join(failed)) +
                        f" (acc D_r {r['acc_retain'][0]:.3f} vs retrained {rt['acc_retain'][0]:.3f}, acc D_f "
-                       f"{r['acc_forget'][0]:.3f}, φ {r['phi'][0]:.3f}, MIA {r['mia'][0]:.3f} vs {rt['mia'][0]:.3f}).")
-            better = [LABELS[b] for b in ("retrieval", "finetune", "neggrad_plus", "random_labels", "ssd")
-                      if b in meths and meths[b]["phi"][0] > r["phi"][0] and meths[b]["acc_forget"][0] <= 0.01]
-            if better:
-                out.append(f"D_f={{{key}}} {LABELS[g]} LOSES on φ to: {', '.join(better)} (which also forget).")
+                       f"{r['acc_forget'][0]:.3f}, φ {r['phi'][0]:.3f} (bad-teacher {r['phi_bt'][0]:.4f}), MIA "
+                       f"{r['mia'][0]:.3f} vs {rt['mia'][0]:.3f}).")
+            if key == hold_key:
+                ok = r["acc_forget"][0] <= 0.01 and r["acc_retain"][0] >= rt["acc_retain"][0] - 0.02
+                out.append(f"D_f={{{key}}} (held out) {LABELS[g]} " + ("FORGETS it" if ok else "does NOT forget it")
+                           + f": test acc D_f {r['acc_forget'][0]:.3f} (target <= 0.01), D_r {r['acc_retain'][0]:.3f} "
+                             f"vs retrained {rt['acc_retain'][0]:.3f} (target within 0.02).")
+            if "forget_keep" in r:
+                ctl = {c: meths[f"{g}:{c}"]["forget_keep"] for c in CONTROLS if f"{g}:{c}" in meths}
+                beats = all(_beyond(r["forget_keep"], v) for v in ctl.values())
+                desc = ", ".join(f"{c} {v[0]:.1f} ± {v[1]:.1f}" for c, v in ctl.items())
+                out.append(f"D_f={{{key}}} {LABELS[g]} controls: {r['forget_keep'][0]:.1f} ± {r['forget_keep'][1]:.1f} "
+                           f"of {report['k']} candidates forget and keep when asked, vs {desc}: "
+                           + ("the prompt raises the count beyond the controls' seed-to-seed spread."
+                              if beats and ctl else "the prompt does NOT raise the count beyond the controls' spread;"
+                              " the choice among K, not the prompt, does the forgetting."))
+            for b in ("retrieval", "store", *POST_HOC, *[m for m in meths if m not in LABELS]):
+                if b not in meths or meths[b]["acc_forget"][0] > 0.01:
+                    continue
+                if _beyond(meths[b]["phi"], r["phi"]):
+                    out.append(f"D_f={{{key}}} {LABELS[g]} LOSES on φ to {_label(b)} ({meths[b]['phi'][0]:.3f} vs "
+                               f"{r['phi'][0]:.3f}, beyond the seed spread; it also forgets).")
+                elif _beyond(r["phi"], meths[b]["phi"]):
+                    out.append(f"D_f={{{key}}} {LABELS[g]} wins on φ over {_label(b)} ({r['phi'][0]:.3f} vs "
+                               f"{meths[b]['phi'][0]:.3f}, beyond the seed spread).")
+                else:
+                    out.append(f"D_f={{{key}}} {LABELS[g]} and {_label(b)}: φ {r['phi'][0]:.3f} vs "
+                               f"{meths[b]['phi'][0]:.3f}, within the seed spread (no winner).")
         nd = (report.get("neighbour_distance") or {}).get("median")
         for g in GENERATED:
             if nd and g in meths and "nearest_stored_distance" in meths[g]:
@@ -270,13 +498,6 @@ def verdicts(report: dict) -> list[str]:
                            f"distance between stored neighbours {nd:.3f}: "
                            + ("closer than stored checkpoints are to each other, i.e. near a training checkpoint."
                               if d < nd else "not a copy of a stored checkpoint."))
-        if "retrieval" in meths:
-            for g in GENERATED:
-                if g in meths:
-                    a, b = meths[g]["phi"][0], meths["retrieval"]["phi"][0]
-                    out.append(f"D_f={{{key}}}: {LABELS[g]} φ {a:.3f} vs retrieval φ {b:.3f}: "
-                               + ("the hypernetwork is closer to retraining." if a > b else
-                                  "retrieval from the store is as close or closer; the hypernetwork does NOT win here."))
     return out
 
 
@@ -286,9 +507,13 @@ def save_report(report: dict, out_dir: str) -> dict:
     slim = {k: v for k, v in report.items() if k != "runs"}
     slim["runs"] = [{k: v for k, v in r.items() if k != "params"} for r in report["runs"]]
     write_json_atomic(os.path.join(out_dir, "report.json"), json.loads(json.dumps(slim, default=_jsonable)))
-    md = ["# HyperForget evaluation", "", f"Data: `{report['data_dir']}`; K = {report['k']}, {report['sampler']} "
-          f"{report['steps']} steps; retrain: best of {report['retrain_seeds']} seeds on validation; MIA: "
-          f"{report['mia_description']}.", "", f"Original model: {report['original']}", ""]
+    md = ["# HyperForget evaluation", "", f"Data: `{report['data_dir']}` ({report.get('store_size')} stored "
+          f"checkpoints); K = {report['k']}, {report['sampler']} {report['steps']} steps; seeds {report.get('seeds')} "
+          f"(numbers are mean ± std over them); retrain: best of {report['retrain_seeds']} seeds on validation; MIA: "
+          f"{report['mia_description']}. MIA and activation distance are computed as in the bad-teacher code "
+          "(Chundawat et al. 2023), so one number serves both conventions; φ is given in both: "
+          + "; ".join(f"**{k}**: {v}" for k, v in report.get("phi_conventions", {}).items()) + ".", "",
+          f"Original model: {report['original']}", ""]
     if report.get("holdout"):
         md += [f"Held out of the collection: {report['holdout']}", ""]
     md += [markdown_tables(report), "## Verdicts", ""] + [f"- {v}" for v in report["verdicts"]] + [""]
