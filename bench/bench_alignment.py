@@ -22,6 +22,7 @@ Variants (name -> HypernetConfig / TrainConfig fields):
   adaln-log       cond adaln,  target_repr log, unit_order random
   adaln-log-canon cond adaln,  target_repr log, unit_order canonical
   tokens-log-canon cond tokens, target_repr log, unit_order canonical
+  adaln-log-canon-match  adaln-log-canon + the loss-matching term, TrainConfig.loss_match 0.1
 
   python bench/bench_alignment.py --data /tmp/abl/data --out /tmp/abl/runs --model dihyfo2 \\
       --variants tokens,adaln,adaln-log,adaln-log-canon --steps 3000 --threads 1 --md bench/RESULTS.md
@@ -50,6 +51,7 @@ VARIANTS = {
     "adaln-log": dict(cond="adaln", target_repr="log", unit_order="random"),
     "adaln-log-canon": dict(cond="adaln", target_repr="log", unit_order="canonical"),
     "tokens-log-canon": dict(cond="tokens", target_repr="log", unit_order="canonical"),
+    "adaln-log-canon-match": dict(cond="adaln", target_repr="log", unit_order="canonical", loss_match=0.1),
 }
 OK_FORGET, OK_KEEP = 0.01, 0.95
 
@@ -67,6 +69,7 @@ def train_variant(name: str, args, out_dir: str) -> dict:
         raise SystemExit(f"{out_dir} holds an unfinished run (step {conf['step']}); remove it or resume it")
     cfg = TrainConfig(model=args.model, preset=args.preset, steps=args.steps, seed=args.seed,
                       unit_order=v["unit_order"], ckpt_every=max(args.steps, 1), log_every=100,
+                      loss_match=v.get("loss_match", 0.0),
                       overrides={"cond": v["cond"], "target_repr": v["target_repr"]})
     return train(cfg, args.data, out_dir, device="cpu")
 

@@ -207,3 +207,49 @@ def test_train_cli_flags_reach_the_saved_config(data, tmp_path):
     assert (conf["model"]["cond"], conf["model"]["target_repr"], conf["model"]["target_max_freq_log2"]) == \
         ("tokens", "log", 2.0)
     assert conf["train"]["unit_order"] == "canonical"
+
+
+def test_class_losses_match_class_metrics_and_have_the_autograd_gradient_of_the_float64_reference():
+    from hyforget_fast.ops import reference as ref
+    from hyforget_fast.ops.functional import class_losses
+    spec = hf.MLPSpec((6, 3, 4))
+    g = torch.Generator().manual_seed(0)
+    params = torch.randn(5, spec.num_params, generator=g, dtype=torch.float64)
+    X, y = torch.rand(40, 6, generator=g, dtype=torch.float64), torch.arange(40) % 4
+    L = class_losses(params, spec, X, y)
+    torch.testing.assert_close(L.float(), hf.class_metrics(params.float(), spec, X.float(), y).class_loss,
+                               rtol=1e-5, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda p: class_losses(p, spec, X, y), (params.clone().requires_grad_(),))
+    p32 = params.float().requires_grad_()
+    class_losses(p32, spec, X.float(), y).sum().backward()
+    p64 = params.clone().requires_grad_()
+    s, _ = ref.class_sums(p64, spec, X, y, 4)
+    (s.double() / 10).sum().backward()                                # 10 samples of each class
+    torch.testing.assert_close(p32.grad.double(), p64.grad, rtol=1e-4, atol=1e-5)
+    assert torch.isnan(class_losses(params, spec, X, torch.zeros(40, dtype=torch.long))[:, 1:]).all()
+
+
+def test_loss_matching_trains_and_pulls_the_predicted_network_towards_the_target(data, tmp_path):
+    from hyforget_fast.collection.data import splits_from_manifest
+    from hyforget_fast.collection.pairs import PairDataset
+    from hyforget_fast.hypernet import train as tr
+    store = CheckpointStore(data)
+    sp = splits_from_manifest(store.manifest)
+    ds = PairDataset(store)
+    m = DiHyFo(HypernetConfig.preset("dihyfo2", hf.MLPSpec(store.layer_sizes), "tiny", **{**SMALL, "chunk": 64}))
+    norm = hf.ParamNorm.fit(ds.take("params", ds.rows[:32]), m.cfg.spec)
+    cfg = TrainConfig(model="dihyfo2", steps=1, batch_size=4, loss_match=1.0, loss_match_images=64, overrides=SMALL)
+    step = tr._Step(cfg, m, GaussianDiffusion(), ds, norm, 0, 4, images=(sp.X_train, sp.y_train))
+    plain = tr._Step(TrainConfig(model="dihyfo2", steps=1, batch_size=4, overrides=SMALL), m, GaussianDiffusion(),
+                     ds, norm, 0, 4)
+    a = step.loss(m, torch.Generator().manual_seed(0))
+    b = plain.loss(m, torch.Generator().manual_seed(0))
+    assert torch.isfinite(a) and a > b                                # the same MSE plus a positive term
+    a.backward()
+    assert m.out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="training-split images"):
+        tr._Step(cfg, m, GaussianDiffusion(), ds, norm, 0, 4)
+    out = str(tmp_path / "lm")
+    train(TrainConfig(model="dihyfo1", steps=2, batch_size=4, log_every=1, warmup_steps=1, loss_match=0.5,
+                      loss_match_images=32, overrides={**SMALL, "chunk": 64, "cond": "adaln"}), data, out, log=QUIET)
+    assert json.load(open(os.path.join(out, "config.json")))["train"]["loss_match"] == 0.5

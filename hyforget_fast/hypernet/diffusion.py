@@ -58,19 +58,22 @@ class GaussianDiffusion:
 
     def training_loss(self, model_fn: ModelFn, x0: torch.Tensor, mask: torch.Tensor,
                       generator: torch.Generator | None = None, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+                      noise: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                      return_pred: bool = False):
         """MSE between model_fn's x0 prediction and x0, over real (mask == 1) values, each value
         weighted by `weight` (broadcastable to x0, zero on padding; default: the mask).
 
         t (B,) and noise (like x0, already masked) may be given, e.g. drawn for a global batch
-        and sliced per DDP rank; otherwise they are drawn from `generator` (t first)."""
+        and sliced per DDP rank; otherwise they are drawn from `generator` (t first).
+        return_pred=True -> (loss, x0 prediction) for losses on the predicted parameters."""
         w = mask if weight is None else weight
         if t is None:
             t = self.sample_t(x0.shape[0], generator)
         if noise is None:
             noise = _randn(x0.shape, generator, x0.device) * mask
         pred = model_fn(self.q_sample(x0, t, noise), t)
-        return ((pred - x0) ** 2 * w).sum() / (w.expand_as(x0).sum())
+        loss = ((pred - x0) ** 2 * w).sum() / (w.expand_as(x0).sum())
+        return (loss, pred) if return_pred else loss
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -30,7 +30,8 @@ import torch
 
 from ..collection.pairs import PairDataset
 from ..collection.store import CheckpointStore, write_json_atomic
-from ..ops.functional import canonical_perms, sample_perms, tokenize
+from ..ops import reference as _ref
+from ..ops.functional import canonical_perms, class_losses, sample_perms, tokenize
 from ..ops.spec import MLPSpec, ParamNorm
 from ..dist import dist_setup
 from .api import Hypernet
@@ -82,6 +83,10 @@ class TrainConfig:
                                        # "canonical": ops.canonical_perms (units by incoming-weight norm;
                                        # DiHyFo-1: θ's order for θ and θ*). None = the preset's; configs
                                        # saved before the field existed load as "random"
+    loss_match: float = 0.0            # > 0: + this x the loss-matching term (issue 14): per-class CE of the
+                                       # predicted x̂0 on training-split images vs the target losses (log
+                                       # space), each sample weighted by its signal share ᾱ_t (low noise)
+    loss_match_images: int = 256       # training-split images drawn per step for that term
     overrides: dict = field(default_factory=dict)   # HypernetConfig fields (width, depth, ...)
 
     def __post_init__(self):
@@ -101,6 +106,9 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.heldout_frac < 1:
             raise ValueError(f"heldout_frac must be in [0, 1), got {self.heldout_frac}")
+        if self.loss_match < 0 or self.loss_match_images <= 0:
+            raise ValueError(f"need loss_match >= 0 and loss_match_images > 0, got {self.loss_match}, "
+                             f"{self.loss_match_images}")
         if self.unit_order not in UNIT_ORDERS:
             raise ValueError(f"unit_order must be one of {UNIT_ORDERS}, got {self.unit_order!r}")
 
@@ -219,8 +227,11 @@ class _Step:
     GLOBAL batch; this rank keeps rows [lo, hi)."""
 
     def __init__(self, cfg: TrainConfig, model: DiHyFo, diffusion: GaussianDiffusion, ds: PairDataset,
-                 norm: ParamNorm, lo: int, hi: int):
+                 norm: ParamNorm, lo: int, hi: int, images: tuple | None = None):
         self.cfg, self.model, self.diffusion, self.ds, self.norm = cfg, model, diffusion, ds, norm
+        self.images = images                     # (X_train, y_train) on the device, for cfg.loss_match
+        if cfg.loss_match > 0 and images is None:
+            raise ValueError("loss_match > 0 needs the training-split images")
         self.lo, self.hi = lo, hi
         self.spec = model.cfg.spec
         self.layout = model.layout
@@ -253,7 +264,25 @@ class _Step:
 
             def model_fn(x_t, tt):
                 return fwd(x_t, tt, target, drop_target=drop)
-        return self.diffusion.training_loss(model_fn, x0, mask, t=t, noise=noise, weight=self.weight)
+        if self.cfg.loss_match <= 0:
+            return self.diffusion.training_loss(model_fn, x0, mask, t=t, noise=noise, weight=self.weight)
+        mse, pred = self.diffusion.training_loss(model_fn, x0, mask, t=t, noise=noise, weight=self.weight,
+                                                 return_pred=True)
+        return mse + self.cfg.loss_match * self.match_loss(pred, target, t, gen)
+
+    def match_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, gen) -> torch.Tensor:
+        """Loss matching: per-class CE of the predicted networks x̂0 (in their permuted order, the
+        same function) on a batch of training-split images, against the target losses in log space,
+        weighted by ᾱ_t. Its images are drawn after every other number of the step."""
+        X, y = self.images
+        idx = torch.randint(0, X.shape[0], (self.cfg.loss_match_images,), generator=gen, device=gen.device)
+        idx = idx.to(X.device)
+        params = _ref.detokenize(pred * self.model.token_mask, self.layout, self.norm)   # (b, P), differentiable
+        L = class_losses(params, self.spec, X[idx], y[idx])                              # (b, m)
+        err = ((L + LOG_EPS).log() - (target.float().clamp(min=0) + LOG_EPS).log()) ** 2
+        ok = torch.isfinite(err)
+        w = self.diffusion.alphas_cumprod[t][:, None].expand_as(err)                    # (b, m)
+        return (w * torch.where(ok, err, torch.zeros_like(err))).sum() / ok.sum().clamp(min=1)
 
 
 def _default_log(msg: str) -> None:
@@ -585,7 +614,12 @@ def train(cfg: TrainConfig | None, data_dir: str, out_dir: str, resume: bool = F
         from torch.nn.parallel import DistributedDataParallel as DDP
         fwd = DDP(st.model, device_ids=[device.index] if device.type == "cuda" else None)
     b = cfg.batch_size // world
-    stepper = _Step(cfg, st.model, diffusion, data.ds, data.norm, rank * b, (rank + 1) * b)
+    images = None
+    if cfg.loss_match > 0:   # the loss-matching term reads the TRAINING split only
+        from ..collection.data import splits_from_manifest
+        sp = splits_from_manifest(store.manifest)
+        images = (sp.X_train.to(device), sp.y_train.to(device))
+    stepper = _Step(cfg, st.model, diffusion, data.ds, data.norm, rank * b, (rank + 1) * b, images=images)
     meta = _run_meta(cfg, data, diffusion, store, out_dir, world, device)
     rec = _Record(out_dir, meta, is_main, resume, st.step)
     evaluate = None

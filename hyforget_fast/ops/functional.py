@@ -133,6 +133,22 @@ def canonical_perms(params: torch.Tensor, spec: MLPSpec) -> torch.Tensor:
     return torch.cat(segs, 1)
 
 
+def class_losses(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch.Tensor,
+                 num_classes: int | None = None) -> torch.Tensor:
+    """Per-class mean cross-entropy (B, m) of B MLPs on (X (N, D), y (N,)), DIFFERENTIABLE w.r.t.
+    params (B, P): the reference's math (reference.class_sums) under autograd, in params' dtype.
+    Classes absent from y get NaN. For scoring without gradients use class_metrics (fused)."""
+    if not isinstance(spec, MLPSpec):
+        raise TypeError(f"spec must be an MLPSpec, got {type(spec).__name__}")
+    _check_params(params, spec)
+    m = spec.num_classes if num_classes is None else int(num_classes)
+    logp = torch.log_softmax(_ref.mlp_logits(params, spec, X.to(params.dtype)), dim=-1)   # (B, N, m)
+    loss = -logp.gather(2, y[None, :, None].expand(params.shape[0], -1, 1)).squeeze(2)    # (B, N)
+    sums = loss.new_zeros(params.shape[0], m).index_add(1, y, loss)                       # (B, m)
+    counts = torch.bincount(y, minlength=m).to(loss.dtype)
+    return sums / counts.where(counts > 0, torch.full_like(counts, float("nan")))
+
+
 def _norm_table(norm: ParamNorm | None, spec: MLPSpec, device: torch.device) -> torch.Tensor | None:
     if norm is None:
         return None
