@@ -65,17 +65,43 @@ def cmd_collect(a) -> int:
     return 0
 
 
+def forget_set(text: str) -> tuple[int, ...]:
+    """The one way to write a forget set on the command line: class labels separated by commas, e.g. 2,3."""
+    parts = [t.strip() for t in str(text).split(",")]
+    try:
+        labels = tuple(int(t) for t in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a forget set is class labels separated by commas, e.g. 2 or 2,3; "
+                                         f"got {text!r}") from None
+    if len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(f"forget set {text!r} repeats a class")
+    return labels
+
+
+FORGET_HELP = "a forget set: class labels separated by commas, e.g. 3 or 2,3"
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="train a DiHyFo hypernetwork on a collected checkpoint dataset")
     p.add_argument("--model", required=True, choices=["dihyfo1", "dihyfo2"])
     p.add_argument("--data", required=True, help="collection folder (`hyforget collect --out`)")
-    p.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or paper (width 1536, 12 layers)")
+    p.add_argument("--preset", help="tiny (CPU, minutes; the default) or paper (width 1536, 12 layers)")
     p.add_argument("--out", required=True, help="output folder: checkpoint, config.json, curves.json, tb/")
     p.add_argument("--steps", type=int, help="total optimizer steps (the cosine schedule's length)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out exactly; only --steps, --minutes, --eval-every, "
+                        "--ckpt-every and --log-every may change (any other flag that differs is refused)")
     p.add_argument("--batch-size", type=int, help="global batch (split over torchrun processes)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--ema-decay", type=float, help="EMA decay of the saved model (tiny 0.995, paper 0.9999)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    p.add_argument("--grad-clip", type=float, help="gradient norm clip (default 0.75)")
+    p.add_argument("--heldout-frac", type=float, help="fraction of whole runs held out for evaluation (default 0.1)")
+    p.add_argument("--loss-weighting", choices=["piece", "value"],
+                   help="MSE weighting: piece = every weight/bias piece counts equally (default), value = G.pt's")
+    p.add_argument("--pair-change-bias", type=float,
+                   help="DiHyFo-1: > 0 draws pairs whose losses move more often (default 0)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--eval-every", type=int, help="evaluate prompt alignment every N steps (default 0 = off)")
@@ -86,6 +112,9 @@ def _add_train(sub):
     p.add_argument("--depth", type=int, help="override the preset's number of blocks")
     p.add_argument("--heads", type=int)
     p.add_argument("--chunk", type=int, help="override the preset's token size")
+    p.add_argument("--target-dropout", type=float, dest="cond_dropout", metavar="P",
+                   help="chance of training without the target (classifier-free guidance; presets 0.1)")
+    p.add_argument("--max-freq-log2", type=float, help="override the scalar encoding's top frequency 2^F (14)")
     p.add_argument("--cond", choices=["tokens", "adaln"],
                    help="conditioning: adaln = DiT adaLN-Zero (tiny preset), tokens = in-context scalar tokens")
     p.add_argument("--target-repr", choices=["raw", "log"],
@@ -99,6 +128,13 @@ def _add_train(sub):
     p.add_argument("--quiet", action="store_true")
 
 
+_FLAGS = {"cond_dropout": "--target-dropout"}   # TrainConfig / HypernetConfig field -> flag, where they differ
+
+
+def _train_flag(field: str) -> str:
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 def cmd_train(a) -> int:
     import torch
 
@@ -106,31 +142,28 @@ def cmd_train(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     over = {k: v for k, v in {"width": a.width, "depth": a.depth, "heads": a.heads, "chunk": a.chunk,
+                              "cond_dropout": a.cond_dropout, "max_freq_log2": a.max_freq_log2,
                               "cond": a.cond, "target_repr": a.target_repr,
                               "target_max_freq_log2": a.target_max_freq_log2}.items()
             if v is not None}
     kw = {k: v for k, v in {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
                             "seed": a.seed, "ckpt_every": a.ckpt_every, "log_every": a.log_every,
-                            "minutes": a.minutes, "unit_order": a.unit_order}.items() if v is not None}
+                            "minutes": a.minutes, "warmup_steps": a.warmup_steps, "weight_decay": a.weight_decay,
+                            "grad_clip": a.grad_clip, "heldout_frac": a.heldout_frac,
+                            "loss_weighting": a.loss_weighting, "pair_change_bias": a.pair_change_bias,
+                            "unit_order": a.unit_order}.items()
+          if v is not None}
     if a.eval_every is not None:
         kw["eval_every"] = a.eval_every
     if a.resume:
-        # the saved run's config is the base: only the knobs given here change (steps, budget, cadence)
-        import dataclasses
-
-        from .hypernet.train import read_checkpoint
+        # the saved run's config is the base; a flag that would change it is refused, naming the flag
+        from .hypernet.train import read_checkpoint, resumed_config
         _, saved = read_checkpoint(a.out, prefixes=())
-        cfg = TrainConfig.from_dict(saved["train"])
-        if cfg.model != a.model:
-            raise ValueError(f"{a.out} holds a {cfg.model} run; cannot resume it as {a.model}")
-        changeable = ("steps", "eval_every", "ckpt_every", "log_every")
-        fixed = sorted(set(kw) - {*changeable, "minutes"}) + (["width/depth/heads/chunk"] if over else [])
-        if fixed:
-            print(f"hyforget train: note: --resume keeps the saved run's {', '.join(fixed)}", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, minutes=a.minutes,   # a budget is per invocation
-                                  **{k: v for k, v in kw.items() if k in changeable})
+        given = {"model": a.model, **({"preset": a.preset} if a.preset else {}), **kw,
+                 "minutes": a.minutes, "overrides": over}   # a time budget is per invocation
+        cfg = resumed_config(saved, given, a.out, name=_train_flag)
     else:
-        cfg = TrainConfig(model=a.model, preset=a.preset, overrides=over, **kw)
+        cfg = TrainConfig(model=a.model, preset=a.preset or "tiny", overrides=over, **kw)
     log = (lambda *_: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     train(cfg, a.data, a.out, resume=a.resume, log=log, device=a.device)
     return 0
@@ -139,7 +172,8 @@ def cmd_train(a) -> int:
 def _add_evaluate_hypernet(sub):
     p = sub.add_parser("evaluate-hypernet", help="prompt alignment R² of a trained hypernetwork on its held-out runs")
     p.add_argument("dir", help="training folder (`hyforget train --out`); eval.json and figures are written here")
-    p.add_argument("--data", help="collection folder (default: the one the model was trained on)")
+    p.add_argument("--data", help="collection folder the model was trained on (default: found through its config, "
+                                  "relative to DIR); checked by manifest hash")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (DDPM always runs all of its steps)")
     p.add_argument("--per-prompt", type=int, default=8, help="networks sampled per prompt")
@@ -154,8 +188,8 @@ def _add_evaluate_hypernet(sub):
 def cmd_evaluate_hypernet(a) -> int:
     from .hypernet.api import load_hypernet
     from .hypernet.evaluate import evaluate_hypernet, save_evaluation
-    hn = load_hypernet(a.dir) if a.device is None else load_hypernet(a.dir, device=a.device)
-    res = evaluate_hypernet(hn, a.data, None, num_prompts=a.prompts, per_prompt=a.per_prompt, sampler=a.sampler,
+    hn = load_hypernet(a.dir, device=a.device, data=a.data)
+    res = evaluate_hypernet(hn, None, None, num_prompts=a.prompts, per_prompt=a.per_prompt, sampler=a.sampler,
                             steps=a.steps, seed=a.seed, start=a.start, guidance=a.guidance)
     paths = save_evaluation(res, a.dir)
     r2 = ", ".join(f"{c}: {v:.3f}" for c, v in res["r2"].items())
@@ -167,10 +201,13 @@ def cmd_evaluate_hypernet(a) -> int:
 def _add_forget(sub):
     p = sub.add_parser("forget", help="forget classes with a trained hypernetwork; writes the chosen classifier")
     p.add_argument("--hypernet", required=True, help="training folder of a DiHyFo (`hyforget train --out`)")
-    p.add_argument("--forget", required=True, type=int, nargs="+", help="class labels to forget")
+    p.add_argument("--forget", required=True, type=forget_set, metavar="C[,C...]", help=FORGET_HELP)
+    p.add_argument("--data", help="collection folder the hypernetwork was trained on (default: found through "
+                                  "its config, relative to --hypernet); checked by manifest hash")
     p.add_argument("--out", required=True, help="folder for model.safetensors and forget.json")
-    p.add_argument("--model", help="DiHyFo-1 only: safetensors file with the classifier to edit (key 'params', "
-                                   "flat (P,)); default: the best stored checkpoint")
+    p.add_argument("--model", help="DiHyFo-1 only: safetensors file with the classifier to edit, laid out as this "
+                                   "command writes model.safetensors (one flat (P,) tensor 'params'); default: "
+                                   "the best stored checkpoint")
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--steps", type=int, default=50)
@@ -179,16 +216,55 @@ def _add_forget(sub):
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
 
 
+def read_classifier(path: str, spec):
+    """A classifier saved the way `hyforget forget` writes one: a safetensors file with one tensor
+    'params', the flat (P,) float parameters of an MLPSpec (metadata 'layer_sizes' optional).
+    -> (P,) float32 tensor; ValueError naming the problem (not safetensors, no 'params', wrong
+    layer sizes or shape, non-finite values)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--model {path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, keys = f.metadata() or {}, list(f.keys())
+            if "params" not in keys:
+                raise ValueError(f"--model {path} holds tensors {keys[:5]}, not 'params': it must be laid out as "
+                                 "`hyforget forget` writes a classifier (one flat tensor 'params')")
+            params = f.get_tensor("params")
+    except SafetensorError as e:
+        raise ValueError(f"--model {path} is not a safetensors file ({e})") from None
+    want = tuple(spec.layer_sizes)
+    if "layer_sizes" in meta:
+        try:
+            got = tuple(int(v) for v in json.loads(meta["layer_sizes"]))
+        except (ValueError, TypeError):
+            raise ValueError(f"--model {path}: unreadable layer_sizes metadata {meta['layer_sizes']!r}") from None
+        if got != want:
+            raise ValueError(f"--model {path} holds an MLPSpec{got} classifier; the hypernetwork makes "
+                             f"MLPSpec{want} ones")
+    if tuple(params.shape) != (spec.num_params,):
+        raise ValueError(f"--model {path}: 'params' has shape {tuple(params.shape)}, expected ({spec.num_params},) "
+                         f"(the flat parameters of MLPSpec{want})")
+    if not params.dtype.is_floating_point:
+        raise ValueError(f"--model {path}: 'params' holds {params.dtype}, not floating-point values")
+    bad = ~torch.isfinite(params)
+    if bad.any():
+        raise ValueError(f"--model {path}: 'params' holds {int(bad.sum())} non-finite value(s) (NaN or inf), "
+                         f"the first at index {int(bad.nonzero()[0])}")
+    return params.float()
+
+
 def cmd_forget(a) -> int:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from .collection.store import CheckpointStore, write_json_atomic
     from .hypernet.api import load_hypernet
     from .collection.data import splits_from_manifest
     from .unlearn.forget import forget
-    hn = load_hypernet(a.hypernet) if a.device is None else load_hypernet(a.hypernet, device=a.device)
-    splits = splits_from_manifest(CheckpointStore(hn.meta["dataset"]["dir"], verify="size").manifest)
-    model = load_file(a.model)["params"] if a.model else None
+    hn = load_hypernet(a.hypernet, device=a.device, data=a.data)
+    splits = splits_from_manifest(CheckpointStore(hn.data_dir, verify="size").manifest)
+    model = read_classifier(a.model, hn.spec) if a.model else None
     res = forget(hn, a.forget, splits, k=a.k, sampler=a.sampler, steps=a.steps, model=model, seed=a.seed,
                  guidance=a.guidance)
     os.makedirs(a.out, exist_ok=True)
@@ -203,17 +279,18 @@ def cmd_forget(a) -> int:
     t = res.timing
     print(f"forgot {list(res.forget_classes)}: candidate {i} of {a.k}, validation acc D_f "
           f"{info['val_forget_acc']:.3f} D_r {info['val_retain_acc']:.3f}; sample {t['sample']:.2f} s, score "
-          f"{t['score']:.3f} s, select {t['select'] * 1e3:.2f} ms -> {a.out}/model.safetensors")
+          f"and select {t['score']:.3f} s -> {a.out}/model.safetensors")
     return 0
 
 
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="DiHyFo-1/2 and every baseline on forget sets; tables, JSON, figures")
-    p.add_argument("--data", required=True, help="collection folder")
+    p.add_argument("--data", required=True, help="collection folder (the hypernetworks' training dataset, checked "
+                                                 "by manifest hash)")
     p.add_argument("--dihyfo1", help="DiHyFo-1 training folder")
     p.add_argument("--dihyfo2", help="DiHyFo-2 training folder")
-    p.add_argument("--forget", action="append", required=True, metavar="C[,C...]",
-                   help="a forget set, e.g. --forget 2 --forget 2,3")
+    p.add_argument("--forget", action="append", required=True, type=forget_set, metavar="C[,C...]",
+                   help=FORGET_HELP + "; repeat the flag for several sets: --forget 2 --forget 2,3")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
@@ -227,8 +304,8 @@ def _add_evaluate(sub):
 def cmd_evaluate(a) -> int:
     from .hypernet.api import load_hypernet
     from .unlearn.report import evaluate_forgetting, markdown_tables
-    hns = {k: load_hypernet(d) for k, d in (("dihyfo1", a.dihyfo1), ("dihyfo2", a.dihyfo2)) if d}
-    sets = [[int(c) for c in f.split(",")] for f in a.forget]
+    hns = {k: load_hypernet(d, data=a.data) for k, d in (("dihyfo1", a.dihyfo1), ("dihyfo2", a.dihyfo2)) if d}
+    sets = [list(f) for f in a.forget]
     rep = evaluate_forgetting(a.data, hns, sets, seeds=a.seeds, k=a.k, sampler=a.sampler, steps=a.steps,
                               retrain_seeds=a.retrain_seeds, mia_attack=a.mia, out_dir=a.out, guidance=a.guidance,
                               log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -263,7 +340,28 @@ def cmd_plot(a) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+EXAMPLES = {
+    "collect": "hyforget collect --preset mnist4 --out runs/mnist4 --runs 512 --figures",
+    "train": "hyforget train --model dihyfo2 --data runs/mnist4 --out runs/dihyfo2 --minutes 15\n"
+             "  hyforget train --model dihyfo2 --data runs/mnist4 --out runs/dihyfo2 --resume --steps 9000",
+    "evaluate-hypernet": "hyforget evaluate-hypernet runs/dihyfo2 --steps 20 --per-prompt 8",
+    "forget": "hyforget forget --hypernet runs/dihyfo1 --forget 2,3 --out runs/forget23 --model mlp.safetensors",
+    "evaluate": "hyforget evaluate --data runs/mnist4 --dihyfo1 runs/dihyfo1 --dihyfo2 runs/dihyfo2 "
+                "--forget 2 --forget 2,3 --out runs/report",
+    "demo": "hyforget demo --out runs/demo",
+    "plot-coverage": "hyforget plot-coverage runs/mnist4",
+}
+
+
+def _add_examples(sub) -> None:
+    """An example line at the end of every subcommand's --help."""
+    for name, p in sub.choices.items():
+        if name in EXAMPLES:
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            p.epilog = "example:\n  " + EXAMPLES[name]
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hyforget", description="HyperForget: unlearning with diffusion hypernetworks")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_collect(sub)
@@ -275,7 +373,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("plot-coverage", help="histograms of per-class loss coverage of a collection")
     p.add_argument("dir")
     p.add_argument("--png", help="output path (default DIR/coverage.png)")
-    a = ap.parse_args(argv)
+    _add_examples(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         return {"collect": cmd_collect, "plot-coverage": cmd_plot, "train": cmd_train,
                 "evaluate-hypernet": cmd_evaluate_hypernet, "forget": cmd_forget, "evaluate": cmd_evaluate,

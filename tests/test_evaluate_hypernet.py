@@ -221,7 +221,7 @@ def test_save_evaluation_writes_strict_json_and_figures(store, tmp_path):
 def test_cli_evaluate_hypernet(store, tmp_path, monkeypatch):
     fake = FakeHN(store, "nearest")
     api = types.ModuleType("hyforget_fast.hypernet.api")
-    api.load_hypernet = lambda d: fake
+    api.load_hypernet = lambda d, device=None, data=None: fake
     monkeypatch.setitem(sys.modules, "hyforget_fast.hypernet.api", api)
     import hyforget_fast.hypernet as hpkg
     monkeypatch.setattr(hpkg, "api", api, raising=False)
