@@ -6,13 +6,15 @@ noise from one torch.Generator, so that every DDP rank draws the same numbers an
 slice (a 2-process run follows the 1-process loss curve). Params are permuted, normalized and
 tokenized by the fused `tokenize` op; θ and θ* of a pair share one permutation.
 
-Checkpoints (rank 0 only, atomic tmp + os.replace, no pickle):
+Checkpoints (rank 0 only, atomic tmp + os.replace, no pickle; the format lives in checkpoint.py):
   out/checkpoint.safetensors   model.*, ema.*, opt.* (AdamW state flattened to tensors),
                                rng.* (generator states as uint8); its metadata holds the JSON config
   out/config.json              the same config, readable: HypernetConfig, TrainConfig, diffusion,
-                               ParamNorm stats, dataset identity, held-out runs, loss ranges, step
+                               ParamNorm stats, dataset identity (manifest hash; its path relative
+                               to out/), held-out runs, loss ranges, step
   out/curves.json              [{step, loss, lr, grad_norm, eval?}], out/tb/ TensorBoard scalars
-Resuming loads all of it and continues bit-for-bit (the test compares 2N straight vs N + N).
+Resuming loads all of it and continues bit-for-bit (the test compares 2N straight vs N + N);
+resumed_config is the one merge of a saved run's configuration with what a resume asks for.
 """
 from __future__ import annotations
 
