@@ -10,11 +10,11 @@ from hyforget_fast.hypernet import evaluate as evaluate_mod
 from hyforget_fast.unlearn import report as report_mod
 
 QUIET = lambda *_: None  # noqa: E731
-SMALL = dict(steps={"dihyfo1": 3, "dihyfo2": 3}, minutes=None, k=4, runs=16, log=QUIET,
+SMALL = dict(steps={"dihyfo1": 3, "dihyfo2": 3}, minutes=None, k=4, runs=16, log=QUIET, seeds=(0,),
              collect_kw=dict(block_runs=16, epochs=3, ckpts_per_run=12),
              train_args=("--batch-size", "8", "--width", "32", "--depth", "1", "--heads", "2", "--quiet"),
              align_kw=dict(num_prompts=3, per_prompt=1, steps=2),
-             eval_kw=dict(steps=2, retrain_seeds=2, memorization=False))
+             eval_kw=dict(steps=2, retrain_seeds=2, memorization=False, tune=False, relearning=False))
 
 
 def _boom(*a, **k):
