@@ -22,6 +22,7 @@ _LAZY = {"CollectConfig": "collection.collect", "preset": "collection.collect", 
          "save_evaluation": "hypernet.evaluate",
          # unlearning
          "forget": "unlearn.forget", "ForgetResult": "unlearn.forget", "evaluate_forgetting": "unlearn.report",
+         "evaluate_model": "unlearn.report",
          "BaselineResult": "unlearn.baselines", "retrain": "unlearn.baselines", "finetune": "unlearn.baselines",
          "neggrad_plus": "unlearn.baselines", "random_labels": "unlearn.baselines", "ssd": "unlearn.baselines",
          "tuned": "unlearn.baselines", "RetrievalIndex": "unlearn.baselines",

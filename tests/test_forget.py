@@ -275,3 +275,52 @@ def test_forget_cli_writes_the_chosen_classifier(setup, tmp_path, capsys):
     assert got.class_loss[0].tolist() == pytest.approx(info["val_class_loss"], rel=1e-5)
     assert "forgot [3]" in capsys.readouterr().out
     assert main(["forget", "--hypernet", hns["dihyfo2"].meta["path"], "--forget", "0", "--out", out]) == 2
+
+
+@pytest.fixture(scope="module")
+def odd_classes(tmp_path_factory):
+    """A collection of digits 3, 5, 7, 9 (pivots 3, 5): labels and column indices differ."""
+    root = tmp_path_factory.mktemp("odd")
+    data = str(root / "data")
+    collect(preset("mnist4", classes=(3, 5, 7, 9), pivots=(3, 5), runs=16, block_runs=16, epochs=3, ckpts_per_run=12),
+            data, log=QUIET)
+    train(TrainConfig(model="dihyfo2", steps=4, batch_size=8, warmup_steps=1, log_every=100, overrides=SMALL),
+          data, str(root / "d2"), log=QUIET)
+    return data, load_hypernet(str(root / "d2")), splits_from_manifest(CheckpointStore(data, verify="size").manifest)
+
+
+def test_one_class_convention_digit_labels_on_non_contiguous_classes(odd_classes):
+    """forget, the baselines, the metrics and the report all name classes by digit label."""
+    from hyforget_fast.unlearn import baselines as B
+    from hyforget_fast.unlearn import metrics as M
+    from hyforget_fast.unlearn.report import evaluate_forgetting
+    data, hn, splits = odd_classes
+    assert splits.classes == (3, 5, 7, 9)
+    col = 2                                                 # digit 7 is column 2
+    res = F.forget(hn, [7], splits, k=6, steps=2)
+    assert res.forget_classes == (7,)
+    acc = res.candidates["class_acc"][:, col]
+    assert torch.allclose(res.candidates["forget_acc"], acc)
+    for bad in ([2], [col]):                                # an index, or a digit not in the collection
+        with pytest.raises(ValueError, match="unknown classes"):
+            F.forget(hn, bad, splits, k=2)
+        with pytest.raises(ValueError, match="unknown classes"):
+            B.finetune(res.params, hn.spec, bad, splits)
+    with pytest.raises(ValueError, match="pivots"):
+        F.forget(hn, [5], splits, k=2)
+    ft = B.finetune(res.params, hn.spec, [7], splits, epochs=1)
+    assert ft.extra["forget_class_indices"] == [col]
+    probs = hf.class_outputs(res.params[None], hn.spec, splits.X_test)[0][0].double()
+    y = splits.y_test
+    want = float((probs.argmax(1) == y)[y == col].double().mean())
+    assert M.accuracies(probs, y, [7], classes=splits.classes)["forget"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="unknown classes"):
+        M.accuracies(probs, y, [7])                         # without classes=, columns are digits 0..3
+    row = hf.evaluate_model(res.model, splits, [7], reference=res.params)
+    assert row["acc_forget"] == pytest.approx(want) and row["phi"] == 1.0 and row["overlap_all"] == 1.0
+    rep = evaluate_forgetting(data, {"dihyfo2": hn}, [[7]], seeds=(0,), k=6, steps=2, retrain_seeds=2, log=QUIET,
+                              tune=False, relearning=False, memorization=False)
+    got = rep["runs"][0]
+    p = hf.class_outputs(torch.tensor(got["params"]["dihyfo2"])[None], hn.spec, splits.X_test)[0][0]
+    assert got["methods"]["dihyfo2"]["acc_forget"] == pytest.approx(float((p.argmax(1) == y)[y == col].float().mean()))
+    assert got["forget"] == [7]

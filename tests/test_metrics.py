@@ -134,10 +134,14 @@ def test_bad_probabilities_and_labels_are_refused():
         M.accuracies(p, np.array([0, 1, 0, 0, 1, 1]), [2])
     with pytest.raises(ValueError, match="retain set is empty"):
         M.split_overlaps(p, p, np.array([2] * 6), [2])
-    with pytest.raises(ValueError, match="distinct indices"):
+    with pytest.raises(ValueError, match="unknown classes"):
         M.accuracies(p, y, [5])
-    with pytest.raises(ValueError, match="forget_classes is empty"):
+    with pytest.raises(ValueError, match="forget set is empty"):
         M.accuracies(p, y, [])
+    with pytest.raises(ValueError, match="repeats"):
+        M.accuracies(p, y, [1, 1])
+    with pytest.raises(ValueError, match="3 columns"):
+        M.accuracies(p, y, [1], classes=[3, 5])
     with pytest.raises(ValueError, match="attack must be one of"):
         M.mia(p, p, p, attack="forest")
     with pytest.raises(ValueError, match="probs_forget is empty"):

@@ -1,9 +1,12 @@
 """Unlearning metrics (dissertation §3.2, SPEC "Metrics"), plus relearning and memorization checks.
 
 Output-space metrics take softmax probabilities `probs` (N, m) (torch or numpy; each row must be a
-probability vector) and integer labels `y` (N,) in 0..m-1, and return plain Python floats:
+probability vector) and integer labels `y` (N,) in 0..m-1 (column indices, as DigitSplits stores
+them), and return plain Python floats. Forget classes are DIGIT LABELS, as everywhere in the
+public API: pass `classes=` (the digit of each column, e.g. splits.classes); without it column c
+is digit c.
 
-  accuracies(probs, y, forget_classes)      -> {"retain", "forget", "all"} accuracy on D_r, D_f, all
+  accuracies(probs, y, forget_classes, classes=None) -> {"retain", "forget", "all"} accuracy on D_r, D_f, all
   prediction_overlap(probs_a, probs_b)      -> fraction of inputs with the same argmax
   split_overlaps(probs_a, probs_b, y, fc)   -> prediction_overlap on D_r, D_f and the whole split
   activation_distance(probs_a, probs_b)     -> mean_i ||p_a,i - p_b,i||_2
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from ..ops.functional import permute
 from ..ops.spec import MLPSpec
 from .mlp import batched_logits, check_flat
+from .selection import class_indices
 
 PROB_ATOL = 1e-4  # rows of float32 softmax sum to 1 within ~1e-6; anything further off is not a softmax
 
@@ -95,30 +99,28 @@ def _labels(y, n: int, m: int, name: str = "y") -> torch.Tensor:
     return t
 
 
-def _forget_mask(y: torch.Tensor, forget_classes, m: int) -> torch.Tensor:
-    """(N,) bool, True on D_f; refuses empty / out-of-range / duplicate class lists and empty sets."""
-    fc = [forget_classes] if isinstance(forget_classes, (int, np.integer)) else list(forget_classes)
-    if not fc:
-        raise ValueError("forget_classes is empty; name at least one class to forget")
-    if any(not isinstance(c, (int, np.integer)) for c in fc):
-        raise TypeError(f"forget_classes must be integer class indices, got {fc}")
-    if any(c < 0 or c >= m for c in fc) or len(set(fc)) != len(fc):
-        raise ValueError(f"forget_classes must be distinct indices in 0..{m - 1}, got {fc}")
+def _forget_mask(y: torch.Tensor, forget_classes, m: int, classes=None) -> torch.Tensor:
+    """(N,) bool, True on D_f; forget_classes are digit labels of `classes` (default 0..m-1), checked
+    by selection.class_indices; refuses empty forget or retain sets."""
+    classes = list(range(m)) if classes is None else list(classes)
+    if len(classes) != m:
+        raise ValueError(f"classes names {len(classes)} digits but the probabilities have {m} columns")
+    fc = class_indices(classes, forget_classes)
     mask = torch.isin(y, torch.tensor(fc, dtype=torch.int64))
     if not mask.any():
-        raise ValueError(f"the forget set is empty: no sample has a label in forget_classes {fc}")
+        raise ValueError(f"the forget set is empty: no sample has a label in forget_classes {forget_classes}")
     if mask.all():
-        raise ValueError(f"the retain set is empty: every sample has a label in forget_classes {fc}")
+        raise ValueError(f"the retain set is empty: every sample has a label in forget_classes {forget_classes}")
     return mask
 
 
 # ----------------------------------------------------------------------------------- output space
 
-def accuracies(probs, y, forget_classes) -> dict[str, float]:
+def accuracies(probs, y, forget_classes, classes=None) -> dict[str, float]:
     """Accuracy of argmax(probs) (N, m) against y (N,) on D_r, D_f and all N inputs -> plain floats."""
     p = _probs(probs)
     t = _labels(y, *p.shape)
-    f = _forget_mask(t, forget_classes, p.shape[1])
+    f = _forget_mask(t, forget_classes, p.shape[1], classes)
     hit = (p.argmax(1) == t).double()
     return {"retain": float(hit[~f].mean()), "forget": float(hit[f].mean()), "all": float(hit.mean())}
 
@@ -129,10 +131,10 @@ def prediction_overlap(probs_a, probs_b) -> float:
     return float((pa.argmax(1) == pb.argmax(1)).double().mean())
 
 
-def split_overlaps(probs_a, probs_b, y, forget_classes) -> dict[str, float]:
+def split_overlaps(probs_a, probs_b, y, forget_classes, classes=None) -> dict[str, float]:
     """prediction_overlap on D_r, D_f and all inputs of one split; y (N,) selects D_f by label."""
     pa, pb = _pair(probs_a, probs_b)
-    f = _forget_mask(_labels(y, *pa.shape), forget_classes, pa.shape[1])
+    f = _forget_mask(_labels(y, *pa.shape), forget_classes, pa.shape[1], classes)
     same = (pa.argmax(1) == pb.argmax(1)).double()
     return {"retain": float(same[~f].mean()), "forget": float(same[f].mean()), "all": float(same.mean())}
 

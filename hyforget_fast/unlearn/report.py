@@ -39,7 +39,7 @@ from ..ops.functional import class_metrics, class_outputs
 from . import baselines as B
 from . import metrics as M
 from .forget import best_checkpoint, choose, forget, forget_prompts, loss_quantile_table
-from .mlp import check_flat, flat_params
+from .mlp import check_flat, flat_params, module_spec
 from .selection import FORGET_MAX, RETAIN_MIN, class_indices, forget_keep_count, group_accuracy, select
 
 EDIT_METHODS = ("dihyfo1", "finetune", "neggrad_plus", "random_labels", "ssd")
@@ -171,12 +171,41 @@ def _anamnesis(params, ctx) -> dict:
             "anamnesis_index": r.ratio}
 
 
+def _as_flat(model, spec, name: str) -> torch.Tensor:
+    if isinstance(model, torch.nn.Module):
+        return flat_params(model, spec).float()
+    return check_flat(model, spec, name)[0].float()
+
+
+def evaluate_model(model, splits, forget, *, spec=None, reference=None, original=None, mia_attack: str = "logreg",
+                   seed: int = 0, retrain_seeds: int = 5) -> dict:
+    """Every unlearning metric of ONE model, without running the whole report: test-split
+    accuracies and MIA, the paired metrics (overlaps, activation distance, φ in both conventions)
+    against `reference`, and edit locality against `original` when given.
+
+    model / reference / original: nn.Module or flat (P,) parameters of `spec` (taken from an
+    nn.Sequential model when None). forget: digit labels (as in splits.classes). reference None =
+    retraining without D_f (best of `retrain_seeds` on validation, the report's gold standard).
+    -> {metric: float}, the same keys as a row of the report."""
+    if spec is None:
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError("pass spec= (an MLPSpec) with flat parameters")
+        spec = module_spec(model)
+    fidx = B.forget_indices(splits, forget)
+    params = _as_flat(model, spec, "model")
+    ref = B.retrain(None, spec, forget, splits, seeds=retrain_seeds, seed=seed).params if reference is None else \
+        _as_flat(reference, spec, "reference")
+    ctx = {"spec": spec, "splits": splits, "fidx": fidx, "seed": seed, "probs": {}, "mia_attack": mia_attack,
+           "original": None if original is None else _as_flat(original, spec, "original"),
+           "user_methods": ("model",) if original is not None else ()}
+    probs_ref = class_outputs(ref[None], spec, splits.X_test)[0][0].double()
+    return _test_metrics("model", params, {"retrain": probs_ref}, ctx)
+
+
 def _starting_model(model, spec, data_dir, heldout) -> tuple[torch.Tensor, dict]:
     if model is None:
         return best_checkpoint(data_dir, heldout)
-    if isinstance(model, torch.nn.Module):
-        return flat_params(model, spec).float(), {"source": "user model"}
-    return check_flat(model, spec, "model")[0].float(), {"source": "user model"}
+    return _as_flat(model, spec, "model"), {"source": "user model"}
 
 
 def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Sequence[int]], seeds=(0, 1, 2),
