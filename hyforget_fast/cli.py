@@ -291,13 +291,16 @@ def _add_evaluate(sub):
     p.add_argument("--dihyfo2", help="DiHyFo-2 training folder")
     p.add_argument("--forget", action="append", required=True, type=forget_set, metavar="C[,C...]",
                    help=FORGET_HELP + "; repeat the flag for several sets: --forget 2 --forget 2,3")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="sampling / baseline seeds; tables give mean ± std over them (default 0 1 2)")
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--retrain-seeds", type=int, default=5)
     p.add_argument("--mia", default="logreg", choices=["logreg", "svc"])
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
+    p.add_argument("--no-tune", action="store_true",
+                   help="run the post-hoc baselines at their defaults instead of tuning them on validation")
     p.add_argument("--out", required=True)
 
 
@@ -308,7 +311,7 @@ def cmd_evaluate(a) -> int:
     sets = [list(f) for f in a.forget]
     rep = evaluate_forgetting(a.data, hns, sets, seeds=a.seeds, k=a.k, sampler=a.sampler, steps=a.steps,
                               retrain_seeds=a.retrain_seeds, mia_attack=a.mia, out_dir=a.out, guidance=a.guidance,
-                              log=lambda s: print(s, file=sys.stderr, flush=True))
+                              tune=not a.no_tune, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(markdown_tables(rep))
     for v in rep["verdicts"]:
         print(f"- {v}")
@@ -322,7 +325,7 @@ def _add_demo(sub):
                    help="training steps of each hypernetwork (default 3500 4500)")
     p.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap of each hypernetwork's training")
     p.add_argument("--k", type=int, default=256)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", type=int, default=512, help="collection runs")
     p.add_argument("--threads", type=int)
 
