@@ -62,6 +62,8 @@ setup(
     packages=["hyforget_fast", "hyforget_fast.ops", "hyforget_fast.collection", "hyforget_fast.hypernet",
               "hyforget_fast.unlearn", "hyforget_fast.kernels"],
     package_dir={"hyforget_fast": "hyforget_fast", "hyforget_fast.kernels": "kernels"},
+    # shipped pretrained hypernetworks: weights, model cards, DiHyFo-1 starting classifiers
+    package_data={"hyforget_fast": ["pretrained/*/*.json", "pretrained/*/*.safetensors", "pretrained/README.md"]},
     ext_modules=[Extension("hyforget_fast._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "numpy", "triton; platform_system=='Linux'", "mlxtend", "scikit-learn",

@@ -76,7 +76,8 @@ def dataset_identity(store: CheckpointStore, run_dir: str | None = None) -> dict
     return {"dir": root if run_dir is None else os.path.relpath(root, os.path.abspath(run_dir)),
             "abs_dir": root, "layer_sizes": list(store.layer_sizes),
             "classes": list(store.classes), "pivots": list(man.get("pivots", [])),
-            "num_checkpoints": int(man["num_checkpoints"]), "manifest_sha256": manifest_sha256(store.root)}
+            "num_checkpoints": int(man["num_checkpoints"]), "manifest_sha256": manifest_sha256(store.root),
+            "split": man.get("split")}
 
 
 def check_dataset_matches(cfg, store: CheckpointStore) -> None:
@@ -91,8 +92,26 @@ def _describe(ident: dict) -> str:
             f"{ident.get('classes')}, manifest sha256 {str(ident.get('manifest_sha256'))[:12]}…")
 
 
+SPLIT_IDENTITY = ("source", "classes", "seed", "fractions", "sizes", "data_sha256")
+
+
 def check_same_dataset(ident: dict, root: str, what: str = "this hypernetwork") -> None:
-    """Raise ValueError, naming `root`, when the collection there is not the one `ident` records."""
+    """Raise ValueError, naming `root`, when the collection there is not the one `ident` records.
+
+    ident["match"] == "split" (pretrained models): any collection of the same MLPSpec, classes and
+    data split will do (its checkpoints only serve the baselines and DiHyFo-1's default start; the
+    model carries its own loss ranges); else the manifest hash must be equal."""
+    if ident.get("match") == "split":
+        from ..collection.store import CheckpointStore
+        man = CheckpointStore(root, verify="size").manifest
+        want, got_split = ident.get("split") or {}, man.get("split") or {}
+        diff = [k for k in SPLIT_IDENTITY if k in want and want[k] != got_split.get(k)]
+        if list(man["spec"]["layer_sizes"]) != list(ident["layer_sizes"]) or list(man["classes"]) != list(ident["classes"]):
+            diff = ["layer_sizes / classes"] + diff
+        if diff:
+            raise ValueError(f"{root} is not a collection of the data {what} was trained on: it differs in {diff} "
+                             f"(wanted MLPSpec{tuple(ident['layer_sizes'])}, classes {ident['classes']}, split {want})")
+        return
     got = manifest_sha256(root)
     if got != ident["manifest_sha256"]:
         raise ValueError(f"{root} is not the dataset {what} was trained on: its manifest sha256 is {got[:12]}…, "

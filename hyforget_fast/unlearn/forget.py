@@ -25,7 +25,7 @@ from torch import nn
 
 from ..ops.functional import class_metrics
 from .mlp import as_module, check_flat, flat_params
-from .selection import class_indices, forget_keep_count, group_accuracy, select
+from .selection import RETAIN_MIN, class_indices, forget_keep_count, group_accuracy, select
 
 # Quantiles of the training data's per-class loss used as prompt levels (high for D_f, low for D_r).
 HIGH_LEVELS = (0.9, 0.97, 0.995)
@@ -135,10 +135,11 @@ def check_split(hypernet, data) -> None:
                          + ". Rebuild it with collection.data.splits_from_manifest")
 
 
-def choose(cand: torch.Tensor, spec, data, fidx: Sequence[int]) -> tuple[int, dict]:
+def choose(cand: torch.Tensor, spec, data, fidx: Sequence[int], retain_min: float = RETAIN_MIN) -> tuple[int, dict]:
     """Score K candidates (K, P) on the VALIDATION split of `data` at once and pick one by the
     selection rule for forgetting the class indices `fidx`. -> (chosen index, candidates' metrics:
-    class_loss / class_acc (K, m), forget_acc / retain_acc (K,), forget_keep count)."""
+    class_loss / class_acc (K, m), forget_acc / retain_acc (K,), forget_keep count with D_r
+    threshold `retain_min`)."""
     m = spec.num_classes
     Xv, yv = data.X_val.to(cand.device), data.y_val.to(cand.device)
     met = class_metrics(cand, spec, Xv, yv, m)
@@ -149,12 +150,13 @@ def choose(cand: torch.Tensor, spec, data, fidx: Sequence[int]) -> tuple[int, di
         torch.cuda.synchronize()
     return select(f_acc, r_acc), {"class_loss": met.class_loss.cpu(), "class_acc": met.class_acc.cpu(),
                                   "forget_acc": f_acc.cpu(), "retain_acc": r_acc.cpu(), "split": "validation",
-                                  "forget_keep": forget_keep_count(f_acc, r_acc)}
+                                  "forget_keep": forget_keep_count(f_acc, r_acc, retain_min=retain_min)}
 
 
 def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", steps: int = 50,
            model: nn.Module | torch.Tensor | None = None, seed: int = 0, high=HIGH_LEVELS, low=LOW_LEVELS,
-           keep_candidates: bool = True, guidance: float | None = None, prompt: str = "forget") -> ForgetResult:
+           keep_candidates: bool = True, guidance: float | None = None, prompt: str = "forget",
+           retain_min: float = RETAIN_MIN) -> ForgetResult:
     """Forget `forget_classes` (digit labels) with a trained hypernetwork (hf.load_hypernet).
 
     data: the collection's DigitSplits (its validation split scores the candidates); a different
@@ -163,7 +165,8 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     params); None uses `best_checkpoint` of the hypernetwork's dataset and names it in `.start`.
     guidance: classifier-free guidance weight (None = the model's default; 0 = unconditional).
     prompt: "forget" (the request) or "keep" (the keep-every-class control: same K, sampler, seed
-    and selection rule, every class prompted low). DiHyFo-1's retained-class targets never exceed
+    and selection rule, every class prompted low). retain_min: the D_r threshold of the
+    candidates' forget-and-keep count (it does not change the choice). DiHyFo-1's retained-class targets never exceed
     the starting model's current validation loss: the prompt never asks it to get worse on D_r.
     """
     hn = hypernet
@@ -204,7 +207,7 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    i, cands = choose(cand, spec, data, fidx)
+    i, cands = choose(cand, spec, data, fidx, retain_min)
     params = cand[i].detach().float().cpu()
     t3 = time.perf_counter()
     return ForgetResult(model=as_module(params, spec), params=params, forget_classes=tuple(classes[c] for c in fidx),
