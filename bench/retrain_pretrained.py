@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
@@ -26,32 +25,14 @@ import time
 import torch
 
 from hyforget_fast.collection.store import CheckpointStore
+from hyforget_fast.demo import KINDS, SETTINGS, _cli, recipe
 from hyforget_fast.hypernet import pretrained as P
 from hyforget_fast.hypernet.api import load_hypernet
 from hyforget_fast.hypernet.evaluate import evaluate_hypernet
 from hyforget_fast.unlearn.forget import best_checkpoint, forget
 from hyforget_fast.unlearn.report import evaluate_forgetting, splits_of, verdicts
 
-MNIST4_HOLDOUT = "3:acc_low:0.2,0:acc_high:0.8,1:acc_high:0.8,2:acc_high:0.8"
-# Forgetting {3} alone held out: class 3 <= 0.2 while class 2 or class 4 is >= 0.3. A checkpoint the
-# criterion accepts for {3} (pooled D_r >= 0.85 over 9 classes of 100 validation digits each) cannot
-# have both 2 and 4 below 0.3 (a deficit > 1.35), so the store holds none by construction; the
-# table's {2,3,4} and {0,...,4} (2 and 4 forgotten too) stay in the store.
-MNIST10_HOLDOUT = "--holdout 3:acc_low:0.2,2:acc_high:0.3 --holdout 3:acc_low:0.2,4:acc_high:0.3"
-SETTINGS = {   # forget sets of the dissertation's tables + the held-out one; D_r threshold of the counts
-    "mnist4": dict(forget_sets=[[2], [2, 3], [3]], heldout=[3], retain_min=0.95,
-                   collect=f"hyforget collect --preset mnist4 --runs 512 --holdout {MNIST4_HOLDOUT} --out {{data}} "
-                           "--threads 1 --quiet"),
-    "mnist10": dict(forget_sets=[[2], [2, 3, 4], [0, 1, 2, 3, 4], [3]], heldout=[3], retain_min=0.85,
-                    collect=f"hyforget collect --preset mnist10 --runs 128 {MNIST10_HOLDOUT} --out {{data}} "
-                            "--threads 1 --quiet"),
-}
-TRAIN = ("hyforget train --model {kind} --data {data} --out {run} --preset tiny --cond adaln --target-repr log "
-         "--unit-order canonical --steps {steps} --threads 1 --quiet")
-RECIPES = {f"{s}-{k}": {"setting": s, "kind": k, "steps": n}
-           for s, steps in (("mnist4", {"dihyfo1": 6000, "dihyfo2": 6000}),
-                            ("mnist10", {"dihyfo1": 3000, "dihyfo2": 3000}))
-           for k, n in steps.items()}
+RECIPES = {f"{s}-{k}": {"setting": s, "kind": k} for s in SETTINGS for k in KINDS}
 
 
 def machine() -> str:
@@ -65,19 +46,16 @@ def machine() -> str:
 
 
 def commands_for(name: str) -> dict:
+    """The card's commands; the first-release recipe for a model without a card yet."""
     try:
         return P.load_card(name)["commands"]
     except ValueError:
-        r = RECIPES[name]
-        return {"collect": SETTINGS[r["setting"]]["collect"],
-                "train": TRAIN.format(kind=r["kind"], steps=r["steps"], data="{data}", run="{run}")}
+        return recipe(*name.split("-", 1))
 
 
 def run(cmd: str, **where) -> float:
     t0 = time.perf_counter()
-    argv = shlex.split(cmd.format(**where))
-    exe = os.path.join(os.path.dirname(sys.executable), argv[0])
-    subprocess.run([exe if os.path.exists(exe) else argv[0], *argv[1:]], check=True)
+    subprocess.run(_cli(cmd, **where), check=True)
     return time.perf_counter() - t0
 
 
@@ -95,12 +73,13 @@ def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256) ->
     t0 = time.perf_counter()
     align = evaluate_hypernet(hn, data)
     t_align = time.perf_counter() - t0
-    rep = evaluate_forgetting(data, {kind: hn}, s["forget_sets"], seeds=seeds, k=k, tune=False, memorization=False,
+    rep = evaluate_forgetting(data, {kind: hn}, [list(f) for f in s["forget_sets"]], seeds=seeds, k=k, tune=False, memorization=False,
                               relearning=False, retain_min=s["retain_min"],
-                              holdout={"rules": cmds["collect"], "forget_set": s["heldout"]}, log=lambda *_: None)
+                              holdout={"rules": cmds["collect"], "forget_set": list(s["heldout"])},
+                              log=lambda *_: None)
     keep = (kind, f"{kind}:keep", f"{kind}:uncond", "retrain", "store")
     table = {key: {m: v for m, v in meths.items() if m in keep} for key, meths in rep["summary"].items()}
-    fs = s["forget_sets"][0]
+    fs = list(s["forget_sets"][0])
     start, _ = best_checkpoint(data, hn.heldout_runs) if kind == "dihyfo1" else (None, None)
     check_kw = dict(k=32, sampler="ddim", steps=10, seed=0)
     res = forget(hn, fs, splits_of(CheckpointStore(data)), model=start, **check_kw)
@@ -116,7 +95,7 @@ def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256) ->
                                  "pearson_free_mean": align["pearson_free_mean"], "settings": align["settings"],
                                  "seconds": round(t_align, 1)},
             "forgetting": {"k": k, "sampler": "ddim", "steps": 50, "seeds": list(seeds), "criterion": rep["criterion"],
-                           "heldout": s["heldout"], "summary": table,
+                           "heldout": list(s["heldout"]), "summary": table,
                            "verdicts": [v for v in verdicts(rep) if "DiHyFo" in v or "held out" in v]},
             "check": {"forget": fs, **check_kw, "start": "best stored checkpoint" if start is not None else None,
                       "chosen": res.chosen, "val_forget_acc": float(res.candidates["forget_acc"][res.chosen]),

@@ -1,12 +1,17 @@
-"""`hyforget demo`: the whole pipeline on the bundled digits, resumable stage by stage.
+"""`hyforget demo`: forgetting end to end on the bundled digits, both settings of the dissertation,
+resumable stage by stage.
 
-  1 collect   MNIST-4 (mnist4 preset), with forgetting {3} held out of the store by what the
-              selection rule accepts: no stored checkpoint has class-3 validation accuracy <= 0.2
-              while classes 0, 1, 2 are >= 0.8 (the report prints the store's count: 0)
-  2 train     a tiny DiHyFo-1 and a tiny DiHyFo-2 (each resumes exactly after an interruption)
-  3 align     prompt-alignment R² of each on its held-out runs (hypernet/evaluate.py)
-  4 evaluate  forget {2}, {2,3} and the held-out {3} with both models, their controls and every
-              (tuned) baseline, over 3 seeds
+For each setting (MNIST-4: 784-2-4, Tables 3.1-3.2; MNIST: 784-7-10, Tables 3.3-3.4):
+  1 collect   the setting's checkpoint collection, by the exact command of its model cards, with a
+              forget set held out of the store by what the selection rule accepts (the report
+              prints the store's count for it: 0)
+  2 models    the shipped pretrained DiHyFo-1 and DiHyFo-2 (`hf.load_pretrained`), or with
+              train=True (`hyforget demo --train`) both trained from scratch by the cards' train
+              commands (one process and one thread each, side by side), then their prompt
+              alignment on held-out runs
+  3 evaluate  forget every set of the setting's table and the held-out set with both models, their
+              controls and every tuned baseline, over 3 seeds (`evaluate_forgetting`)
+One report: OUT/report/report.md (both settings' tables), OUT/report/<setting>/ (JSON, figures).
 Finished stages are recorded in OUT/stages.json and skipped on a re-run; an interrupted stage
 resumes (collection and training keep their own progress) or restarts (evaluation).
 """
@@ -14,98 +19,178 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 
 from .collection.store import write_json_atomic
 
-# Held out by accuracy (SPEC §7): nothing in the store forgets 3 while keeping 0, 1 and 2.
-HOLDOUT = (((3, "acc_low", 0.2), (0, "acc_high", 0.8), (1, "acc_high", 0.8), (2, "acc_high", 0.8)),)
-FORGET_SETS = ((2,), (2, 3), (3,))
-HOLDOUT_SET = (3,)
+KINDS = ("dihyfo1", "dihyfo2")
+# Held out of MNIST-4 by accuracy (SPEC §7): nothing in the store forgets 3 while keeping 0, 1 and 2.
+MNIST4_HOLDOUT = "--holdout 3:acc_low:0.2,0:acc_high:0.8,1:acc_high:0.8,2:acc_high:0.8"
+# Held out of MNIST: class 3 <= 0.2 while class 2 or class 4 is >= 0.3. A checkpoint the criterion
+# accepts for {3} (pooled D_r >= 0.85 over 9 classes of 100 validation digits each) cannot have both
+# 2 and 4 below 0.3 (a deficit > 1.35), so the store holds none by construction, while the table's
+# {2,3,4} and {0,...,4} (2 and 4 forgotten too) stay in the store.
+MNIST10_HOLDOUT = "--holdout 3:acc_low:0.2,2:acc_high:0.3 --holdout 3:acc_low:0.2,4:acc_high:0.3"
+SETTINGS = {   # the dissertation's forget sets + a held-out one; D_r threshold of the candidate counts
+    "mnist4": dict(forget_sets=((2,), (2, 3), (3,)), heldout=(3,), retain_min=0.95,
+                   collect=f"hyforget collect --preset mnist4 --runs 512 {MNIST4_HOLDOUT} --out {{data}} --threads 1 "
+                           "--quiet"),
+    "mnist10": dict(forget_sets=((2,), (2, 3, 4), (0, 1, 2, 3, 4), (3,)), heldout=(3,), retain_min=0.85,
+                    collect=f"hyforget collect --preset mnist10 --runs 128 {MNIST10_HOLDOUT} --out {{data}} --threads 1 "
+                            "--quiet"),
+}
+TRAIN = ("hyforget train --model {kind} --data {data} --out {run} --preset tiny --cond adaln --target-repr log "
+         "--unit-order canonical --steps {steps} --threads 1 --quiet")
+STEPS = {"mnist4": 6000, "mnist10": 3000}   # training steps of the first release (single-thread CPU)
 
 
 def _log(s: str) -> None:
     print(s, file=sys.stderr, flush=True)
 
 
-STEPS = {"dihyfo1": 3500, "dihyfo2": 4500}   # ~15 min each at one thread, both at once, on the 2-core CPU
+def recipe(setting: str, kind: str) -> dict:
+    """The first-release commands of a model (before it has a card)."""
+    return {"collect": SETTINGS[setting]["collect"],
+            "train": TRAIN.format(kind=kind, steps=STEPS[setting], data="{data}", run="{run}")}
 
 
-def run_demo(out: str, steps: dict | None = None, minutes: float | None = 15.0, k: int = 256, seeds=(0, 1, 2),
-             runs: int = 512, threads: int | None = None, log=_log, collect_kw: dict | None = None,
-             train_args: tuple = (), align_kw: dict | None = None, eval_kw: dict | None = None) -> dict:
-    """Run (or resume) the demo into `out`. The *_kw / train_args knobs shrink it for tests."""
+def commands(setting: str) -> dict:
+    """{"collect": ..., "dihyfo1": train command, "dihyfo2": ...} of a setting: the shipped cards'
+    (the exact commands their weights came from), else the first-release recipe."""
+    from .hypernet.pretrained import pretrained
+    cards = {c["name"]: c["commands"] for c in pretrained()}
+    out = {}
+    for kind in KINDS:
+        c = cards.get(f"{setting}-{kind}") or recipe(setting, kind)
+        out["collect"], out[kind] = c["collect"], c["train"]
+    return out
+
+
+def _cli(cmd: str, extra: tuple = (), **where) -> list[str]:
+    argv = shlex.split(cmd.format(**where)) + list(extra)
+    if argv[0] != "hyforget":
+        raise ValueError(f"not a hyforget command: {cmd!r}")
+    return [sys.executable, "-m", "hyforget_fast.cli", *argv[1:]]
+
+
+def run_demo(out: str, train: bool = False, settings=("mnist4", "mnist10"), k: int = 256, seeds=(0, 1, 2),
+             threads: int | None = None, log=_log, collect_args: tuple = (), train_args: tuple = (),
+             align_kw: dict | None = None, eval_kw: dict | None = None) -> dict:
+    """Run (or resume) the demo into `out` -> {setting: report}. train=False uses the shipped
+    pretrained hypernetworks; True retrains them by their cards' commands. collect_args /
+    train_args are appended to those commands and *_kw go to the evaluations (tests shrink the demo)."""
     import torch
 
-    from .collection.collect import collect, preset
     from .hypernet.api import load_hypernet
     from .hypernet.evaluate import evaluate_hypernet, save_evaluation
-    from .unlearn.report import evaluate_forgetting, markdown_tables
+    from .hypernet.pretrained import load_pretrained
+    from .unlearn.report import evaluate_forgetting
 
-    steps = {**STEPS, **(steps or {})}
     if threads:
         torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
     sp = os.path.join(out, "stages.json")
     stages = json.load(open(sp)) if os.path.exists(sp) else {}
+    t_all = time.perf_counter()
 
     def done(name, info):
         stages[name] = info
         write_json_atomic(sp, stages)
 
-    data = os.path.join(out, "data")
-    if "collect" not in stages:
-        log(f"[demo 1/4] collect MNIST-4 into {data} (held out: {HOLDOUT})")
-        t0 = time.perf_counter()
-        man = collect(preset("mnist4", runs=runs, holdout=HOLDOUT, **(collect_kw or {})), data, log=log)
-        done("collect", {"seconds": time.perf_counter() - t0, "checkpoints": man["num_checkpoints"]})
-    todo = [kind for kind in ("dihyfo1", "dihyfo2") if f"train_{kind}" not in stages]
+    reports, n = {}, len(settings)
+    for si, setting in enumerate(settings, 1):
+        cfg, cmds = SETTINGS[setting], commands(setting)
+        data = os.path.join(out, f"{setting}-data")
+        if f"collect_{setting}" not in stages:
+            log(f"[demo {setting} ({si}/{n}) 1/3] collect {setting} into {data}")
+            t0 = time.perf_counter()
+            subprocess.run(_cli(cmds["collect"], collect_args, data=data), check=True)
+            done(f"collect_{setting}", {"seconds": time.perf_counter() - t0, "command": cmds["collect"]})
+        if train:
+            hns = _trained(out, setting, cmds, data, stages, done, log, train_args, align_kw, load_hypernet,
+                           evaluate_hypernet, save_evaluation)
+        else:
+            log(f"[demo {setting} ({si}/{n}) 2/3] pretrained DiHyFo-1 and DiHyFo-2 (hf.load_pretrained)")
+            hns = {kind: load_pretrained(f"{setting}-{kind}", data=data) for kind in KINDS}
+        rep_dir = os.path.join(out, "report", setting)
+        if f"evaluate_{setting}" not in stages:
+            log(f"[demo {setting} ({si}/{n}) 3/3] forget {[list(f) for f in cfg['forget_sets']]} with DiHyFo-1, "
+                f"DiHyFo-2, their controls and every baseline, seeds {list(seeds)}")
+            t0 = time.perf_counter()
+            evaluate_forgetting(data, hns, cfg["forget_sets"], seeds=seeds, k=k, out_dir=rep_dir, log=log,
+                                retain_min=cfg["retain_min"], **(eval_kw or {}),
+                                holdout={"rules": cmds["collect"], "forget_set": list(cfg["heldout"])})
+            done(f"evaluate_{setting}", {"seconds": time.perf_counter() - t0})
+        reports[setting] = json.load(open(os.path.join(rep_dir, "report.json")))
+        reports[setting]["alignment"] = {kind: (stages.get(f"align_{setting}_{kind}") if train else
+                                                getattr(hn, "card", {}).get("prompt_alignment"))
+                                         for kind, hn in hns.items()}
+    if "total_s" not in stages or stages.get("total_settings") != list(settings):
+        done("total_s", time.perf_counter() - t_all)
+        stages["total_settings"] = list(settings)
+        write_json_atomic(sp, stages)
+    path = write_combined_report(out, reports, train)
+    print(open(path).read())
+    return reports
+
+
+def _trained(out, setting, cmds, data, stages, done, log, train_args, align_kw, load_hypernet, evaluate_hypernet,
+             save_evaluation) -> dict:
+    """Train (or resume) both hypernetworks of a setting side by side, then their prompt alignment."""
+    todo = [kind for kind in KINDS if f"train_{setting}_{kind}" not in stages]
     if todo:
-        # Both hypernetworks train at once, one process and one thread each: on a 2-core CPU that is
-        # faster than two 2-thread runs one after the other (small matmuls scale poorly to 2 threads).
-        t0 = time.perf_counter()
-        procs = {}
+        # one process and one thread each: on a 2-core CPU that is faster than two 2-thread runs in turn
+        t0, procs = time.perf_counter(), {}
         for kind in todo:
-            d = os.path.join(out, kind)
-            resume = os.path.exists(os.path.join(d, "config.json"))
-            log(f"[demo 2/4] train tiny {kind} -> {d}" + (" (resuming)" if resume else ""))
-            cmd = [sys.executable, "-m", "hyforget_fast.cli", "train", "--model", kind, "--data", data, "--out", d,
-                   "--preset", "tiny", "--steps", str(steps[kind]), "--threads", "1", "--log-every", "250",
-                   *train_args]
-            cmd += ["--minutes", str(minutes)] if minutes else []
-            cmd += ["--resume"] if resume else []
-            procs[kind] = subprocess.Popen(cmd)
-        failed = [k for k, p in procs.items() if p.wait() != 0]
+            run = os.path.join(out, f"{setting}-{kind}")
+            resume = os.path.exists(os.path.join(run, "config.json"))
+            log(f"[demo {setting} 2/3] train {kind} -> {run}" + (" (resuming)" if resume else ""))
+            procs[kind] = subprocess.Popen(_cli(cmds[kind], (*train_args, *(("--resume",) if resume else ())),
+                                                data=data, run=run))
+        failed = [kind for kind, p in procs.items() if p.wait() != 0]
         if failed:
             raise RuntimeError(f"training {failed} failed; re-run the demo to resume it")
         for kind in todo:
-            done(f"train_{kind}", {"seconds": time.perf_counter() - t0, "steps": steps[kind], "minutes": minutes})
-    hns = {kind: load_hypernet(os.path.join(out, kind)) for kind in ("dihyfo1", "dihyfo2")}
+            done(f"train_{setting}_{kind}", {"seconds": time.perf_counter() - t0, "command": cmds[kind]})
+    hns = {kind: load_hypernet(os.path.join(out, f"{setting}-{kind}"), data=data) for kind in KINDS}
     for kind, hn in hns.items():
-        if f"align_{kind}" not in stages:
-            log(f"[demo 3/4] prompt alignment of {kind} on its held-out runs")
-            t0 = time.perf_counter()
+        if f"align_{setting}_{kind}" not in stages:
+            log(f"[demo {setting} 2/3] prompt alignment of {kind} on its held-out runs")
             res = evaluate_hypernet(hn, data, None, **(align_kw or {}))
-            save_evaluation(res, os.path.join(out, kind))
-            done(f"align_{kind}", {"seconds": time.perf_counter() - t0, "r2": res["r2"],
-                                   "r2_free_mean": res["r2_free_mean"], "pearson": res["pearson"]})
-    rep_dir = os.path.join(out, "report")
-    if "evaluate" not in stages:
-        log(f"[demo 4/4] forget {list(map(list, FORGET_SETS))} with DiHyFo-1, DiHyFo-2 and every baseline")
-        t0 = time.perf_counter()
-        rep = evaluate_forgetting(data, hns, FORGET_SETS, seeds=seeds, k=k, out_dir=rep_dir, log=log, **(eval_kw or {}),
-                                  holdout={"rules": [list(map(list, r)) for r in HOLDOUT],
-                                           "forget_set": list(HOLDOUT_SET)})
-        done("evaluate", {"seconds": time.perf_counter() - t0})
-    else:
-        rep = json.load(open(os.path.join(rep_dir, "report.json")))
-    print(markdown_tables(rep))
-    for v in rep.get("verdicts", []):
-        print(f"- {v}")
-    for kind in hns:
-        a = stages.get(f"align_{kind}", {})
-        print(f"{kind}: prompt alignment R² {a.get('r2')} (free-class mean {a.get('r2_free_mean')})")
-    print(f"report: {rep_dir}/report.md")
-    return rep
+            save_evaluation(res, os.path.join(out, f"{setting}-{kind}"))
+            done(f"align_{setting}_{kind}", {"r2": res["r2"], "r2_free_mean": res["r2_free_mean"],
+                                              "pearson": res["pearson"]})
+    return hns
+
+
+TITLES = {"mnist4": "MNIST-4 (784-2-4, pivots {0,1}; dissertation Tables 3.1-3.2)",
+          "mnist10": "MNIST (784-7-10, pivots {5..9}; dissertation Tables 3.3-3.4)"}
+
+
+def write_combined_report(out: str, reports: dict, train: bool) -> str:
+    """OUT/report/report.md: every setting's tables, verdicts and prompt alignment in one file."""
+    from .unlearn.report import markdown_tables
+    md = ["# HyperForget demo", "",
+          "Hypernetworks: " + ("trained from scratch by this run (`hyforget demo --train`)." if train else
+                               "the shipped pretrained weights (`hf.pretrained()`; model cards in "
+                               "hyforget_fast/pretrained/)."), ""]
+    for setting, rep in reports.items():
+        md += [f"## {TITLES.get(setting, setting)}", "",
+               f"{rep.get('store_size')} stored checkpoints; K = {rep['k']}, {rep['sampler']} {rep['steps']} steps, "
+               f"seeds {rep.get('seeds')}; candidate criterion: {rep['criterion']['text']}. Details, JSON and "
+               f"figures: report/{setting}/.", ""]
+        for kind, a in (rep.get("alignment") or {}).items():
+            if a:
+                md.append(f"- {kind} prompt alignment on held-out runs: R² {a.get('r2')} (free-class mean "
+                          f"{a.get('r2_free_mean')}), Pearson {a.get('pearson')}")
+        md += ["", markdown_tables(rep), "### Verdicts", ""] + [f"- {v}" for v in rep.get("verdicts", [])] + [""]
+    path = os.path.join(out, "report", "report.md")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(md))
+    os.replace(tmp, path)
+    return path

@@ -1,46 +1,73 @@
-"""The demo runs every stage once, records them, and a re-run redoes none of the finished ones."""
+"""The demo runs every stage once per setting, records them, and a re-run redoes none of the finished
+ones; the default path uses the shipped pretrained hypernetworks, --train the cards' commands."""
 import json
 import os
 
 import pytest
 
 from hyforget_fast import demo
-from hyforget_fast.collection import collect as collect_mod
 from hyforget_fast.hypernet import evaluate as evaluate_mod
 from hyforget_fast.unlearn import report as report_mod
 
 QUIET = lambda *_: None  # noqa: E731
-SMALL = dict(steps={"dihyfo1": 3, "dihyfo2": 3}, minutes=None, k=4, runs=16, log=QUIET, seeds=(0,),
-             collect_kw=dict(block_runs=16, epochs=3, ckpts_per_run=12),
-             train_args=("--batch-size", "8", "--width", "32", "--depth", "1", "--heads", "2", "--quiet"),
-             align_kw=dict(num_prompts=3, per_prompt=1, steps=2),
-             eval_kw=dict(steps=2, retrain_seeds=2, memorization=False, tune=False, relearning=False))
+TINY_COLLECT = ("--runs", "16", "--block-runs", "16", "--epochs", "3", "--ckpts-per-run", "12")
+EVAL = dict(steps=2, retrain_seeds=2, memorization=False, tune=False, relearning=False)
+TRAINED = dict(train=True, settings=("mnist4",), k=4, seeds=(0,), log=QUIET, collect_args=TINY_COLLECT,
+               train_args=("--steps", "3", "--batch-size", "8", "--width", "32", "--depth", "1", "--heads", "2"),
+               align_kw=dict(num_prompts=3, per_prompt=1, steps=2), eval_kw=EVAL)
 
 
 def _boom(*a, **k):
     raise AssertionError("a finished demo stage ran again")
 
 
-def test_demo_runs_all_stages_then_resumes_without_redoing_them(tmp_path, monkeypatch, capsys):
+def test_demo_trains_runs_all_stages_then_resumes_without_redoing_them(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "demo")
-    demo.run_demo(out, **SMALL)
+    demo.run_demo(out, **TRAINED)
     stages = json.load(open(os.path.join(out, "stages.json")))
-    assert {"collect", "train_dihyfo1", "train_dihyfo2", "align_dihyfo1", "align_dihyfo2", "evaluate"} <= set(stages)
-    rep = json.load(open(os.path.join(out, "report", "report.json")))
-    assert [r["forget"] for r in rep["runs"]] == [list(f) for f in demo.FORGET_SETS]
-    assert rep["holdout"]["forget_set"] == list(demo.HOLDOUT_SET)
-    manifest = json.load(open(os.path.join(out, "data", "manifest.json")))
-    assert manifest["config"]["holdout"] == [[list(c) for c in r] for r in demo.HOLDOUT]
+    assert {"collect_mnist4", "train_mnist4_dihyfo1", "train_mnist4_dihyfo2", "align_mnist4_dihyfo1",
+            "align_mnist4_dihyfo2", "evaluate_mnist4"} <= set(stages)
+    cmds = demo.commands("mnist4")
+    assert stages["collect_mnist4"]["command"] == cmds["collect"] and stages["train_mnist4_dihyfo2"]["command"] == \
+        cmds["dihyfo2"]
+    rep = json.load(open(os.path.join(out, "report", "mnist4", "report.json")))
+    assert [r["forget"] for r in rep["runs"]] == [list(f) for f in demo.SETTINGS["mnist4"]["forget_sets"]]
+    assert rep["holdout"]["forget_set"] == [3] and rep["criterion"]["retain_min"] == 0.95
+    manifest = json.load(open(os.path.join(out, "mnist4-data", "manifest.json")))
+    assert manifest["config"]["holdout"] == [[[3, "acc_low", 0.2], [0, "acc_high", 0.8], [1, "acc_high", 0.8],
+                                              [2, "acc_high", 0.8]]]
+    md = open(os.path.join(out, "report", "report.md")).read()
+    assert "MNIST-4" in md and "| DiHyFo-1 |" in md and "trained from scratch" in md
     assert "| DiHyFo-1 |" in capsys.readouterr().out
     # every stage is recorded: a re-run touches none of them
-    for mod, name in ((collect_mod, "collect"), (evaluate_mod, "evaluate_hypernet"),
-                      (report_mod, "evaluate_forgetting")):
-        monkeypatch.setattr(mod, name, _boom)
+    monkeypatch.setattr(evaluate_mod, "evaluate_hypernet", _boom)
+    monkeypatch.setattr(report_mod, "evaluate_forgetting", _boom)
     monkeypatch.setattr(demo.subprocess, "Popen", _boom)
-    demo.run_demo(out, **SMALL)
+    monkeypatch.setattr(demo.subprocess, "run", _boom)
+    demo.run_demo(out, **TRAINED)
     # an interrupted evaluation (stage not recorded) is redone, and only it
-    del stages["evaluate"]
+    del stages["evaluate_mnist4"]
     with open(os.path.join(out, "stages.json"), "w") as f:
         json.dump(stages, f)
     with pytest.raises(AssertionError, match="ran again"):
-        demo.run_demo(out, **SMALL)
+        demo.run_demo(out, **TRAINED)
+
+
+def test_demo_default_uses_the_pretrained_models(tmp_path, monkeypatch):
+    calls = []
+    real = demo.subprocess.run
+
+    def spy(argv, **kw):
+        calls.append(argv)
+        return real(argv, **kw)
+
+    monkeypatch.setattr(demo.subprocess, "run", spy)
+    monkeypatch.setattr(demo.subprocess, "Popen", _boom)             # nothing is trained
+    out = str(tmp_path / "demo")
+    reps = demo.run_demo(out, settings=("mnist4",), k=4, seeds=(0,), log=QUIET, collect_args=TINY_COLLECT,
+                         eval_kw=EVAL)
+    assert len(calls) == 1 and calls[0][3] == "collect"               # only the card's collection
+    rep = reps["mnist4"]
+    assert {"dihyfo1", "dihyfo2", "dihyfo1:keep", "dihyfo2:keep", "store", "retrieval"} <= set(rep["runs"][0]["methods"])
+    assert rep["alignment"]["dihyfo2"]["r2_free_mean"] is not None    # from the model card
+    assert "pretrained weights" in open(os.path.join(out, "report", "report.md")).read()

@@ -1,0 +1,94 @@
+"""Pretrained hypernetworks: the shipped weights are tied to their cards (config, one recorded forget
+request reproduced), and the export / load / matching machinery on a tiny model of our own."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import hyforget_fast as hf
+from hyforget_fast.collection.collect import collect, preset
+from hyforget_fast.collection.data import splits_from_manifest
+from hyforget_fast.collection.store import CheckpointStore
+from hyforget_fast.hypernet import pretrained as P
+from hyforget_fast.hypernet.train import TrainConfig, train
+from hyforget_fast.unlearn.forget import forget
+
+torch.set_num_threads(1)
+QUIET = lambda *_: None  # noqa: E731
+SHIPPED = [c["name"] for c in P.pretrained()]
+
+
+def _splits_for(card):
+    """The card's data split, rebuilt from the bundled digits (no collection needed)."""
+    return splits_from_manifest({"split": card["dataset"]["split"]})
+
+
+def test_the_four_models_are_shipped_with_cards():
+    assert SHIPPED == sorted(["mnist4-dihyfo1", "mnist4-dihyfo2", "mnist10-dihyfo1", "mnist10-dihyfo2"])
+    for card in P.pretrained():
+        for key in ("commands", "dataset", "training", "prompt_alignment", "forgetting", "check", "reason"):
+            assert card[key], (card["name"], key)
+        assert "{data}" in card["commands"]["collect"] and "--steps" in card["commands"]["train"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_reproduces_its_card(name):
+    hn = hf.load_pretrained(name, device="cpu")
+    card = hn.card
+    assert hn.cfg.to_dict() == card["training"]["model_config"]
+    assert hn.kind == card["kind"] and hn.classes == card["dataset"]["classes"]
+    chk = card["check"]
+    start = P.load_start(name) if hn.kind == "dihyfo1" else None
+    res = forget(hn, chk["forget"], _splits_for(card), k=chk["k"], sampler=chk["sampler"], steps=chk["steps"],
+                 seed=chk["seed"], model=start)
+    i = res.chosen
+    assert float(res.candidates["forget_acc"][i]) == pytest.approx(chk["val_forget_acc"], abs=1e-6)
+    assert float(res.candidates["retain_acc"][i]) == pytest.approx(chk["val_retain_acc"], abs=1e-6)
+    np.testing.assert_allclose(res.candidates["class_loss"][i].numpy(), chk["val_class_loss"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    data = str(root / "data")
+    collect(preset("mnist4", runs=8, block_runs=8, epochs=2, ckpts_per_run=8), data, log=QUIET)
+    run = str(root / "run")
+    train(TrainConfig(model="dihyfo2", steps=3, batch_size=8, warmup_steps=1, log_every=100,
+                      overrides=dict(width=32, depth=1, heads=2, chunk=64)), data, run, log=QUIET)
+    return root, data, run
+
+
+def test_export_load_and_match_by_split(tiny_run, monkeypatch):
+    root, data, run = tiny_run
+    monkeypatch.setattr(P, "PRETRAINED_DIR", str(root / "shipped"))
+    card = {"name": "toy", "kind": "dihyfo2"}
+    P.export_pretrained(run, str(root / "shipped" / "toy"), card)
+    P.export_pretrained(run, str(root / "shipped" / "toy-bf16"), {"name": "toy-bf16"}, dtype=torch.bfloat16)
+    assert [c["name"] for c in P.pretrained()] == ["toy", "toy-bf16"]
+    hn = P.load_pretrained("toy", device="cpu")
+    ref = hf.load_hypernet(run, device="cpu")
+    assert hn.card == card and hn.cfg == ref.cfg
+    for (k, a), (_, b) in zip(hn.model.state_dict().items(), ref.model.state_dict().items()):
+        assert torch.equal(a, b), k                                         # float32: exact
+    low = P.load_pretrained("toy-bf16", device="cpu")
+    for (k, a), (_, b) in zip(low.model.state_dict().items(), ref.model.state_dict().items()):
+        assert torch.equal(a, b.to(torch.bfloat16).float()), k              # bf16: the rounded weights
+    # the exported model carries no optimizer state and no path to its training data
+    from hyforget_fast.hypernet.checkpoint import read_checkpoint
+    tensors, conf = read_checkpoint(str(root / "shipped" / "toy"))
+    assert all(k.startswith("ema.") for k in tensors) and conf["dataset"]["match"] == "split"
+    assert conf["dataset"]["dir"] is None
+    # any collection of the same split matches; another split is refused by what differs
+    again = str(root / "again")
+    collect(preset("mnist4", runs=4, block_runs=4, epochs=1, ckpts_per_run=4), again, log=QUIET)
+    hn2 = P.load_pretrained("toy", device="cpu", data=again)
+    assert hn2.data_dir == os.path.abspath(again)
+    splits = splits_from_manifest(CheckpointStore(again).manifest)
+    assert forget(hn2, [2], splits, k=3, steps=2).params.shape == (hn.spec.num_params,)
+    other = str(root / "other")
+    collect(preset("mnist4", runs=4, block_runs=4, epochs=1, ckpts_per_run=4, split_seed=5), other, log=QUIET)
+    with pytest.raises(ValueError, match="differs in .*seed"):
+        P.load_pretrained("toy", device="cpu", data=other)
+    with pytest.raises(ValueError, match="no pretrained hypernetwork named 'nope'; shipped: \\['toy', 'toy-bf16'\\]"):
+        P.load_pretrained("nope")
