@@ -23,6 +23,7 @@ Variants (name -> HypernetConfig / TrainConfig fields):
   adaln-log-canon cond adaln,  target_repr log, unit_order canonical
   tokens-log-canon cond tokens, target_repr log, unit_order canonical
   adaln-log-canon-match  adaln-log-canon + the loss-matching term, TrainConfig.loss_match 0.1
+  adaln-log-canon-match1 the same with loss_match 1.0
 
   python bench/bench_alignment.py --data /tmp/abl/data --out /tmp/abl/runs --model dihyfo2 \\
       --variants tokens,adaln,adaln-log,adaln-log-canon --steps 3000 --threads 1 --md bench/RESULTS.md
@@ -52,6 +53,7 @@ VARIANTS = {
     "adaln-log-canon": dict(cond="adaln", target_repr="log", unit_order="canonical"),
     "tokens-log-canon": dict(cond="tokens", target_repr="log", unit_order="canonical"),
     "adaln-log-canon-match": dict(cond="adaln", target_repr="log", unit_order="canonical", loss_match=0.1),
+    "adaln-log-canon-match1": dict(cond="adaln", target_repr="log", unit_order="canonical", loss_match=1.0),
 }
 OK_FORGET, OK_KEEP = 0.01, 0.95
 

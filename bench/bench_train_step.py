@@ -241,7 +241,8 @@ def main():
         torch.set_num_threads(a.threads)
     cuda = a.device.startswith("cuda")
     spec = parse_spec(a.spec)
-    cfg = HypernetConfig.preset(a.model, spec, a.preset)
+    # the G.pt-way reference (gpt_reference.py) reproduces the in-context token design only
+    cfg = HypernetConfig.preset(a.model, spec, a.preset, cond="tokens", target_repr="raw")
     torch.manual_seed(0)
     model = DiHyFo(cfg).to(a.device)
     layout, B = model.layout, a.batch

@@ -124,6 +124,9 @@ def _add_train(sub):
     p.add_argument("--unit-order", choices=["random", "canonical"],
                    help="hidden units: random permutation per sample, or canonical (sorted by incoming-weight "
                         "norm; DiHyFo-1 pairs in θ's order)")
+    p.add_argument("--loss-match", type=float,
+                   help="weight of the loss-matching term (CE of the predicted network on training images vs "
+                        "the target losses; default 0 = off)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true")
 
@@ -151,7 +154,7 @@ def cmd_train(a) -> int:
                             "minutes": a.minutes, "warmup_steps": a.warmup_steps, "weight_decay": a.weight_decay,
                             "grad_clip": a.grad_clip, "heldout_frac": a.heldout_frac,
                             "loss_weighting": a.loss_weighting, "pair_change_bias": a.pair_change_bias,
-                            "unit_order": a.unit_order}.items()
+                            "unit_order": a.unit_order, "loss_match": a.loss_match}.items()
           if v is not None}
     if a.eval_every is not None:
         kw["eval_every"] = a.eval_every

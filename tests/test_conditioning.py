@@ -90,7 +90,7 @@ def test_log_representation_is_the_standardised_log():
     m = _model("dihyfo1", target_repr="log", target_log_mean=-1.5, target_log_std=2.0)
     L = torch.tensor([[0.0, 0.01, 1.0, 5.0]])
     torch.testing.assert_close(m.loss_repr(L), ((L + LOG_EPS).log() + 1.5) / 2.0)
-    raw = _model("dihyfo1")
+    raw = _model("dihyfo1", target_repr="raw")
     assert raw.loss_repr(L) is L
     assert m.loss_encoder.freqs.max() == 2.0 ** m.cfg.target_max_freq_log2 == 8.0
     # tokens + log also runs (the "log alone" ablation row)

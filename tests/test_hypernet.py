@@ -18,8 +18,11 @@ def _hypernet(kind: str, perturb: bool = True, seed: int = 0) -> Hypernet:
     torch.manual_seed(seed)
     cfg = HypernetConfig.preset(kind, SPEC, "tiny", **SMALL)
     model = DiHyFo(cfg)
-    if perturb:   # a non-zero decoder, so that samples depend on the noise
+    if perturb:   # a non-zero decoder (and adaLN modulation), so that samples depend on the noise and prompt
         torch.nn.init.normal_(model.out.weight, std=0.05)
+        for name, p in model.named_parameters():
+            if ".ada." in name or name.startswith("ada_f."):
+                torch.nn.init.normal_(p, std=0.05)
     params = torch.randn(64, SPEC.num_params) * 0.3 + 0.1
     norm = hf.ParamNorm.fit(params, SPEC)
     meta = {"classes": [0, 1, 2, 3], "pivots": [0, 1], "step": 0}

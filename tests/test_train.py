@@ -94,11 +94,16 @@ def test_batches_never_draw_heldout_runs(data):
 
 
 def test_weight_decay_groups_and_schedule():
-    model = DiHyFo(HypernetConfig.preset("dihyfo1", MLPSpec((784, 2, 4)), "tiny", **SMALL))
+    model = DiHyFo(HypernetConfig.preset("dihyfo1", MLPSpec((784, 2, 4)), "tiny", **SMALL, cond="tokens"))
     decay, no = tr.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no["params"]}
     assert {"pos", "x_in.bias", "out.bias", "ln_f.weight", "blocks.0.ln1.weight", "blocks.0.qkv.bias"} <= nd
+    ada = DiHyFo(HypernetConfig.preset("dihyfo1", MLPSpec((784, 2, 4)), "tiny", **SMALL, cond="adaln"))
+    d_a, no_a = tr.param_groups(ada, 0.1)
+    an = {id(p): n for n, p in ada.named_parameters()}
+    assert {"blocks.0.ada.bias", "ada_f.bias", "t_embed.0.bias"} <= {an[id(p)] for p in no_a["params"]}
+    assert {"blocks.0.ada.weight", "ada_f.weight", "target_embed.0.weight"} <= {an[id(p)] for p in d_a["params"]}
     assert {names[id(p)] for p in decay["params"]} >= {"x_in.weight", "out.weight", "blocks.0.qkv.weight"}
     assert not nd & {names[id(p)] for p in decay["params"]} and decay["weight_decay"] == 0.1
     c = TrainConfig(steps=110, warmup_steps=10, lr=1e-3)

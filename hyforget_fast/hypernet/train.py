@@ -47,7 +47,7 @@ from ..configs import strict_fields
 # Optimisation defaults per model preset. G.pt's EMA 0.9999 averages over ~10^4 steps; a short
 # CPU `tiny` run has a few thousand steps, so its EMA horizon is ~200 steps (0.995).
 TRAIN_PRESETS = {
-    "tiny": dict(lr=4e-4, batch_size=64, warmup_steps=200, ema_decay=0.995, unit_order="random"),
+    "tiny": dict(lr=4e-4, batch_size=64, warmup_steps=200, ema_decay=0.995, unit_order="canonical"),
     "paper": dict(lr=4e-4, batch_size=256, warmup_steps=1000, ema_decay=0.9999, unit_order="random"),
 }
 LOSS_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
