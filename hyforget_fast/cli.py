@@ -328,7 +328,8 @@ def _add_demo(sub):
     p.add_argument("--train", action="store_true",
                    help="retrain both hypernetworks of each setting by their model cards' commands (the full "
                         "pipeline; single-thread CPU training takes the cards' wall-clock times)")
-    p.add_argument("--settings", nargs="+", default=["mnist4", "mnist10"], choices=["mnist4", "mnist10"])
+    p.add_argument("--settings", nargs="+", choices=["mnist4", "mnist10"],
+                   help="default: every setting whose hypernetworks are shipped (with --train: both)")
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int)
@@ -336,7 +337,8 @@ def _add_demo(sub):
 
 def cmd_demo(a) -> int:
     from .demo import run_demo
-    run_demo(a.out, train=a.train, settings=tuple(a.settings), k=a.k, seeds=tuple(a.seeds), threads=a.threads)
+    run_demo(a.out, train=a.train, settings=tuple(a.settings) if a.settings else None, k=a.k, seeds=tuple(a.seeds),
+             threads=a.threads)
     return 0
 
 

@@ -76,11 +76,19 @@ def _cli(cmd: str, extra: tuple = (), **where) -> list[str]:
     return [sys.executable, "-m", "hyforget_fast.cli", *argv[1:]]
 
 
-def run_demo(out: str, train: bool = False, settings=("mnist4", "mnist10"), k: int = 256, seeds=(0, 1, 2),
+def shipped_settings() -> tuple[str, ...]:
+    """The settings whose DiHyFo-1 and DiHyFo-2 are both shipped pretrained."""
+    from .hypernet.pretrained import pretrained
+    names = {c["name"] for c in pretrained()}
+    return tuple(s for s in SETTINGS if all(f"{s}-{kind}" in names for kind in KINDS))
+
+
+def run_demo(out: str, train: bool = False, settings=None, k: int = 256, seeds=(0, 1, 2),
              threads: int | None = None, log=_log, collect_args: tuple = (), train_args: tuple = (),
              align_kw: dict | None = None, eval_kw: dict | None = None) -> dict:
     """Run (or resume) the demo into `out` -> {setting: report}. train=False uses the shipped
-    pretrained hypernetworks; True retrains them by their cards' commands. collect_args /
+    pretrained hypernetworks; True retrains them by their cards' commands. settings None: every
+    setting with shipped models (with train=True: every setting). collect_args /
     train_args are appended to those commands and *_kw go to the evaluations (tests shrink the demo)."""
     import torch
 
@@ -89,6 +97,10 @@ def run_demo(out: str, train: bool = False, settings=("mnist4", "mnist10"), k: i
     from .hypernet.pretrained import load_pretrained
     from .unlearn.report import evaluate_forgetting
 
+    if settings is None:
+        settings = tuple(SETTINGS) if train else shipped_settings()
+    if not settings:
+        raise ValueError("no setting has both hypernetworks shipped; run the demo with --train")
     if threads:
         torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
