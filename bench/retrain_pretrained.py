@@ -75,7 +75,7 @@ def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256) ->
     t_align = time.perf_counter() - t0
     rep = evaluate_forgetting(data, {kind: hn}, [list(f) for f in s["forget_sets"]], seeds=seeds, k=k, tune=False, memorization=False,
                               relearning=False, retain_min=s["retain_min"],
-                              holdout={"rules": cmds["collect"], "forget_set": list(s["heldout"])},
+                              holdout={"forget_set": list(s["heldout"])},
                               log=lambda *_: None)
     keep = (kind, f"{kind}:keep", f"{kind}:uncond", "retrain", "store")
     table = {key: {m: v for m, v in meths.items() if m in keep} for key, meths in rep["summary"].items()}

@@ -134,7 +134,7 @@ def run_demo(out: str, train: bool = False, settings=None, k: int = 256, seeds=(
             t0 = time.perf_counter()
             evaluate_forgetting(data, hns, cfg["forget_sets"], seeds=seeds, k=k, out_dir=rep_dir, log=log,
                                 retain_min=cfg["retain_min"], **(eval_kw or {}),
-                                holdout={"rules": cmds["collect"], "forget_set": list(cfg["heldout"])})
+                                holdout={"forget_set": list(cfg["heldout"])})
             done(f"evaluate_{setting}", {"seconds": time.perf_counter() - t0})
         reports[setting] = json.load(open(os.path.join(rep_dir, "report.json")))
         reports[setting]["alignment"] = {kind: (stages.get(f"align_{setting}_{kind}") if train else

@@ -219,8 +219,8 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
     saved to out_dir).
 
     hypernets: {"dihyfo1": Hypernet, "dihyfo2": Hypernet} (either may be missing).
-    holdout: {"rules": ..., "forget_set": [...]}: the collection's held-out combination, reported
-    beside the forget set it names, with the store's count of acceptable checkpoints for it.
+    holdout: {"forget_set": [...], "rules": ... (default: the collection's holdout rules)}: the
+    held-out forget set, reported with the store's count of acceptable checkpoints for it.
     model: the starting classifier (nn.Module or flat params); None = the best stored checkpoint.
     methods: extra unlearning methods {name: fn(params, spec, forget, splits, seed=...) ->
     BaselineResult or flat params}, run on `model` like the baselines. tune=False runs the
@@ -252,6 +252,8 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
         nd = M.neighbour_distance(stored, spec, n_sample=32, seed=0, groups=store.load("run"), index=ckpt_index)
         neigh = {"median": nd.median, "n_sample": len(nd.distances),
                  "note": "each sampled stored checkpoint's distance to its nearest stored checkpoint of another run"}
+    if holdout is not None and not holdout.get("rules"):     # the rules the collection was made with
+        holdout = {**holdout, "rules": store.manifest.get("config", {}).get("holdout")}
     report = {"data_dir": os.path.abspath(data_dir), "classes": classes, "pivots": pivots, "k": k, "sampler": sampler,
               "steps": steps, "seeds": list(seeds), "retrain_seeds": retrain_seeds, "mia_attack": mia_attack,
               "mia_description": M.MIA_VARIANTS[mia_attack] + "; " + M.MIA_SCORING, "original": orig_info,
