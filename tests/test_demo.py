@@ -71,3 +71,20 @@ def test_demo_default_uses_the_pretrained_models(tmp_path, monkeypatch):
     assert {"dihyfo1", "dihyfo2", "dihyfo1:keep", "dihyfo2:keep", "store", "retrieval"} <= set(rep["runs"][0]["methods"])
     assert rep["alignment"]["dihyfo2"]["r2_free_mean"] is not None    # from the model card
     assert "pretrained weights" in open(os.path.join(out, "report", "report.md")).read()
+
+
+def test_demo_runs_the_ten_class_setting_end_to_end(tmp_path):
+    """MNIST (784-7-10): collect -> train DiHyFo-1/2 -> forget {2}, {2,3,4}, {0,...,4} and the held-out
+    {3} -> report, by the same commands the shipped models use (shrunk for the test)."""
+    out = str(tmp_path / "demo10")
+    reps = demo.run_demo(out, **{**TRAINED, "settings": ("mnist10",)})
+    rep = reps["mnist10"]
+    assert [r["forget"] for r in rep["runs"]] == [[2], [2, 3, 4], [0, 1, 2, 3, 4], [3]]
+    assert rep["criterion"]["retain_min"] == 0.85 and rep["classes"] == list(range(10))
+    manifest = json.load(open(os.path.join(out, "mnist10-data", "manifest.json")))
+    assert manifest["config"]["holdout"] == [[[3, "acc_low", 0.2], [2, "acc_high", 0.3]],
+                                             [[3, "acc_low", 0.2], [4, "acc_high", 0.3]]]
+    held = rep["summary"]["3"]["store"]["forget_keep"]
+    assert held[0] == 0                                   # held out by construction: no acceptable checkpoint
+    md = open(os.path.join(out, "report", "report.md")).read()
+    assert "MNIST (784-7-10" in md and "D_f = {0,1,2,3,4}" in md and "against the dissertation" in md
