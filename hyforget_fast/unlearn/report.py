@@ -506,11 +506,15 @@ def verdicts(report: dict) -> list[str]:
                 ctl = {c: meths[f"{g}:{c}"]["forget_keep"] for c in CONTROLS if f"{g}:{c}" in meths}
                 beats = all(_beyond(r["forget_keep"], v) for v in ctl.values())
                 desc = ", ".join(f"{c} {v[0]:.1f} ± {v[1]:.1f}" for c, v in ctl.items())
+                if beats and ctl:
+                    why = "the prompt raises the count beyond the controls' seed-to-seed spread."
+                elif r["forget_keep"][0] == 0:
+                    why = "no candidate forgets and keeps under any prompt: the model does not follow this request."
+                else:
+                    why = ("the prompt does NOT raise the count beyond the controls' spread; the choice among K, "
+                           "not the prompt, does the forgetting.")
                 out.append(f"D_f={{{key}}} {LABELS[g]} controls: {r['forget_keep'][0]:.1f} ± {r['forget_keep'][1]:.1f} "
-                           f"of {report['k']} candidates forget and keep when asked, vs {desc}: "
-                           + ("the prompt raises the count beyond the controls' seed-to-seed spread."
-                              if beats and ctl else "the prompt does NOT raise the count beyond the controls' spread;"
-                              " the choice among K, not the prompt, does the forgetting."))
+                           f"of {report['k']} candidates forget and keep when asked, vs {desc}: " + why)
             for b in ("retrieval", "store", *POST_HOC, *[m for m in meths if m not in LABELS]):
                 if b not in meths or meths[b]["acc_forget"][0] > 0.01:
                     continue
