@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import hyforget_fast as hf
 from hyforget_fast import demo
 from hyforget_fast.hypernet import evaluate as evaluate_mod
 from hyforget_fast.unlearn import report as report_mod
@@ -55,18 +56,19 @@ def test_demo_trains_runs_all_stages_then_resumes_without_redoing_them(tmp_path,
 
 def test_demo_default_uses_the_pretrained_models(tmp_path, monkeypatch):
     calls = []
-    real = demo.subprocess.run
+    real = demo.subprocess.Popen
 
-    def spy(argv, **kw):
+    def spy(argv, *a, **kw):                                          # every command the demo starts
         calls.append(argv)
-        return real(argv, **kw)
+        return real(argv, *a, **kw)
 
-    monkeypatch.setattr(demo.subprocess, "run", spy)
-    monkeypatch.setattr(demo.subprocess, "Popen", _boom)             # nothing is trained
+    monkeypatch.setattr(demo.subprocess, "Popen", spy)
     out = str(tmp_path / "demo")
     reps = demo.run_demo(out, settings=("mnist4",), k=4, seeds=(0,), log=QUIET, collect_args=TINY_COLLECT,
                          eval_kw=EVAL)
-    assert len(calls) == 1 and calls[0][3] == "collect"               # only the card's collection
+    data = os.path.join(out, "mnist4-data")                          # only the card's collection, no training
+    assert calls == [demo._cli(hf.load_pretrained("mnist4-dihyfo2").card["commands"]["collect"], TINY_COLLECT,
+                               data=data)]
     rep = reps["mnist4"]
     assert {"dihyfo1", "dihyfo2", "dihyfo1:keep", "dihyfo2:keep", "store", "retrieval"} <= set(rep["runs"][0]["methods"])
     assert rep["alignment"]["dihyfo2"]["r2_free_mean"] is not None    # from the model card
