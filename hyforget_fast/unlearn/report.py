@@ -35,11 +35,10 @@ import numpy as np
 import torch
 
 from ..collection.store import CheckpointStore, write_json_atomic
-from ..ops.functional import class_metrics, class_outputs
 from . import baselines as B
 from . import metrics as M
 from .forget import best_checkpoint, choose, forget, forget_prompts, loss_quantile_table
-from .mlp import check_flat, flat_params, module_spec
+from .mlp import batched_logits, check_flat, flat_params, module_spec
 from .selection import FORGET_MAX, RETAIN_MIN, class_indices, forget_keep_count, group_accuracy, select
 
 EDIT_METHODS = ("dihyfo1", "finetune", "neggrad_plus", "random_labels", "ssd")
@@ -138,14 +137,22 @@ def retrieval_choice(view: StoreView, prompts: torch.Tensor, fidx,
     return res, forget_keep_count(f, r, retain_min=retain_min)
 
 
+def softmax64(params: torch.Tensor, spec, X: torch.Tensor) -> torch.Tensor:
+    """(P,) one network on X (N, D) -> (N, m) float64 softmax. In float64 a probability underflows
+    to 0 only at a logit gap above ~745 (float32: ~104), so the bad-teacher φ, whose KL(M||P) term
+    grows with -log P, is computed from the true value rather than from an underflowed 0."""
+    with torch.no_grad():
+        return batched_logits(params.double()[None], spec, X.double())[0].softmax(-1)
+
+
 def _test_metrics(name: str, params: torch.Tensor, ref: dict, ctx: dict) -> dict:
     """Every metric of one method's model on the test split (and MIA's retain-train rows);
     ref["retrain"]: the retrained model's test softmax (N, m), the paired metrics' reference."""
     spec, sp, fidx = ctx["spec"], ctx["splits"], ctx["fidx"]
-    probs = ctx["probs"][name] = class_outputs(params[None], spec, sp.X_test)[0][0].double()      # (N, m)
+    probs = ctx["probs"][name] = softmax64(params, spec, sp.X_test)                              # (N, m)
     acc = M.accuracies(probs, sp.y_test, fidx)
     tr_f = torch.isin(sp.y_train, torch.tensor(fidx))
-    p_train = class_outputs(params[None], spec, sp.X_train)[0][0].double()
+    p_train = softmax64(params, spec, sp.X_train)
     mia = M.mia(p_train[~tr_f], probs, p_train[tr_f], attack=ctx["mia_attack"], seed=ctx["seed"])
     row = {"acc_retain": acc["retain"], "acc_forget": acc["forget"], "acc_all": acc["all"], "mia": mia.score}
     pr = ref["retrain"]
@@ -199,7 +206,7 @@ def evaluate_model(model, splits, forget, *, spec=None, reference=None, original
     ctx = {"spec": spec, "splits": splits, "fidx": fidx, "seed": seed, "probs": {}, "mia_attack": mia_attack,
            "original": None if original is None else _as_flat(original, spec, "original"),
            "user_methods": ("model",) if original is not None else ()}
-    probs_ref = class_outputs(ref[None], spec, splits.X_test)[0][0].double()
+    probs_ref = softmax64(ref, spec, splits.X_test)
     return _test_metrics("model", params, {"retrain": probs_ref}, ctx)
 
 
@@ -320,7 +327,7 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
                 r, n_ok = retrieval_choice(view, prompts, fidx, retain_min)
                 params["retrieval"], seconds["retrieval"], counts["retrieval"] = r.params, r.seconds, n_ok
                 extra["retrieval"] = {"hparams": r.hparams, **r.extra}
-            ref = {"retrain": class_outputs(params["retrain"][None], spec, splits.X_test)[0][0].double()}
+            ref = {"retrain": softmax64(params["retrain"], spec, splits.X_test)}
             rows = {name: _test_metrics(name, p, ref, ctx) for name, p in params.items()}
             report.setdefault("confusion", []).append(
                 {"forget": list(fs), "seed": seed, "y_test": splits.y_test.tolist(),
