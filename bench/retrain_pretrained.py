@@ -53,10 +53,8 @@ def commands_for(name: str) -> dict:
         return recipe(*name.split("-", 1))
 
 
-def run(cmd: str, **where) -> float:
-    t0 = time.perf_counter()
+def run(cmd: str, **where) -> None:
     subprocess.run(_cli(cmd, **where), check=True)
-    return time.perf_counter() - t0
 
 
 def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256) -> dict:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..hypernet.checkpoint import SPLIT_IDENTITY
 from ..ops.functional import class_metrics
 from .mlp import as_module, check_flat, flat_params
 from .selection import RETAIN_MIN, class_indices, forget_keep_count, group_accuracy, select
@@ -110,12 +111,10 @@ def best_checkpoint(data_dir: str, exclude_runs: Sequence[int] = ()) -> tuple[to
                     "step": int(st.load("step")[i]), "val_class_loss": [float(x) for x in loss[i]]}
 
 
-SPLIT_KEYS = ("source", "classes", "seed", "fractions", "sizes")
-
-
 def check_split(hypernet, data) -> None:
     """Raise ValueError unless `data` (DigitSplits) is the split the hypernetwork's collection was
-    made on (source, classes, split seed, fractions, sizes): candidates chosen on another split's
+    made on (checkpoint.SPLIT_IDENTITY: source, classes, split seed, fractions, sizes, digits' hash,
+    as pretrained models are matched to collections): candidates chosen on another split's
     validation set could be chosen on samples the collection trained on."""
     want = hypernet.meta.get("dataset", {}).get("split")
     if want is None:   # models trained before the split was recorded with them: read the manifest
@@ -128,7 +127,7 @@ def check_split(hypernet, data) -> None:
             raise ValueError("cannot tell which data split this hypernetwork's collection used (its dataset is "
                              "not found); load it with its dataset (data=...)")
     got = data.describe()
-    diff = {k: (want[k], got[k]) for k in SPLIT_KEYS if k in want and want[k] != got[k]}
+    diff = {k: (want[k], got.get(k)) for k in SPLIT_IDENTITY if k in want and want[k] != got.get(k)}
     if diff:
         raise ValueError("data is not the split the hypernetwork's collection was made on: "
                          + "; ".join(f"{k}: collection {a}, given {b}" for k, (a, b) in diff.items())
