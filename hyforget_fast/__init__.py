@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # Later stages are loaded lazily so `import hyforget_fast` stays light: name -> module.
 _LAZY = {"CollectConfig": "collection.collect", "preset": "collection.collect", "CheckpointStore": "collection.store",
          "PairDataset": "collection.pairs", "load_digits": "collection.data",
+         "load_splits": "collection.data", "splits_from_manifest": "collection.data",
          # hypernetwork
          "HypernetConfig": "hypernet.models", "DiHyFo": "hypernet.models", "GaussianDiffusion": "hypernet.diffusion",
          "TrainConfig": "hypernet.train", "train": "hypernet.train", "Hypernet": "hypernet.api",

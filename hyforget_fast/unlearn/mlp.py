@@ -2,13 +2,15 @@
 
 Flat order is the package's one order (hyforget_fast.ops.spec): for each layer, W (out, in)
 row-major, then b. Unlearning methods that need gradients (fine-tuning, NegGrad+, SSD,
-the anamnesis relearning) train B networks at once through `batched_logits`.
+the anamnesis relearning) train B networks at once through `batched_logits`, which is the
+plain-PyTorch reference forward `ops.reference.mlp_logits` (one definition).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..ops.reference import mlp_logits as batched_logits  # noqa: F401  (B, P), (N, D) -> (B, N, m)
 from ..ops.spec import MLPSpec
 
 
@@ -56,22 +58,21 @@ def module_spec(module: nn.Module) -> MLPSpec:
 
 
 def flat_params(module: nn.Module, spec: MLPSpec | None = None) -> torch.Tensor:
-    """ReLU MLP module -> (P,) float32 flat parameters; with `spec`, refuses a module of another shape."""
+    """ReLU MLP module -> (P,) float32 flat parameters; with `spec`, refuses a module of another shape,
+    and refuses NaN / inf parameters naming the tensor (as `check_flat` does for flat parameters)."""
     got = module_spec(module)
     if spec is not None and got != spec:
         raise ValueError(f"model has layer sizes {got.layer_sizes}, expected {spec.layer_sizes}")
     lins = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if any(l.bias is None for l in lins):
         raise ValueError("every nn.Linear of the model needs a bias")
+    names = {id(t): n for n, t in module.named_parameters()}
+    for l in lins:
+        for t in (l.weight, l.bias):
+            bad = ~torch.isfinite(t.detach())
+            if bad.any():
+                raise ValueError(f"model parameter {names.get(id(t), 'of an nn.Linear')} {tuple(t.shape)} holds "
+                                 f"{int(bad.sum())} non-finite value(s) (NaN or inf), the first at index "
+                                 f"{tuple(int(i) for i in bad.nonzero()[0])}")
     return torch.cat([t.detach().float().reshape(-1).cpu() for l in lins for t in (l.weight, l.bias)])
 
-
-def batched_logits(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor) -> torch.Tensor:
-    """Differentiable forward of B networks on shared inputs: params (B, P), X (N, D) -> (B, N, m)."""
-    h = X
-    layers = spec.unflatten(params)
-    for l, (W, b) in enumerate(layers):
-        h = (torch.einsum("nd,bhd->bnh", h, W) if h.ndim == 2 else torch.einsum("bnd,bhd->bnh", h, W)) + b[:, None]
-        if l < len(layers) - 1:
-            h = torch.relu(h)                                              # (B, N, h_l)
-    return h
