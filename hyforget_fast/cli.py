@@ -261,12 +261,12 @@ def read_classifier(path: str, spec):
 def cmd_forget(a) -> int:
     from safetensors.torch import save_file
 
-    from .collection.store import CheckpointStore, write_json_atomic
+    from .collection.store import write_json_atomic
     from .hypernet.api import load_hypernet
-    from .collection.data import splits_from_manifest
+    from .collection.data import load_splits
     from .unlearn.forget import forget
     hn = load_hypernet(a.hypernet, device=a.device, data=a.data)
-    splits = splits_from_manifest(CheckpointStore(hn.data_dir, verify="size").manifest)
+    splits = load_splits(hn.data_dir)
     model = read_classifier(a.model, hn.spec) if a.model else None
     res = forget(hn, a.forget, splits, k=a.k, sampler=a.sampler, steps=a.steps, model=model, seed=a.seed,
                  guidance=a.guidance)
@@ -387,11 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    out = getattr(a, "out", None)
+    if out and os.path.exists(out) and not os.path.isdir(out):   # refused before any work, not after it
+        print(f"hyforget {a.cmd}: error: --out {out} is an existing file; it must be a folder (new or existing)",
+              file=sys.stderr)
+        return 2
     try:
         return {"collect": cmd_collect, "plot-coverage": cmd_plot, "train": cmd_train,
                 "evaluate-hypernet": cmd_evaluate_hypernet, "forget": cmd_forget, "evaluate": cmd_evaluate,
                 "demo": cmd_demo}[a.cmd](a)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:   # OSError: FileNotFoundError, an unwritable --out, ...
         print(f"hyforget {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 

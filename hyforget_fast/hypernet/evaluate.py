@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..collection.data import splits_from_manifest
+from ..collection.data import load_splits
 from ..collection.store import CheckpointStore
 from ..ops.functional import class_metrics
 from .checkpoint import manifest_sha256
@@ -83,9 +83,9 @@ def validation_split(store: CheckpointStore):
     """The collection's validation split (X_val (N, 784) float32, y_val (N,) int64 in 0..m-1),
     rebuilt from the manifest's split record and checked against its recorded sizes."""
     try:
-        splits = splits_from_manifest(store.manifest)
+        splits = load_splits(store)
     except ValueError as e:
-        raise ValueError(f"{store.root}: {e}; pass splits= explicitly") from None
+        raise ValueError(f"{e}; pass splits= explicitly") from None
     return splits.X_val, splits.y_val
 
 

@@ -618,8 +618,8 @@ def train(cfg: TrainConfig | None, data_dir: str, out_dir: str, resume: bool = F
     b = cfg.batch_size // world
     images = None
     if cfg.loss_match > 0:   # the loss-matching term reads the TRAINING split only
-        from ..collection.data import splits_from_manifest
-        sp = splits_from_manifest(store.manifest)
+        from ..collection.data import load_splits
+        sp = load_splits(store)
         images = (sp.X_train.to(device), sp.y_train.to(device))
     stepper = _Step(cfg, st.model, diffusion, data.ds, data.norm, rank * b, (rank + 1) * b, images=images)
     meta = _run_meta(cfg, data, diffusion, store, out_dir, world, device)

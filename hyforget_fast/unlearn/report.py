@@ -88,8 +88,8 @@ DISSERTATION = {
 
 def splits_of(store: CheckpointStore):
     """The collection's own train / val / test split, rebuilt from its manifest."""
-    from ..collection.data import splits_from_manifest
-    return splits_from_manifest(store.manifest)
+    from ..collection.data import load_splits
+    return load_splits(store)
 
 
 class StoreView:
