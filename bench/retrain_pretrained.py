@@ -48,7 +48,7 @@ def machine() -> str:
 def commands_for(name: str) -> dict:
     """The card's commands; the first-release recipe for a model without a card yet."""
     try:
-        return P.load_card(name)["commands"]
+        return P.model_card(name)["commands"]
     except ValueError:
         return recipe(*name.split("-", 1))
 

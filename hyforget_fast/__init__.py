@@ -21,7 +21,7 @@ _LAZY = {"CollectConfig": "collection.collect", "preset": "collection.collect", 
          "TrainConfig": "hypernet.train", "train": "hypernet.train", "Hypernet": "hypernet.api",
          "load_hypernet": "hypernet.api", "evaluate_hypernet": "hypernet.evaluate",
          "save_evaluation": "hypernet.evaluate", "pretrained": "hypernet.pretrained",
-         "load_pretrained": "hypernet.pretrained",
+         "load_pretrained": "hypernet.pretrained", "model_card": "hypernet.pretrained",
          # unlearning
          "forget": "unlearn.forget", "ForgetResult": "unlearn.forget", "evaluate_forgetting": "unlearn.report",
          "evaluate_model": "unlearn.report",

@@ -60,8 +60,8 @@ def recipe(setting: str, kind: str) -> dict:
 def commands(setting: str) -> dict:
     """{"collect": ..., "dihyfo1": train command, "dihyfo2": ...} of a setting: the shipped cards'
     (the exact commands their weights came from), else the first-release recipe."""
-    from .hypernet.pretrained import pretrained
-    cards = {c["name"]: c["commands"] for c in pretrained()}
+    from .hypernet.pretrained import model_card, pretrained
+    cards = {c.name: model_card(c.name)["commands"] for c in pretrained()}
     out = {}
     for kind in KINDS:
         c = cards.get(f"{setting}-{kind}") or recipe(setting, kind)
@@ -79,7 +79,7 @@ def _cli(cmd: str, extra: tuple = (), **where) -> list[str]:
 def shipped_settings() -> tuple[str, ...]:
     """The settings whose DiHyFo-1 and DiHyFo-2 are both shipped pretrained."""
     from .hypernet.pretrained import pretrained
-    names = {c["name"] for c in pretrained()}
+    names = {c.name for c in pretrained()}
     return tuple(s for s in SETTINGS if all(f"{s}-{kind}" in names for kind in KINDS))
 
 

@@ -2,7 +2,8 @@
 
 A training folder holds
   checkpoint.safetensors   model.*, ema.*, opt.*, rng.* tensors; metadata {"format": FORMAT,
-                           "config": the JSON config}, written atomically with the tensors
+                           "config": the JSON config, "tensor_sha256": {name: sha256 of the
+                           tensor's dtype, shape and bytes}}, written atomically with the tensors
   config.json              the same config, readable
   curves.json              the training curve
 
@@ -11,6 +12,10 @@ lists every shard's size and hash), not by where it lies: "dir" is the collectio
 to the training folder (so a run moved together with its data still finds it) and "abs_dir" the
 absolute path at training time (so a run moved alone still finds it). `resolve_dataset` finds it,
 or checks a folder the user names (data=), by that hash.
+
+Reading a checkpoint verifies it: a file safetensors cannot parse (truncated, overwritten header)
+is refused with its path, every tensor read is checked against its recorded sha256 (a file
+written before the hashes were recorded is read without that check) and must be finite.
 
 Both the training loop (train.py) and the loader (api.py) import this module; neither imports
 the other's internals.
@@ -27,14 +32,27 @@ CKPT = "checkpoint.safetensors"
 CONFIG = "config.json"
 CURVES = "curves.json"
 FORMAT = "hyforget-hypernet-1"
+HASHES = "tensor_sha256"   # metadata key: {tensor name: tensor_sha256(tensor)}
 
 
 # ---------------------------------------------------------------------------- safetensors
+def tensor_sha256(t) -> str:
+    """sha256 of a tensor's dtype, shape and raw bytes (C order): what a checkpoint records per tensor."""
+    import torch
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_safetensors_atomic(path: str, tensors: dict, metadata: dict) -> None:
-    """Write `tensors` (+ string metadata) to `path` through a temp file, fsync and os.replace."""
+    """Write `tensors` (+ string metadata, + every tensor's sha256 under HASHES) to `path` through a
+    temp file, fsync and os.replace."""
     from safetensors.torch import save_file
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {**metadata, HASHES: json.dumps({k: tensor_sha256(v) for k, v in sorted(tensors.items())})}
+    save_file(tensors, tmp, metadata=metadata)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -42,20 +60,51 @@ def save_safetensors_atomic(path: str, tensors: dict, metadata: dict) -> None:
 
 def read_checkpoint(out_dir: str, device="cpu", prefixes=None) -> tuple[dict, dict]:
     """-> (tensors with names starting with one of `prefixes` (all if None), config dict).
-    The config is read from the safetensors metadata, written atomically with the tensors."""
-    from safetensors import safe_open
+    The config is read from the safetensors metadata, written atomically with the tensors.
+    ValueError naming the file when it is truncated or corrupted (unparseable, a tensor that does
+    not match its recorded sha256, non-finite floating-point values)."""
+    from safetensors import SafetensorError, safe_open
     path = os.path.join(out_dir, CKPT)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {CKPT} in {out_dir}: not a trained hypernetwork folder")
     tensors = {}
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
-        for k in f.keys():
-            if prefixes is None or k.startswith(tuple(prefixes)):
-                tensors[k] = f.get_tensor(k)
-    return tensors, json.loads(meta["config"])
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+            keys = list(f.keys())
+            for k in keys:
+                if prefixes is None or k.startswith(tuple(prefixes)):
+                    tensors[k] = f.get_tensor(k)
+        conf = json.loads(meta["config"])
+        hashes = json.loads(meta[HASHES]) if HASHES in meta else None
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is truncated or corrupted: it cannot be read as a {FORMAT} checkpoint "
+                         f"({type(e).__name__}: {e})") from None
+    verify_tensors(path, tensors, hashes, keys)
+    return tensors, conf
+
+
+def verify_tensors(path: str, tensors: dict, hashes: dict | None, keys=None) -> None:
+    """Raise ValueError naming `path` unless every tensor matches its sha256 in `hashes` (None: a file
+    written before hashes were recorded; not checked), the file's tensor names (`keys`) are the
+    recorded ones, and every floating-point tensor is finite."""
+    import torch
+    if hashes is not None:
+        if keys is not None and sorted(keys) != sorted(hashes):
+            raise ValueError(f"{path} is corrupted: its tensors {sorted(set(keys) ^ set(hashes))[:5]} differ from "
+                             f"the ones recorded when it was written")
+        for k, t in tensors.items():
+            if tensor_sha256(t) != hashes.get(k):
+                raise ValueError(f"{path} is corrupted: tensor {k!r} does not match the sha256 recorded when "
+                                 f"the file was written")
+    for k, t in tensors.items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(f"{path}: tensor {k!r} holds {bad} non-finite value(s) (NaN or inf); the "
+                                 f"checkpoint is corrupted or its training diverged")
 
 
 # ---------------------------------------------------------------------------- dataset identity

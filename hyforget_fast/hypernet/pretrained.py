@@ -1,4 +1,5 @@
-"""Pretrained hypernetworks shipped with the package: `pretrained()`, `load_pretrained(name)`.
+"""Pretrained hypernetworks shipped with the package: `pretrained()` (short records),
+`model_card(name)` (the full card), `load_pretrained(name)`.
 
 Each lives in hyforget_fast/pretrained/<name>/:
   checkpoint.safetensors   the EMA weights only (`ema.*`, float32 or bfloat16), in the training
@@ -8,6 +9,8 @@ Each lives in hyforget_fast/pretrained/<name>/:
                            alignment, conditioning controls, the forgetting table, one recorded
                            forget request (`check`) that a test reproduces, and why it was (re)trained
   start.safetensors        DiHyFo-1 only: the starting classifier of the recorded request
+The card's storage.sha256 records each file's sha256; `load_pretrained` refuses a file that does
+not match (naming it), and the checkpoint's own per-tensor hashes are checked as for any run.
 A pretrained model is matched to a collection by its data split (same digits, classes, seed,
 fractions), not by the collection's bytes: its checkpoints only feed the baselines and
 DiHyFo-1's default start, and the model carries its own loss ranges. `bench/retrain_pretrained.py`
@@ -15,8 +18,10 @@ retrains every shipped model from its card's commands and rewrites weights and c
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -29,44 +34,98 @@ CARD = "card.json"
 START = "start.safetensors"
 
 
+def _names() -> list[str]:
+    if not os.path.isdir(PRETRAINED_DIR):
+        return []
+    return [n for n in sorted(os.listdir(PRETRAINED_DIR)) if os.path.exists(os.path.join(PRETRAINED_DIR, n, CARD))]
+
+
 def _folder(name: str) -> str:
-    names = [c["name"] for c in pretrained()]
+    names = _names()
     if name not in names:
         raise ValueError(f"no pretrained hypernetwork named {name!r}; shipped: {names or 'none'}")
     return os.path.join(PRETRAINED_DIR, name)
 
 
-def pretrained() -> list[dict]:
-    """The shipped hypernetworks' cards (name, kind, setting, commands, results...), sorted by name."""
-    if not os.path.isdir(PRETRAINED_DIR):
-        return []
+@dataclass(frozen=True)
+class PretrainedModel:
+    """One shipped hypernetwork, in short: `model_card(name)` has the whole card."""
+
+    name: str
+    kind: str            # "dihyfo1" / "dihyfo2"
+    setting: str         # e.g. "mnist4"
+    summary: str         # one line: architecture, data, training
+
+    def __repr__(self) -> str:
+        return f"PretrainedModel({self.name!r}: {self.summary})"
+
+
+def _summary(card: dict) -> str:
+    ds, tr = card.get("dataset") or {}, card.get("training") or {}
+    mc = tr.get("model_config") or {}
+    arch = f"width {mc['width']}, depth {mc['depth']}" if "width" in mc and "depth" in mc else "DiT"
+    sizes = "-".join(str(s) for s in ds.get("layer_sizes", ()))
+    steps = f", {tr['steps']} training steps" if tr.get("steps") else ""
+    return (f"{card.get('kind', '?')} ({arch}) for MLPSpec {sizes or '?'} classifiers of digits "
+            f"{ds.get('classes', '?')}{steps}")
+
+
+def pretrained() -> list[PretrainedModel]:
+    """The shipped hypernetworks, sorted by name: short records (name, kind, setting, one-line
+    summary). The full model card (commands, dataset, results) is `model_card(name)`."""
     out = []
-    for name in sorted(os.listdir(PRETRAINED_DIR)):
-        path = os.path.join(PRETRAINED_DIR, name, CARD)
-        if os.path.exists(path):
-            with open(path) as f:
-                out.append(json.load(f))
+    for name in _names():
+        card = model_card(name)
+        out.append(PretrainedModel(name, card.get("kind", "?"), card.get("setting", "?"), _summary(card)))
     return out
 
 
-def load_card(name: str) -> dict:
+def model_card(name: str) -> dict:
+    """The full model card of a shipped hypernetwork (names: `pretrained()`): the exact collection and
+    training commands, dataset identity, training time and machine, prompt alignment, forgetting
+    table, the recorded forget request and the files' sha256."""
     with open(os.path.join(_folder(name), CARD)) as f:
         return json.load(f)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_files(folder: str, card: dict) -> None:
+    """Raise ValueError naming the file when one of `folder`'s files does not have the sha256 its
+    card records (storage.sha256: {file name: hex}); a card without hashes is not checked."""
+    for fname, want in ((card.get("storage") or {}).get("sha256") or {}).items():
+        path = os.path.join(folder, fname)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing (its model card records it)")
+        got = file_sha256(path)
+        if got != want:
+            raise ValueError(f"{path} is corrupted or truncated: its sha256 is {got[:12]}…, its model card "
+                             f"records {want[:12]}… ({os.path.getsize(path)} bytes); reinstall the package")
 
 
 def load_pretrained(name: str, device=None, data: str | None = None) -> Hypernet:
     """A shipped hypernetwork (names: `pretrained()`), ready to sample; its card is `.card`.
     data: a collection made on the same data split (the card's collect command makes one); needed
     by what reads the store (DiHyFo-1's default start, the report's baselines)."""
-    hn = load_hypernet(_folder(name), device=device, data=data)
-    hn.card = load_card(name)
+    folder, card = _folder(name), model_card(name)
+    verify_files(folder, card)
+    hn = load_hypernet(folder, device=device, data=data)
+    hn.card = card
     return hn
 
 
 def load_start(name: str) -> torch.Tensor:
     """DiHyFo-1's starting classifier (P,) of the card's recorded request."""
     from safetensors.torch import load_file
-    return load_file(os.path.join(_folder(name), START))["params"]
+    folder = _folder(name)
+    verify_files(folder, model_card(name))
+    return load_file(os.path.join(folder, START))["params"]
 
 
 def export_pretrained(run_dir: str, out_dir: str, card: dict, dtype: torch.dtype = torch.float32,
@@ -84,5 +143,8 @@ def export_pretrained(run_dir: str, out_dir: str, card: dict, dtype: torch.dtype
     save_safetensors_atomic(os.path.join(out_dir, CKPT), cast, {"format": FORMAT, "config": json.dumps(conf, sort_keys=True)})
     if start is not None:
         save_safetensors_atomic(os.path.join(out_dir, START), {"params": start.detach().float().cpu().contiguous()}, {})
+    files = [CKPT] + ([START] if start is not None else [])
+    card = {**card, "storage": {**(card.get("storage") or {}),
+                                "sha256": {f: file_sha256(os.path.join(out_dir, f)) for f in files}}}
     write_json_atomic(os.path.join(out_dir, CARD), card)
     return out_dir
