@@ -182,6 +182,28 @@ TITLES = {"mnist4": "MNIST-4 (784-2-4, pivots {0,1}; dissertation Tables 3.1-3.2
           "mnist10": "MNIST (784-7-10, pivots {5..9}; dissertation Tables 3.3-3.4)"}
 
 
+def _num(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def alignment_table(alignment: dict) -> list[str]:
+    """Markdown lines: prompt alignment on held-out runs ({kind: {"r2": {class: v}, "pearson": {class:
+    v}, "r2_free_mean": v, ...}}) as one table, a row per model and a column per class, 3 decimals."""
+    rows = {kind: a for kind, a in alignment.items() if a}
+    if not rows:
+        return []
+    classes = sorted({c for a in rows.values() for c in (a.get("r2") or {})}, key=lambda c: (len(str(c)), str(c)))
+    head = ["model"] + [f"R² class {c}" for c in classes] + ["R² free-class mean"] + \
+        [f"Pearson class {c}" for c in classes]
+    out = ["Prompt alignment on held-out runs (target loss vs the sampled network's loss, per class):", "",
+           "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for kind, a in rows.items():
+        r2, pe = a.get("r2") or {}, a.get("pearson") or {}
+        out.append("| " + " | ".join([kind, *(_num(r2.get(c)) for c in classes), _num(a.get("r2_free_mean")),
+                                      *(_num(pe.get(c)) for c in classes)]) + " |")
+    return out + [""]
+
+
 def write_combined_report(out: str, reports: dict, train: bool) -> str:
     """OUT/report/report.md: every setting's tables, verdicts and prompt alignment in one file."""
     from .unlearn.report import markdown_tables
@@ -194,10 +216,7 @@ def write_combined_report(out: str, reports: dict, train: bool) -> str:
                f"{rep.get('store_size')} stored checkpoints; K = {rep['k']}, {rep['sampler']} {rep['steps']} steps, "
                f"seeds {rep.get('seeds')}; candidate criterion: {rep['criterion']['text']}. Details, JSON and "
                f"figures: report/{setting}/.", ""]
-        for kind, a in (rep.get("alignment") or {}).items():
-            if a:
-                md.append(f"- {kind} prompt alignment on held-out runs: R² {a.get('r2')} (free-class mean "
-                          f"{a.get('r2_free_mean')}), Pearson {a.get('pearson')}")
+        md += alignment_table(rep.get("alignment") or {})
         md += ["", markdown_tables(rep), "### Verdicts", ""] + [f"- {v}" for v in rep.get("verdicts", [])] + [""]
     path = os.path.join(out, "report", "report.md")
     os.makedirs(os.path.dirname(path), exist_ok=True)

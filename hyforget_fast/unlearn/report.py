@@ -357,7 +357,8 @@ COUNTS = {"relearn_steps", "forget_keep"}
 
 
 def summarize(report: dict) -> dict:
-    """{forget set: {method: {metric: [mean, std, n]}}} over seeds."""
+    """{forget set: {method: {metric: [mean, std, n]}}} over seeds: std is the sample standard
+    deviation (ddof = 1) of the finite values, None (unknown) when fewer than two are finite."""
     out: dict = {}
     for run in report["runs"]:
         key = ",".join(map(str, run["forget"]))
@@ -370,7 +371,7 @@ def summarize(report: dict) -> dict:
                 a = np.asarray([np.nan if v is None else v for v in vals], dtype=np.float64)
                 fin = a[np.isfinite(a)]
                 mets[metric] = [float(fin.mean()) if len(fin) else float(a.mean()),
-                                float(fin.std()) if len(fin) > 1 else 0.0, int(len(a))]
+                                float(fin.std(ddof=1)) if len(fin) > 1 else None, int(len(a))]
     return out
 
 
@@ -380,7 +381,7 @@ def _fmt(cell, count: bool = False) -> str:
         return "inf" if mean == math.inf else "n/a"
     s = f"{mean:.0f}" if count and n == 1 else f"{mean:.1f}" if count else \
         f"{mean:.3f}" if abs(mean) < 100 else f"{mean:.0f}"
-    return s + ((f" ± {std:.1f}" if count else f" ± {std:.3f}") if n > 1 else "")
+    return s + ((f" ± {std:.1f}" if count else f" ± {std:.3f}") if n > 1 and std is not None else "")
 
 
 def _label(m: str) -> str:
@@ -396,7 +397,7 @@ def _count_table(report: dict, key: str, meths: dict) -> list[str]:
     k, n = report["k"], report.get("store_size")
     gens = [g for g in GENERATED if g in meths]
     lines = [f"### D_f = {{{key}}}: candidates that forget and keep (controls)", "",
-             f"Criterion: {report['criterion']['text']}. Mean ± std over seeds {report.get('seeds')}; same K = {k}, "
+             f"Criterion: {report['criterion']['text']}. {_over_seeds(report)}; same K = {k}, "
              f"sampler, seed and selection rule in every column.", "",
              "| source | asked to forget | keep-every-class prompt | unconditional (guidance 0) |", "|---|---|---|---|"]
     for g in gens:
@@ -471,9 +472,22 @@ def _tuning_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+def _over_seeds(report: dict) -> str:
+    seeds = report.get("seeds")
+    if seeds is not None and len(seeds) < 2:
+        return f"One seed ({seeds}): single values, the seed-to-seed spread is unknown"
+    return f"Mean ± std (ddof 1) over seeds {seeds}"
+
+
+def _known(*cells) -> bool:
+    """Every [mean, std, n] cell has a seed-to-seed spread (two or more finite seeds)."""
+    return all(c[1] is not None for c in cells)
+
+
 def _beyond(a, b) -> bool:
-    """a's mean exceeds b's by more than their seed-to-seed spread (std a + std b)."""
-    return a[0] - b[0] > a[1] + b[1]
+    """a's mean exceeds b's by more than their seed-to-seed spread (std a + std b); False when a
+    spread is unknown (one seed)."""
+    return _known(a, b) and a[0] - b[0] > a[1] + b[1]
 
 
 def verdicts(report: dict) -> list[str]:
@@ -512,20 +526,26 @@ def verdicts(report: dict) -> list[str]:
             if "forget_keep" in r:
                 ctl = {c: meths[f"{g}:{c}"]["forget_keep"] for c in CONTROLS if f"{g}:{c}" in meths}
                 beats = all(_beyond(r["forget_keep"], v) for v in ctl.values())
-                desc = ", ".join(f"{c} {v[0]:.1f} ± {v[1]:.1f}" for c, v in ctl.items())
-                if beats and ctl:
+                desc = ", ".join(f"{c} {_fmt(v, True)}" for c, v in ctl.items())
+                if ctl and not _known(r["forget_keep"], *ctl.values()):
+                    why = ("one seed, so the seed-to-seed spread is unknown: no verdict on whether the prompt "
+                           "beats the controls (run more seeds).")
+                elif beats and ctl:
                     why = "the prompt raises the count beyond the controls' seed-to-seed spread."
                 elif r["forget_keep"][0] == 0:
                     why = "no candidate forgets and keeps under any prompt: the model does not follow this request."
                 else:
                     why = ("the prompt does NOT raise the count beyond the controls' spread; the choice among K, "
                            "not the prompt, does the forgetting.")
-                out.append(f"D_f={{{key}}} {LABELS[g]} controls: {r['forget_keep'][0]:.1f} ± {r['forget_keep'][1]:.1f} "
+                out.append(f"D_f={{{key}}} {LABELS[g]} controls: {_fmt(r['forget_keep'], True)} "
                            f"of {report['k']} candidates forget and keep when asked, vs {desc}: " + why)
             for b in ("retrieval", "store", *POST_HOC, *[m for m in meths if m not in LABELS]):
                 if b not in meths or meths[b]["acc_forget"][0] > 0.01:
                     continue
-                if _beyond(meths[b]["phi"], r["phi"]):
+                if not _known(meths[b]["phi"], r["phi"]):
+                    out.append(f"D_f={{{key}}} {LABELS[g]} and {_label(b)}: φ {r['phi'][0]:.3f} vs "
+                               f"{meths[b]['phi'][0]:.3f}; one seed, so the seed spread is unknown (no verdict).")
+                elif _beyond(meths[b]["phi"], r["phi"]):
                     out.append(f"D_f={{{key}}} {LABELS[g]} LOSES on φ to {_label(b)} ({meths[b]['phi'][0]:.3f} vs "
                                f"{r['phi'][0]:.3f}, beyond the seed spread; it also forgets).")
                 elif _beyond(r["phi"], meths[b]["phi"]):
@@ -553,7 +573,7 @@ def save_report(report: dict, out_dir: str) -> dict:
     write_json_atomic(os.path.join(out_dir, "report.json"), json.loads(json.dumps(slim, default=_jsonable)))
     md = ["# HyperForget evaluation", "", f"Data: `{report['data_dir']}` ({report.get('store_size')} stored "
           f"checkpoints); K = {report['k']}, {report['sampler']} {report['steps']} steps; seeds {report.get('seeds')} "
-          f"(numbers are mean ± std over them); retrain: best of {report['retrain_seeds']} seeds on validation; MIA: "
+          f"({'numbers are mean ± std (ddof 1) over them' if len(report.get('seeds') or ()) > 1 else 'one seed: no spread'}); retrain: best of {report['retrain_seeds']} seeds on validation; MIA: "
           f"{report['mia_description']}. MIA and activation distance are computed as in the bad-teacher code "
           "(Chundawat et al. 2023), so one number serves both conventions; φ is given in both: "
           + "; ".join(f"**{k}**: {v}" for k, v in report.get("phi_conventions", {}).items()) + ".", "",
