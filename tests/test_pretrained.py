@@ -1,5 +1,8 @@
 """Pretrained hypernetworks: the shipped weights are tied to their cards (config, one recorded forget
-request reproduced), and the export / load / matching machinery on a tiny model of our own."""
+request reproduced, its numbers recomputed here in plain float64 PyTorch rather than by the fused
+scorer and selection code that wrote them), and the export / load / matching machinery on a tiny
+model of our own."""
+import hashlib
 import os
 
 import numpy as np
@@ -16,7 +19,7 @@ from hyforget_fast.unlearn.forget import forget
 
 torch.set_num_threads(1)
 QUIET = lambda *_: None  # noqa: E731
-SHIPPED = [c["name"] for c in P.pretrained()]
+SHIPPED = [c.name for c in P.pretrained()]
 
 
 def _splits_for(card):
@@ -28,10 +31,32 @@ def test_the_shipped_models_have_cards():
     from hyforget_fast.demo import KINDS, SETTINGS
     assert {"mnist4-dihyfo1", "mnist4-dihyfo2"} <= set(SHIPPED)
     assert set(SHIPPED) <= {f"{s}-{k}" for s in SETTINGS for k in KINDS}
-    for card in P.pretrained():
+    for rec in P.pretrained():
+        card = P.model_card(rec.name)
+        assert (rec.name, rec.kind, rec.setting) == (card["name"], card["kind"], card["setting"])
+        assert len(repr(rec)) < 200 and "\n" not in repr(rec) and rec.name in repr(rec)
         for key in ("commands", "dataset", "training", "prompt_alignment", "forgetting", "check", "reason"):
             assert card[key], (card["name"], key)
         assert "{data}" in card["commands"]["collect"] and "--steps" in card["commands"]["train"]
+
+
+def _plain_scores(params, layer_sizes, X, y, m):
+    """Per-class mean cross-entropy (K, m) and which inputs each network gets right (K, N) of K
+    flat-parameter MLPs, float64, written out here from the flat order (per layer W (out, in)
+    row-major, then b)."""
+    losses, hits = [], []
+    for p in params.double():
+        h, o = X.double(), 0
+        for l, (a, b) in enumerate(zip(layer_sizes, layer_sizes[1:])):
+            W, bias = p[o:o + a * b].view(b, a), p[o + a * b:o + a * b + b]
+            o += a * b + b
+            h = h @ W.T + bias
+            if l < len(layer_sizes) - 2:
+                h = h.clamp_min(0)
+        ce = torch.nn.functional.cross_entropy(h, y, reduction="none")
+        losses.append(torch.stack([ce[y == c].mean() for c in range(m)]))
+        hits.append((h.argmax(1) == y).double())
+    return torch.stack(losses), torch.stack(hits)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -44,10 +69,19 @@ def test_shipped_model_reproduces_its_card(name):
     start = P.load_start(name) if hn.kind == "dihyfo1" else None
     res = forget(hn, chk["forget"], _splits_for(card), k=chk["k"], sampler=chk["sampler"], steps=chk["steps"],
                  seed=chk["seed"], model=start)
-    i = res.chosen
-    assert float(res.candidates["forget_acc"][i]) == pytest.approx(chk["val_forget_acc"], abs=1e-6)
-    assert float(res.candidates["retain_acc"][i]) == pytest.approx(chk["val_retain_acc"], abs=1e-6)
-    np.testing.assert_allclose(res.candidates["class_loss"][i].numpy(), chk["val_class_loss"], rtol=1e-4, atol=1e-5)
+    # the card's numbers, recomputed from the K sampled networks without the fused scorer or `select`
+    splits = _splits_for(card)
+    X, y, m = splits.X_val, splits.y_val, len(card["dataset"]["classes"])
+    loss, hits = _plain_scores(res.candidate_params, card["dataset"]["layer_sizes"], X, y, m)
+    fmask = torch.isin(y, torch.tensor([card["dataset"]["classes"].index(c) for c in chk["forget"]]))
+    f_acc, r_acc = hits[:, fmask].mean(1), hits[:, ~fmask].mean(1)            # pooled over the digits
+    best = [j for j in range(len(f_acc)) if f_acc[j] == f_acc.min()]
+    chosen = max(best, key=lambda j: (r_acc[j], -j))
+    assert chosen == chk["chosen"] == res.chosen
+    assert float(f_acc[chosen]) == pytest.approx(chk["val_forget_acc"], abs=1e-6)
+    assert float(r_acc[chosen]) == pytest.approx(chk["val_retain_acc"], abs=1e-6)
+    np.testing.assert_allclose(loss[chosen].numpy(), chk["val_class_loss"], rtol=1e-4, atol=1e-5)
+    assert int(((f_acc <= 0.01) & (r_acc >= 0.95)).sum()) == chk["forget_keep"]
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +99,14 @@ def test_export_load_and_match_by_split(tiny_run, monkeypatch):
     root, data, run = tiny_run
     monkeypatch.setattr(P, "PRETRAINED_DIR", str(root / "shipped"))
     card = {"name": "toy", "kind": "dihyfo2"}
-    P.export_pretrained(run, str(root / "shipped" / "toy"), card)
+    P.export_pretrained(run, str(root / "shipped" / "toy"), dict(card))
     P.export_pretrained(run, str(root / "shipped" / "toy-bf16"), {"name": "toy-bf16"}, dtype=torch.bfloat16)
-    assert [c["name"] for c in P.pretrained()] == ["toy", "toy-bf16"]
+    assert [c.name for c in P.pretrained()] == ["toy", "toy-bf16"]
     hn = P.load_pretrained("toy", device="cpu")
     ref = hf.load_hypernet(run, device="cpu")
-    assert hn.card == card and hn.cfg == ref.cfg
+    with open(root / "shipped" / "toy" / "checkpoint.safetensors", "rb") as f:   # the card records the file's hash
+        assert hn.card == {**card, "storage": {"sha256": {"checkpoint.safetensors": hashlib.sha256(f.read()).hexdigest()}}}
+    assert hn.card == P.model_card("toy") and hn.cfg == ref.cfg
     for (k, a), (_, b) in zip(hn.model.state_dict().items(), ref.model.state_dict().items()):
         assert torch.equal(a, b), k                                         # float32: exact
     low = P.load_pretrained("toy-bf16", device="cpu")
