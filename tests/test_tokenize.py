@@ -1,4 +1,5 @@
-"""tokenize / detokenize / permute: every backend equals the PyTorch reference bit for bit."""
+"""tokenize / detokenize / permute: every backend equals the PyTorch reference bit for bit, in both
+token layouts (layer-wise chunks and neuron tokens, hyforget_fast/ops/spec.py TokenLayout)."""
 import os
 import shutil
 
@@ -12,8 +13,21 @@ from hyforget_fast.ops import reference as ref
 
 from conftest import gather_backends_for_tests, mlp_specs
 
-BACKENDS = gather_backends_for_tests()
+# Every case compares a backend with the plain-PyTorch reference, so the reference itself is not
+# one of them (it would be compared with itself); the reference is checked against the
+# value-by-value definition instead (test_reference_matches_the_definition).
+BACKENDS = [b for b in gather_backends_for_tests() if getattr(b, "values", b)[0] != "reference"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# normalized round trip x -> (x - shift) * scale -> y / scale + shift: two roundings in the dtype
+ROUND_TRIP_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@st.composite
+def layouts(draw, max_in: int = 41, max_chunk: int = 40) -> hf.TokenLayout:
+    """Layer-wise layouts of odd chunk sizes, or neuron layouts of odd one-hidden-layer MLPs."""
+    if draw(st.booleans()):
+        return hf.TokenLayout(draw(mlp_specs(max_hidden_layers=1, max_in=max_in)), kind="neuron")
+    return hf.TokenLayout(draw(mlp_specs(max_in=max_in)), draw(st.integers(1, max_chunk)))
 
 
 def _case(spec: hf.MLPSpec, batch: int, seed: int, dtype: torch.dtype, device: str):
@@ -25,16 +39,16 @@ def _case(spec: hf.MLPSpec, batch: int, seed: int, dtype: torch.dtype, device: s
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@given(spec=mlp_specs(), chunk=st.integers(1, 40), batch=st.sampled_from([1, 3, 5, 37]), seed=st.integers(0, 2**16),
+@given(layout=layouts(), batch=st.sampled_from([1, 3, 5, 37]), seed=st.integers(0, 2**16),
        dtype=st.sampled_from(DTYPES), use_perm=st.booleans(), use_norm=st.booleans())
-def test_tokenize_matches_reference(backend, device, spec, chunk, batch, seed, dtype, use_perm, use_norm):
-    layout = hf.TokenLayout(spec, chunk)
+def test_tokenize_matches_reference(backend, device, layout, batch, seed, dtype, use_perm, use_norm):
+    spec = layout.spec
     x, perms, norm = _case(spec, batch, seed, dtype, device)
     perms = perms if use_perm else None
     norm = norm if use_norm else None
     got = hf.tokenize(x, layout, perms, norm, backend=backend)
     want = ref.tokenize(x, layout, perms, norm)
-    assert got.shape == (batch, layout.num_tokens, chunk) and got.dtype == dtype
+    assert got.shape == (batch, layout.num_tokens, layout.token_width) and got.dtype == dtype
     assert torch.equal(got, want)
     buf = torch.full_like(want, float("nan"))  # a reused buffer: every value, padding too, is overwritten
     hf.tokenize(x, layout, perms, norm, backend=backend, out=buf)
@@ -42,17 +56,38 @@ def test_tokenize_matches_reference(backend, device, spec, chunk, batch, seed, d
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@given(spec=mlp_specs(), chunk=st.integers(1, 40), batch=st.sampled_from([1, 4, 7]), seed=st.integers(0, 2**16),
+@given(layout=layouts(), batch=st.sampled_from([1, 4, 7]), seed=st.integers(0, 2**16),
        dtype=st.sampled_from(DTYPES), use_norm=st.booleans())
-def test_detokenize_matches_reference_and_inverts(backend, device, spec, chunk, batch, seed, dtype, use_norm):
-    layout = hf.TokenLayout(spec, chunk)
-    x, _, norm = _case(spec, batch, seed, dtype, device)
+def test_detokenize_matches_reference_and_inverts(backend, device, layout, batch, seed, dtype, use_norm):
+    x, _, norm = _case(layout.spec, batch, seed, dtype, device)
     norm = norm if use_norm else None
-    tokens = torch.randn(batch, layout.num_tokens, chunk, generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randn(batch, layout.num_tokens, layout.token_width, generator=torch.Generator().manual_seed(seed))
     tokens = tokens.to(dtype).to(device)
     assert torch.equal(hf.detokenize(tokens, layout, norm, backend=backend), ref.detokenize(tokens, layout, norm))
     if norm is None:  # without normalization the round trip is exact in every dtype
         assert torch.equal(hf.detokenize(hf.tokenize(x, layout, backend=backend), layout, backend=backend), x)
+    else:             # with it, up to the dtype's rounding of the affine map and its inverse
+        back = hf.detokenize(hf.tokenize(x, layout, None, norm, backend=backend), layout, norm, backend=backend)
+        tol = ROUND_TRIP_TOL[dtype]
+        torch.testing.assert_close(back.float(), x.float(), rtol=tol, atol=tol * float(x.float().abs().max()))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@given(spec=mlp_specs(max_hidden_layers=1), batch=st.sampled_from([1, 3, 6]), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(DTYPES), use_norm=st.booleans())
+def test_neuron_tokens_permute_with_the_hidden_units(backend, device, spec, batch, seed, dtype, use_norm):
+    """A hidden-unit permutation of the network is exactly that permutation of the unit tokens;
+    the output-bias token stays where it is."""
+    layout = hf.TokenLayout(spec, kind="neuron")
+    x, perms, norm = _case(spec, batch, seed, dtype, device)
+    norm = norm if use_norm else None
+    h = spec.hidden_sizes[0]
+    plain = hf.tokenize(x, layout, None, norm, backend=backend)                       # (B, h + 1, C)
+    moved = hf.tokenize(x, layout, perms, norm, backend=backend)
+    assert torch.equal(moved[:, :h], plain[:, :h].gather(1, perms[:, :, None].expand(-1, -1, layout.token_width)))
+    assert torch.equal(moved[:, h], plain[:, h])
+    assert torch.equal(hf.tokenize(hf.permute(x, spec, perms, backend=backend), layout, None, norm, backend=backend),
+                       moved)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -65,14 +100,18 @@ def test_permute_matches_reference_and_inverse_restores(backend, device, spec, b
     assert torch.equal(hf.permute(got, spec, inverse, backend=backend), x)
 
 
-@given(spec=mlp_specs(), chunk=st.integers(1, 40), batch=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
-def test_padding_is_zero_and_fused_equals_unfused(spec, chunk, batch, seed):
-    layout = hf.TokenLayout(spec, chunk)
+@given(layout=layouts(), batch=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+def test_padding_is_zero_and_fused_equals_unfused(layout, batch, seed):
+    spec, chunk = layout.spec, layout.token_width
     x, perms, norm = _case(spec, batch, seed, torch.float32, "cpu")
     tokens = hf.tokenize(x, layout, perms, norm)
-    for t, info in enumerate(layout.tokens):
-        assert 1 <= info.length <= chunk
-        assert torch.all(tokens[:, t, info.length:] == 0)
+    mask = layout.token_mask()                                   # (T, C)
+    assert int(mask.sum()) == spec.num_params
+    assert torch.all(tokens[:, mask == 0] == 0)
+    if layout.kind == "layer":   # the mask says what the token descriptions say
+        for t, info in enumerate(layout.tokens):
+            assert 1 <= info.length <= chunk
+            assert mask[t, :info.length].all() and not mask[t, info.length:].any()
     # one fused pass equals permute, then tokenize with normalization
     assert torch.equal(tokens, hf.tokenize(hf.permute(x, spec, perms), layout, None, norm))
     # normalized round trip is exact up to float32 rounding of the affine map
@@ -100,6 +139,51 @@ def test_layout_describes_every_token():
     assert (first_bias.layer, first_bias.is_bias, first_bias.offset, first_bias.length) == (0, True, 0, 7)
     assert layout.tokens[54].length == 5488 - 54 * 100
     assert sum(t.length for t in layout.tokens) == spec.num_params
+
+
+def test_neuron_layout_holds_each_units_weights_bias_and_outgoing_weights():
+    """The neuron layout by its definition, on a small MLP (3 inputs, 4 hidden units, 2 outputs)."""
+    spec = hf.MLPSpec([3, 4, 2])
+    layout = hf.TokenLayout(spec, kind="neuron")
+    assert (layout.num_tokens, layout.token_width, layout.num_unit_tokens) == (5, 3 + 1 + 2, 4)
+    x = torch.arange(1, spec.num_params + 1, dtype=torch.float32)[None]              # 12 + 4 + 8 + 2 = 26 values
+    (W0, b0), (W1, b1) = spec.unflatten(x)
+    for backend in ("cpp", "triton"):
+        tok = hf.tokenize(x, layout, backend=backend)[0]                              # (5, 6)
+        for j in range(4):
+            assert tok[j].tolist() == [*W0[0, j].tolist(), b0[0, j].item(), *W1[0, :, j].tolist()]
+        assert tok[4].tolist() == [*b1[0].tolist(), 0, 0, 0, 0]
+    assert layout.token_mask()[4].tolist() == [1, 1, 0, 0, 0, 0] and layout.token_mask()[:4].all()
+    assert layout.piece_map()[0].tolist() == [0, 0, 0, 1, 2, 2]
+    assert layout == hf.TokenLayout(spec, None, "neuron") and layout != hf.TokenLayout(spec, 6)
+    assert len({layout, hf.TokenLayout(spec, kind="neuron")}) == 1
+
+
+def test_neuron_layout_refuses_deeper_mlps_and_other_widths():
+    with pytest.raises(ValueError, match="exactly one hidden layer"):
+        hf.TokenLayout(hf.MLPSpec([5, 3, 3, 2]), kind="neuron")
+    with pytest.raises(ValueError, match="8 values wide"):
+        hf.TokenLayout(hf.MLPSpec([5, 3, 2]), 64, kind="neuron")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        hf.TokenLayout(hf.MLPSpec([5, 3, 2]), 4, kind="unit")
+    with pytest.raises(TypeError, match="mix pieces"):
+        hf.TokenLayout(hf.MLPSpec([5, 3, 2]), kind="neuron").tokens
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_ops_taking_a_layout_take_neuron_tokens(backend):
+    """class_metrics / class_outputs read tokens of either layout as the flat networks they hold."""
+    spec = hf.MLPSpec([7, 5, 3])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, spec.num_params, generator=g)
+    X, y = torch.randn(31, 7, generator=g), torch.randint(0, 3, (31,), generator=g)
+    for layout in (hf.TokenLayout(spec, kind="neuron"), hf.TokenLayout(spec, 4)):
+        tokens = hf.tokenize(x, layout, backend=backend)
+        flat, tok = hf.class_metrics(x, spec, X, y), hf.class_metrics(tokens, layout, X, y)
+        for a, b in zip(flat, tok):
+            assert torch.equal(a, b)
+        for a, b in zip(hf.class_outputs(x[:2], spec, X), hf.class_outputs(tokens[:2], layout, X)):
+            assert torch.equal(a, b)
 
 
 def test_sample_perms_is_seeded_and_valid():
@@ -183,6 +267,13 @@ def test_native_ops_pass_torch_opcheck():
                           (x, layout.table, perms, None, torch.empty(3, W)))
     torch.library.opcheck(torch.ops.hyforget.scatter_pieces.default,
                           (torch.randn(3, W), layout.table, norm, spec.num_params))
+    spec = hf.MLPSpec([9, 5, 4])                                   # the neuron layout's strided table
+    layout = hf.TokenLayout(spec, kind="neuron")
+    x, perms = torch.randn(3, spec.num_params), hf.sample_perms(spec, 3, seed=0)
+    W = layout.num_tokens * layout.chunk
+    torch.library.opcheck(torch.ops.hyforget.gather_pieces.default, (x, layout.table, perms, None, W))
+    torch.library.opcheck(torch.ops.hyforget.scatter_pieces.default, (torch.randn(3, W), layout.table, None,
+                                                                      spec.num_params))
 
 
 def test_large_outputs_take_the_huge_page_path_and_stay_exact():
@@ -197,13 +288,15 @@ def test_large_outputs_take_the_huge_page_path_and_stay_exact():
 
 
 def _tokenize_by_definition(x, layout, perms, norm):
-    """Value by value, straight from the definitions in hyforget_fast.ops.spec: an oracle for the
-    vectorized reference that shares none of its code."""
+    """Value by value, straight from the piece table's definition in hyforget_fast.ops.spec
+    (element (r, c) of a piece at DST + r*RS + c*CS): an oracle for the vectorized reference
+    that shares none of its code."""
     spec, chunk = layout.spec, layout.chunk
     out = torch.zeros(x.shape[0], layout.num_tokens * chunk, dtype=x.dtype)
     for b in range(x.shape[0]):
         for p, (l, is_bias, rows, cols) in enumerate(spec.pieces):
             src, dst = int(layout.table[p, 0]), int(layout.table[p, 1])
+            rs, cs = int(layout.table[p, 8]), int(layout.table[p, 9])
             hidden_out = l < spec.num_layers - 1  # rows are hidden units of layer l
             hidden_in = l > 0 and not is_bias     # columns are hidden units of layer l - 1
             for r in range(rows):
@@ -213,14 +306,14 @@ def _tokenize_by_definition(x, layout, perms, norm):
                     v = x[b, src + sr * cols + sc]
                     if norm is not None:
                         v = ((v.float() - norm.stats[p, 0]) * norm.stats[p, 1]).to(x.dtype)
-                    out[b, dst + r * cols + c] = v
+                    out[b, dst + r * rs + c * cs] = v
     return out.view(x.shape[0], layout.num_tokens, chunk)
 
 
-@given(spec=mlp_specs(max_in=9), chunk=st.integers(1, 17), batch=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
+@given(layout=layouts(max_in=9, max_chunk=17), batch=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
        dtype=st.sampled_from(DTYPES), use_perm=st.booleans(), use_norm=st.booleans())
-def test_reference_matches_the_definition(spec, chunk, batch, seed, dtype, use_perm, use_norm):
-    layout = hf.TokenLayout(spec, chunk)
+def test_reference_matches_the_definition(layout, batch, seed, dtype, use_perm, use_norm):
+    spec = layout.spec
     x, perms, norm = _case(spec, batch, seed, dtype, "cpu")
     perms = perms if use_perm else None
     norm = norm if use_norm else None

@@ -94,13 +94,20 @@ def run_emulated(exe, d, x, tokens, table, perms, norm, width, grid, threads):
     return raw[:B * width].view(B, width), raw[B * width:].view(B, P)
 
 
-@settings(max_examples=12)
-@given(spec=mlp_specs(max_hidden_layers=3, max_in=19), chunk=st.integers(1, 23), batch=st.sampled_from([1, 3]),
-       seed=st.integers(0, 2**16), dtype=st.sampled_from(list(DTYPES)), use_perm=st.booleans(),
-       use_norm=st.booleans(), small_grid=st.booleans())
-def test_emulated_cuda_gather_and_scatter_equal_reference(emulator, tmp_path_factory, spec, chunk, batch, seed,
+@settings(max_examples=16)
+@given(spec=mlp_specs(max_hidden_layers=3, max_in=19), chunk=st.integers(1, 23), neuron=st.booleans(),
+       batch=st.sampled_from([1, 3]), seed=st.integers(0, 2**16), dtype=st.sampled_from(list(DTYPES)),
+       use_perm=st.booleans(), use_norm=st.booleans(), small_grid=st.booleans())
+def test_emulated_cuda_gather_and_scatter_equal_reference(emulator, tmp_path_factory, spec, chunk, neuron, batch, seed,
                                                           dtype, use_perm, use_norm, small_grid):
-    layout = hf.TokenLayout(spec, chunk)
+    """Layer-wise layouts (contiguous pieces) and neuron layouts (strided pieces, the first
+    hidden layer of the drawn spec) alike."""
+    if neuron:
+        spec = hf.MLPSpec([spec.in_features, spec.hidden_sizes[0], spec.num_classes])
+        layout = hf.TokenLayout(spec, kind="neuron")
+    else:
+        layout = hf.TokenLayout(spec, chunk)
+    chunk = layout.token_width
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, spec.num_params, generator=g).to(dtype)
     perms = hf.sample_perms(spec, batch, seed=seed) if use_perm else None

@@ -29,16 +29,21 @@ SCRIPT = textwrap.dedent("""
     for dt in ("fp32", "fp16", "bf16"):
         for perm in (True, False):
             for norm in (True, False):
-                sig = {"src_ptr": f"*{dt}", "dst_ptr": f"*{dt}", "table_ptr": "*i64", "perm_ptr": "*i64",
-                       "norm_ptr": "*fp32", "P": "i64", "W": "i64", "PW": "i64", "NPIECES": "constexpr",
-                       "HAS_PERM": "constexpr", "HAS_NORM": "constexpr", "BLOCK": "constexpr"}
-                triton.compile(ASTSource(tok._gather_pieces_kernel, sig, constexprs={
-                    "NPIECES": 6, "HAS_PERM": perm, "HAS_NORM": norm, "BLOCK": 1024}), target=target)
-        sig = {"src_ptr": f"*{dt}", "dst_ptr": f"*{dt}", "table_ptr": "*i64", "norm_ptr": "*fp32", "W": "i64",
-               "P": "i64", "NPIECES": "constexpr", "HAS_NORM": "constexpr", "BLOCK": "constexpr"}
-        ptx = triton.compile(ASTSource(tok._scatter_pieces_kernel, sig, constexprs={
-            "NPIECES": 6, "HAS_NORM": True, "BLOCK": 1024}), target=target).asm["ptx"]
-        assert "div.rn.f32" in ptx, "detokenize must divide with correct rounding (bit-exact vs PyTorch)"
+                for strided in (False, True):   # layer-wise / neuron token layouts
+                    sig = {"src_ptr": f"*{dt}", "dst_ptr": f"*{dt}", "table_ptr": "*i64", "perm_ptr": "*i64",
+                           "norm_ptr": "*fp32", "P": "i64", "W": "i64", "PW": "i64", "NPIECES": "constexpr",
+                           "HAS_PERM": "constexpr", "HAS_NORM": "constexpr", "BLOCK": "constexpr",
+                           "STRIDED": "constexpr"}
+                    triton.compile(ASTSource(tok._gather_pieces_kernel, sig, constexprs={
+                        "NPIECES": 6 if not strided else 4, "HAS_PERM": perm, "HAS_NORM": norm, "BLOCK": 1024,
+                        "STRIDED": strided}), target=target)
+        for strided in (False, True):
+            sig = {"src_ptr": f"*{dt}", "dst_ptr": f"*{dt}", "table_ptr": "*i64", "norm_ptr": "*fp32", "W": "i64",
+                   "P": "i64", "NPIECES": "constexpr", "HAS_NORM": "constexpr", "BLOCK": "constexpr",
+                   "STRIDED": "constexpr"}
+            ptx = triton.compile(ASTSource(tok._scatter_pieces_kernel, sig, constexprs={
+                "NPIECES": 6, "HAS_NORM": True, "BLOCK": 1024, "STRIDED": strided}), target=target).asm["ptx"]
+            assert "div.rn.f32" in ptx, "detokenize must divide with correct rounding (bit-exact vs PyTorch)"
         for sizes in ((784, 7, 10), (784, 13, 9, 10)):
             G, cols1, wp = cm.plan(sizes, 4096)
             sig = {"X": f"*{dt}", "PARAMS": f"*{dt}", "Y": "*i64", "LOSS": "*fp32", "CORR": "*fp32", "META": "*i64",

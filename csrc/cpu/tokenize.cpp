@@ -19,19 +19,37 @@ void check_table(const at::Tensor& table) {
               "hyforget: piece table must be a CPU int64 tensor of shape (n_pieces, ", int(NUM_PIECE_COLS), ")");
 }
 
+// Number of values from the first to one past the last position a piece touches in a row of
+// tokens (the rows it writes in gather, reads in scatter).
+int64_t token_extent(const int64_t* e, bool gather) {
+  const int64_t n = e[ROWS] * e[COLS];
+  if (piece_contiguous(e)) return gather ? e[DLEN] : n;
+  return n == 0 ? 0 : (e[ROWS] - 1) * e[RS] + (e[COLS] - 1) * e[CS] + 1;
+}
+
 // Every piece must read inside a row of `src_width` values and write inside a row of
-// `dst_width` values; `padded` pieces own DLEN output values (gather), others ROWS*COLS.
-void check_pieces(const int64_t* tab, int64_t npieces, int64_t src_width, int64_t dst_width, bool gather) {
+// `dst_width` values; a contiguous piece owns DLEN output values (gather), others ROWS*COLS at
+// their strides. -> the number of token positions the pieces own (== the token row's width
+// when they tile it; fewer means some positions belong to no piece and must be zeroed).
+int64_t check_pieces(const int64_t* tab, int64_t npieces, int64_t src_width, int64_t dst_width, bool gather) {
+  int64_t owned = 0;
   for (int64_t p = 0; p < npieces; ++p) {
     const int64_t* e = tab + p * NUM_PIECE_COLS;
     const int64_t n = e[ROWS] * e[COLS];
-    const int64_t in_off = gather ? e[SRC] : e[DST], out_off = gather ? e[DST] : e[SRC];
-    const int64_t out_len = gather ? e[DLEN] : n;
+    const bool contiguous = piece_contiguous(e);
     TORCH_CHECK(e[DLEN] >= n, "hyforget: piece ", p, " has DLEN < ROWS*COLS");
-    TORCH_CHECK(in_off >= 0 && in_off + n <= src_width, "hyforget: piece ", p, " reads past a row of ", src_width);
+    TORCH_CHECK(e[RS] >= 1 && e[CS] >= 1, "hyforget: piece ", p, " needs strides RS, CS >= 1");
+    TORCH_CHECK(contiguous || (e[DLEN] == n && (e[CS] * e[COLS] <= e[RS] || e[RS] * e[ROWS] <= e[CS])),
+                "hyforget: strided piece ", p, " must have DLEN == ROWS*COLS and be row- or column-major");
+    const int64_t tok_off = e[DST], flat_off = e[SRC], ext = token_extent(e, gather);
+    const int64_t in_off = gather ? flat_off : tok_off, out_off = gather ? tok_off : flat_off;
+    const int64_t in_len = gather ? n : ext, out_len = gather ? ext : n;
+    TORCH_CHECK(in_off >= 0 && in_off + in_len <= src_width, "hyforget: piece ", p, " reads past a row of ", src_width);
     TORCH_CHECK(out_off >= 0 && out_off + out_len <= dst_width, "hyforget: piece ", p, " writes past a row of ",
                 dst_width);
+    owned += contiguous ? e[DLEN] : n;
   }
+  return owned;
 }
 
 const float* norm_ptr(const c10::optional<at::Tensor>& norm, const at::Tensor& table) {
@@ -49,7 +67,7 @@ void gather_sample(const T* src, T* dst, const int64_t* perm, const int64_t* tab
                    int64_t npieces, const float* norm, bool* bad) {
   for (int64_t p = 0; p < npieces; ++p) {
     const int64_t* e = tab + p * NUM_PIECE_COLS;
-    const int64_t rows = e[ROWS], cols = e[COLS];
+    const int64_t rows = e[ROWS], cols = e[COLS], rs = e[RS], cs = e[CS];
     const int64_t* rp = (perm && e[RPERM] >= 0) ? perm + e[RPERM] : nullptr;
     const int64_t* cp = (perm && e[CPERM] >= 0) ? perm + e[CPERM] : nullptr;
     const T* s = src + e[SRC];
@@ -60,8 +78,14 @@ void gather_sample(const T* src, T* dst, const int64_t* perm, const int64_t* tab
       int64_t sr = rp ? rp[r] : r;
       if (static_cast<uint64_t>(sr) >= static_cast<uint64_t>(rows)) { *bad = true; sr = 0; }
       const T* srow = s + sr * cols;
-      T* drow = d + r * cols;
-      if (cp) {
+      T* drow = d + r * rs;
+      if (cs != 1) {  // strided destination (the neuron layout's outgoing weights): no fast path
+        for (int64_t c = 0; c < cols; ++c) {
+          int64_t sc = cp ? cp[c] : c;
+          if (static_cast<uint64_t>(sc) >= static_cast<uint64_t>(cols)) { *bad = true; sc = 0; }
+          drow[c * cs] = norm ? static_cast<T>((static_cast<float>(srow[sc]) - shift) * scale) : srow[sc];
+        }
+      } else if (cp) {
         for (int64_t c = 0; c < cols; ++c) {
           int64_t sc = cp[c];
           if (static_cast<uint64_t>(sc) >= static_cast<uint64_t>(cols)) { *bad = true; sc = 0; }
@@ -73,7 +97,7 @@ void gather_sample(const T* src, T* dst, const int64_t* perm, const int64_t* tab
         std::copy(srow, srow + cols, drow);
       }
     }
-    std::fill(d + rows * cols, d + e[DLEN], T(0));
+    if (piece_contiguous(e)) std::fill(d + rows * cols, d + e[DLEN], T(0));  // a strided piece has no padding
   }
 }
 
@@ -89,7 +113,8 @@ void gather_pieces_out_cpu(const at::Tensor& params, const at::Tensor& table, co
   const int64_t B = x.size(0), P = x.size(1);
   const int64_t* tab = table.data_ptr<int64_t>();
   const int64_t npieces = table.size(0);
-  check_pieces(tab, npieces, P, out_width, /*gather=*/true);
+  // pieces that leave positions unowned (a table that does not tile the row): zero the rows first
+  const bool prefill = check_pieces(tab, npieces, P, out_width, /*gather=*/true) != out_width;
   const int64_t* pp = nullptr;
   int64_t pw = 0;
   at::Tensor pc;
@@ -112,8 +137,10 @@ void gather_pieces_out_cpu(const at::Tensor& params, const at::Tensor& table, co
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
       bool bad = false;
-      for (int64_t b = b0; b < b1; ++b)
+      for (int64_t b = b0; b < b1; ++b) {
+        if (prefill) std::fill(dst + b * out_width, dst + (b + 1) * out_width, scalar_t(0));
         gather_sample(src + b * P, dst + b * out_width, pp ? pp + b * pw : nullptr, tab, npieces, np, &bad);
+      }
       if (bad) any_bad = true;
     });
   });
@@ -162,8 +189,15 @@ at::Tensor scatter_pieces_cpu(const at::Tensor& tokens, const at::Tensor& table,
           const int64_t n = e[ROWS] * e[COLS];
           const scalar_t* s = src + b * W + e[DST];
           scalar_t* d = dst + b * out_width + e[SRC];
-          if (np) {
-            const float shift = np[2 * e[NORM]], scale = np[2 * e[NORM] + 1];
+          const float shift = np ? np[2 * e[NORM]] : 0.f, scale = np ? np[2 * e[NORM] + 1] : 1.f;
+          if (!piece_contiguous(e)) {  // strided: element (r, c) sits at r*RS + c*CS
+            const int64_t rows = e[ROWS], cols = e[COLS], rs = e[RS], cs = e[CS];
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c = 0; c < cols; ++c) {
+                const scalar_t v = s[r * rs + c * cs];
+                d[r * cols + c] = np ? static_cast<scalar_t>(static_cast<float>(v) / scale + shift) : v;
+              }
+          } else if (np) {
             for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(static_cast<float>(s[i]) / scale + shift);
           } else {
             std::copy(s, s + n, d);

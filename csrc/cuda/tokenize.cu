@@ -1,6 +1,9 @@
 // CUDA gather_pieces / scatter_pieces. No torch headers: plain kernels plus launchers that
 // csrc/cuda/tokenize_cuda.cpp calls. One thread per output value (grid.y = sample); the piece
-// table (a few dozen int64) sits in shared memory. Normalization uses __fsub_rn/__fmul_rn/
+// table (a few dozen int64) sits in shared memory. Tables of contiguous pieces only (the
+// layer-wise layout) find a value's piece by a scan over the sorted DST column; a table with
+// strided pieces (the neuron layout, see csrc/piece_table.h) decodes the position against
+// every piece instead. Normalization uses __fsub_rn/__fmul_rn/
 // __fdiv_rn/__fadd_rn so nvcc cannot contract it into FMAs: results equal the PyTorch
 // reference bit for bit.
 #include <cuda_bf16.h>
@@ -33,6 +36,49 @@ __device__ __forceinline__ int find_piece(const int64_t* tab, int npieces, int64
   return p;
 }
 
+// Does piece e own output position d (uint32, in-row)? -> 0 no, 1 a real value at (r, c),
+// 2 zero padding. The ownership rule of csrc/piece_table.h: a contiguous piece owns
+// [DST, DST + DLEN); a strided one its ROWS*COLS positions, decoded along its major stride.
+__device__ __forceinline__ int piece_owns(const int64_t* e, uint32_t d, uint32_t* r, uint32_t* c) {
+  if (d < (uint32_t)e[DST]) return 0;
+  const uint32_t pos = d - (uint32_t)e[DST], rows = (uint32_t)e[ROWS], cols = (uint32_t)e[COLS];
+  if (piece_contiguous(e)) {
+    if (pos >= (uint32_t)e[DLEN]) return 0;
+    if (pos >= rows * cols) return 2;
+    *r = pos / cols;
+    *c = pos - *r * cols;
+    return 1;
+  }
+  const uint32_t rs = (uint32_t)e[RS], cs = (uint32_t)e[CS];
+  if ((uint64_t)cs * cols <= rs) {  // row-major: r from the row stride, c from the rest
+    const uint32_t rr = pos / rs, rem = pos - rr * rs, cc = rem / cs;
+    if (rr >= rows || cc >= cols || rem != cc * cs) return 0;
+    *r = rr;
+    *c = cc;
+  } else {  // column-major
+    const uint32_t cc = pos / cs, rem = pos - cc * cs, rr = rem / rs;
+    if (rr >= rows || cc >= cols || rem != rr * rs) return 0;
+    *r = rr;
+    *c = cc;
+  }
+  return 1;
+}
+
+template <typename T>
+__device__ __forceinline__ T gather_value(const int64_t* e, uint32_t r, uint32_t c, const T* s,
+                                          const int64_t* prow, const float* norm) {
+  const uint32_t rows = (uint32_t)e[ROWS], cols = (uint32_t)e[COLS];
+  if (prow && e[RPERM] >= 0) r = (uint32_t)prow[e[RPERM] + r];
+  if (prow && e[CPERM] >= 0) c = (uint32_t)prow[e[CPERM] + c];
+  // validate=False with a broken permutation gives unspecified values, never a wild read
+  // (a negative index wraps to a huge unsigned one and is clamped too).
+  r = r < rows ? r : 0;
+  c = c < cols ? c : 0;
+  T v = s[e[SRC] + (int64_t)r * cols + c];
+  if (norm) v = from_f<T>(__fmul_rn(__fsub_rn(to_f(v), norm[2 * e[NORM]]), norm[2 * e[NORM] + 1]));
+  return v;
+}
+
 template <typename T>
 __global__ void gather_pieces_kernel(const T* __restrict__ src, T* __restrict__ dst, const int64_t* __restrict__ table,
                                      int npieces, const int64_t* __restrict__ perms, int64_t pw,
@@ -42,24 +88,25 @@ __global__ void gather_pieces_kernel(const T* __restrict__ src, T* __restrict__ 
   __shared__ int64_t tab[kMaxPieces * NUM_PIECE_COLS];
   for (int i = threadIdx.x; i < npieces * NUM_PIECE_COLS; i += blockDim.x) tab[i] = table[i];
   __syncthreads();
+  bool strided = false;  // every thread reads the same few table rows: a uniform branch
+  for (int p = 0; p < npieces; ++p) strided = strided || !piece_contiguous(tab + p * NUM_PIECE_COLS);
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const T* s = src + b * P;
     T* o = dst + b * W;
     const int64_t* prow = perms ? perms + b * pw : nullptr;
     for (uint32_t d = blockIdx.x * blockDim.x + threadIdx.x; d < (uint32_t)W; d += gridDim.x * blockDim.x) {
-      const int64_t* e = tab + find_piece(tab, npieces, d, DST) * NUM_PIECE_COLS;
-      const uint32_t pos = d - (uint32_t)e[DST], rows = (uint32_t)e[ROWS], cols = (uint32_t)e[COLS];
       T v = from_f<T>(0.f);
-      if (pos < rows * cols) {
-        uint32_t r = pos / cols, c = pos - r * cols;
-        if (prow && e[RPERM] >= 0) r = (uint32_t)prow[e[RPERM] + r];
-        if (prow && e[CPERM] >= 0) c = (uint32_t)prow[e[CPERM] + c];
-        // validate=False with a broken permutation gives unspecified values, never a wild read
-        // (a negative index wraps to a huge unsigned one and is clamped too).
-        r = r < rows ? r : 0;
-        c = c < cols ? c : 0;
-        v = s[e[SRC] + (int64_t)r * cols + c];
-        if (norm) v = from_f<T>(__fmul_rn(__fsub_rn(to_f(v), norm[2 * e[NORM]]), norm[2 * e[NORM] + 1]));
+      uint32_t r = 0, c = 0;
+      if (!strided) {
+        const int64_t* e = tab + find_piece(tab, npieces, d, DST) * NUM_PIECE_COLS;
+        if (piece_owns(e, d, &r, &c) == 1) v = gather_value(e, r, c, s, prow, norm);
+      } else {
+        for (int p = 0; p < npieces; ++p) {
+          const int64_t* e = tab + p * NUM_PIECE_COLS;
+          const int own = piece_owns(e, d, &r, &c);
+          if (own == 1) v = gather_value(e, r, c, s, prow, norm);
+          if (own) break;
+        }
       }
       o[d] = v;
     }
@@ -75,7 +122,12 @@ __global__ void scatter_pieces_kernel(const T* __restrict__ src, T* __restrict__
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < (uint32_t)P; i += gridDim.x * blockDim.x) {
       const int64_t* e = tab + find_piece(tab, npieces, i, SRC) * NUM_PIECE_COLS;
-      T v = src[b * W + e[DST] + (i - e[SRC])];
+      uint32_t off = i - (uint32_t)e[SRC];
+      if (!piece_contiguous(e)) {  // strided: element (r, c) sits at r*RS + c*CS
+        const uint32_t cols = (uint32_t)e[COLS], r = off / cols, c = off - r * cols;
+        off = r * (uint32_t)e[RS] + c * (uint32_t)e[CS];
+      }
+      T v = src[b * W + e[DST] + off];
       if (norm) v = from_f<T>(__fadd_rn(__fdiv_rn(to_f(v), norm[2 * e[NORM] + 1]), norm[2 * e[NORM]]));
       dst[b * P + i] = v;
     }

@@ -165,10 +165,10 @@ def _pick_gather(op: str, x: torch.Tensor, backend: str | None) -> str:
     return "reference" if x.dtype == torch.float64 and be != "cpp" else be
 
 
-def _gather(params, table, perms, norm_t, out_width, backend, out=None):
+def _gather(params, table, perms, norm_t, out_width, backend, out=None, strided=False):
     table = table.to(params.device)
     if backend == "triton":
-        return _kernels().tokenize.gather_pieces(params, table, perms, norm_t, out_width, out=out)
+        return _kernels().tokenize.gather_pieces(params, table, perms, norm_t, out_width, out=out, strided=strided)
     if out is None:
         return torch.ops.hyforget.gather_pieces(params, table, perms, norm_t, out_width)
     torch.ops.hyforget.gather_pieces_out(params, table, perms, norm_t, out)
@@ -186,10 +186,12 @@ def _check_out(out: torch.Tensor, shape: tuple, like: torch.Tensor) -> torch.Ten
 def tokenize(params: torch.Tensor, layout: TokenLayout, perms: torch.Tensor | None = None,
              norm: ParamNorm | None = None, *, validate: bool = True, backend: str | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused permute + normalize + tokenize, one pass over memory: (B, P) -> (B, T, chunk).
+    """Fused permute + normalize + tokenize, one pass over memory: (B, P) -> (B, T, C).
 
-    perms: (B, H) int64 hidden-unit permutations (see sample_perms), applied as in
-    reference.permute. norm: a ParamNorm applied per piece. Padding is zero.
+    layout: a TokenLayout of either kind ("layer": C = chunk; "neuron": one token per hidden
+    unit, C = in + 1 + out). perms: (B, H) int64 hidden-unit permutations (see sample_perms),
+    applied as in reference.permute; with neuron tokens they permute the unit tokens. norm: a
+    ParamNorm applied per piece. Padding is zero.
     validate=True checks that every perms row is a permutation (one extra pass over perms).
     out: an optional (B, T, chunk) buffer to write into (saves allocating, and on the CPU
     page-faulting, a fresh output every call).
@@ -207,13 +209,13 @@ def tokenize(params: torch.Tensor, layout: TokenLayout, perms: torch.Tensor | No
         res = _ref.tokenize(params, layout, perms, norm)
         return res if out is None else out.copy_(res)
     res = _gather(params, layout.table, perms, _norm_table(norm, spec, params.device),
-                  layout.num_tokens * layout.chunk, be, flat_out)
+                  layout.num_tokens * layout.chunk, be, flat_out, layout.strided)
     return res.view(shape)  # (B, T, chunk)
 
 
 def detokenize(tokens: torch.Tensor, layout: TokenLayout, norm: ParamNorm | None = None, *,
                backend: str | None = None) -> torch.Tensor:
-    """Exact inverse of tokenize (without perms): (B, T, chunk) -> (B, P), padding dropped."""
+    """Exact inverse of tokenize (without perms): (B, T, C) -> (B, P), padding dropped; either layout kind."""
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in _FLOAT_DTYPES:
@@ -230,7 +232,7 @@ def detokenize(tokens: torch.Tensor, layout: TokenLayout, norm: ParamNorm | None
     P = layout.spec.num_params
     if be == "triton":
         _tk = _kernels().tokenize
-        return _tk.scatter_pieces(flat, layout.table.to(tokens.device), norm_t, P)
+        return _tk.scatter_pieces(flat, layout.table.to(tokens.device), norm_t, P, strided=layout.strided)
     return torch.ops.hyforget.scatter_pieces(flat, layout.table.to(tokens.device), norm_t, P)
 
 

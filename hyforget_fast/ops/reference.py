@@ -32,31 +32,52 @@ def _pieces(params: torch.Tensor, spec: MLPSpec) -> list[torch.Tensor]:
     return [params[:, o:o + r * c] for o, (_, _, r, c) in zip(spec.piece_offsets, spec.pieces)]
 
 
+def _normalize(piece: torch.Tensor, norm: ParamNorm | None, p: int, inverse: bool = False) -> torch.Tensor:
+    """Piece p's affine map in float32, back to the piece's dtype: (x - shift) * scale, or its inverse."""
+    if norm is None:
+        return piece
+    shift, scale = norm.stats[p, 0].to(piece.device), norm.stats[p, 1].to(piece.device)
+    y = piece.float() / scale + shift if inverse else (piece.float() - shift) * scale
+    return y.to(piece.dtype)
+
+
 def tokenize(params: torch.Tensor, layout: TokenLayout, perms: torch.Tensor | None = None,
              norm: ParamNorm | None = None) -> torch.Tensor:
-    """(B, P) -> (B, T, chunk): permute, normalize per piece, cut pieces into zero-padded tokens."""
+    """(B, P) -> (B, T, C): permute, normalize per piece, arrange the pieces into tokens.
+
+    Layer-wise: each piece cut into zero-padded tokens of `chunk` values. Neuron: token j =
+    [W_0[j, :], b_0[j], W_1[:, j]], token h = [b_1, zero padding] (see TokenLayout).
+    """
     spec, chunk = layout.spec, layout.chunk
     x = permute(params, spec, perms) if perms is not None else params
+    pieces = [_normalize(piece, norm, p) for p, piece in enumerate(_pieces(x, spec))]
+    B = x.shape[0]
+    if layout.kind == "neuron":
+        d, h, m = spec.layer_sizes
+        W0, b0, W1, b1 = pieces
+        units = torch.cat([W0.view(B, h, d), b0.view(B, h, 1), W1.view(B, m, h).transpose(1, 2)], 2)  # (B, h, C)
+        return torch.cat([units, F.pad(b1, (0, chunk - m))[:, None]], 1)                              # (B, h+1, C)
     out = []
-    for p, piece in enumerate(_pieces(x, spec)):
-        if norm is not None:
-            shift, scale = norm.stats[p, 0].to(x.device), norm.stats[p, 1].to(x.device)
-            piece = ((piece.float() - shift) * scale).to(x.dtype)
+    for piece in pieces:
         n = piece.shape[1]
         out.append(F.pad(piece, (0, -(-n // chunk) * chunk - n)))  # zero padding of the last token
-    return torch.cat(out, 1).view(x.shape[0], layout.num_tokens, chunk)  # (B, T, chunk)
+    return torch.cat(out, 1).view(B, layout.num_tokens, chunk)  # (B, T, chunk)
 
 
 def detokenize(tokens: torch.Tensor, layout: TokenLayout, norm: ParamNorm | None = None) -> torch.Tensor:
-    """(B, T, chunk) -> (B, P): drop padding, undo normalization (x = y / scale + shift)."""
+    """(B, T, C) -> (B, P): drop padding, undo normalization (x = y / scale + shift)."""
+    spec = layout.spec
+    if layout.kind == "neuron":
+        d, h, m = spec.layer_sizes
+        units = tokens[:, :h]                                                     # (B, h, C)
+        pieces = [units[:, :, :d].flatten(1), units[:, :, d], units[:, :, d + 1:].transpose(1, 2).flatten(1),
+                  tokens[:, h, :m]]
+        return torch.cat([_normalize(piece, norm, p, inverse=True) for p, piece in enumerate(pieces)], 1)
     flat = tokens.reshape(tokens.shape[0], -1)  # (B, T*chunk)
     out, t0 = [], 0
-    for p, (_, _, r, c) in enumerate(layout.spec.pieces):
+    for p, (_, _, r, c) in enumerate(spec.pieces):
         piece = flat[:, t0 * layout.chunk:t0 * layout.chunk + r * c]
-        if norm is not None:
-            shift, scale = norm.stats[p, 0].to(flat.device), norm.stats[p, 1].to(flat.device)
-            piece = (piece.float() / scale + shift).to(flat.dtype)
-        out.append(piece)
+        out.append(_normalize(piece, norm, p, inverse=True))
         t0 += -(-r * c // layout.chunk)
     return torch.cat(out, 1)
 

@@ -19,7 +19,16 @@ import torch
 #   RPERM, CPERM offset of the permutation applied to rows / columns inside a perms row, -1 = none
 #   NORM  index of the piece's (shift, scale) pair in a ParamNorm table
 #   DLEN  number of output values the piece owns (ROWS*COLS plus zero padding)
-PIECE_COLUMNS = ("SRC", "DST", "ROWS", "COLS", "RPERM", "CPERM", "NORM", "DLEN")
+#   RS, CS  destination strides: element (r, c) of the piece goes to DST + r*RS + c*CS
+#
+# A piece is *contiguous* when RS == COLS and CS == 1 (row-major, as in the flat vector): it owns
+# the output range [DST, DST + DLEN), zero-padded after ROWS*COLS (the layer-wise layout). Any
+# other piece is *strided*: it owns exactly its ROWS*COLS positions (DLEN == ROWS*COLS), either
+# row-major (CS*COLS <= RS) or column-major (RS*ROWS <= CS), so that an output position decodes
+# back to at most one (r, c). The neuron layout interleaves strided pieces: token j holds row j
+# of W_0, b_0[j] and column j of W_1. Output positions that no piece owns are zero.
+PIECE_COLUMNS = ("SRC", "DST", "ROWS", "COLS", "RPERM", "CPERM", "NORM", "DLEN", "RS", "CS")
+TOKEN_KINDS = ("layer", "neuron")
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,7 @@ class MLPSpec:
         for p, (l, is_bias, r, c) in enumerate(self.pieces):
             rperm, cperm = self._perm_offsets(l)
             off = self.piece_offsets[p]
-            rows.append([off, off, r, c, rperm, -1 if is_bias else cperm, p, r * c])
+            rows.append([off, off, r, c, rperm, -1 if is_bias else cperm, p, r * c, c, 1])
         return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -128,19 +137,68 @@ class TokenInfo:
     length: int  # number of real values; the rest of the chunk is zero padding
 
 
-class TokenLayout:
-    """Layer-wise tokenization of an MLPSpec's parameters (SPEC §3).
+def table_is_strided(table: torch.Tensor) -> bool:
+    """Whether a piece table (n_pieces, len(PIECE_COLUMNS)) has a strided piece (see PIECE_COLUMNS)."""
+    t = table.cpu()
+    return bool(((t[:, 8] != t[:, 3]) | (t[:, 9] != 1)).any())
 
-    Every piece (weight or bias) is flattened and cut into tokens of at most `chunk` values;
-    the last token of a piece is zero-padded. Tokens are ordered piece by piece in flat order.
+
+def table_footprint(table: torch.Tensor, width: int, padding: bool = True) -> torch.Tensor:
+    """(width,) int64: the piece owning each output position (-1 = none), by the ownership rule of
+    PIECE_COLUMNS; padding=False marks a contiguous piece's zero padding -1 too. ValueError when
+    two pieces claim one position or a piece writes past `width`."""
+    own = torch.full((width,), -1, dtype=torch.int64)
+    for p, e in enumerate(table.tolist()):
+        src, dst, rows, cols, _, _, _, dlen, rs, cs = e
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        pos = (dst + r * rs + c * cs).flatten()
+        if rs == cols and cs == 1:
+            pos = torch.arange(dst, dst + dlen)
+        elif dlen != rows * cols or not (cs * cols <= rs or rs * rows <= cs):
+            raise ValueError(f"strided piece {p} must have DLEN == ROWS*COLS and be row- or column-major")
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= width):
+            raise ValueError(f"piece {p} writes outside an output row of {width}")
+        if (own[pos] >= 0).any() or pos.unique().numel() != pos.numel():
+            raise ValueError(f"piece {p} overlaps another piece")
+        own[pos] = p
+        if not padding and rs == cols and cs == 1:
+            own[dst + rows * cols:dst + dlen] = -1
+    return own
+
+
+class TokenLayout:
+    """How an MLPSpec's flat parameters become tokens (B, T, C): one gather pattern (piece table).
+
+    kind "layer" (G.pt, Peebles et al. 2022; the dissertation's DiHyFo): every piece (weight or
+    bias) is flattened and cut into tokens of at most `chunk` values; the last token of a piece is
+    zero-padded; tokens follow the flat order. C = chunk.
+
+    kind "neuron" (neurons as tokens, as in the weight-space literature: DWSNets, Navon et al.
+    2023; Neural Graphs, Kofinas et al. 2024): for a one-hidden-layer MLP (in, h, out), token j
+    (j < h) holds hidden unit j's incoming weights W_0[j, :], its bias b_0[j] and its outgoing
+    weights W_1[:, j]: C = in + 1 + out values; token h holds the output bias b_1, zero-padded.
+    T = h + 1. Permuting the hidden units permutes tokens 0..h-1 and nothing else, so a model
+    that treats those tokens alike is exactly permutation-equivariant. MLPs with more hidden
+    layers are refused: a unit of a middle layer has its outgoing weights in the next layer's
+    units' incoming weights, so "incoming + bias + outgoing" tokens would hold those weights
+    twice, and there is no single token set whose permutations are all the symmetries (use the
+    layer-wise layout and permutation augmentation there).
+
+    table (n_pieces, len(PIECE_COLUMNS)) int64 drives every backend's kernels; token_mask()
+    (T, C) marks real values, piece_map() (T, C) the piece each value belongs to.
     """
 
-    def __init__(self, spec: MLPSpec, chunk: int):
+    def __init__(self, spec: MLPSpec, chunk: int | None = None, kind: str = "layer"):
         if not isinstance(spec, MLPSpec):
             raise TypeError(f"TokenLayout needs an MLPSpec, got {type(spec).__name__}")
-        if int(chunk) != chunk or chunk <= 0:
+        if kind not in TOKEN_KINDS:
+            raise ValueError(f"TokenLayout kind must be one of {TOKEN_KINDS}, got {kind!r}")
+        self.spec, self.kind = spec, kind
+        if kind == "neuron":
+            self._init_neuron(spec, chunk)
+            return
+        if chunk is None or isinstance(chunk, bool) or int(chunk) != chunk or chunk <= 0:
             raise ValueError(f"TokenLayout chunk must be a positive integer, got {chunk!r}")
-        self.spec = spec
         self.chunk = int(chunk)
         tokens, table, t0 = [], [], 0
         for p, (l, is_bias, r, c) in enumerate(spec.pieces):
@@ -150,27 +208,79 @@ class TokenLayout:
                 tokens.append(TokenInfo(l, bool(is_bias), k * self.chunk, min(self.chunk, n - k * self.chunk)))
             rperm, cperm = spec._perm_offsets(l)
             table.append([spec.piece_offsets[p], t0 * self.chunk, r, c, rperm,
-                          -1 if is_bias else cperm, p, ntok * self.chunk])
+                          -1 if is_bias else cperm, p, ntok * self.chunk, c, 1])
             t0 += ntok
-        self.tokens: tuple[TokenInfo, ...] = tuple(tokens)
-        self.table = torch.tensor(table, dtype=torch.int64)  # (n_pieces, 8), see PIECE_COLUMNS
+        self._tokens: tuple[TokenInfo, ...] | None = tuple(tokens)
+        self._num_tokens = len(tokens)
+        self.table = torch.tensor(table, dtype=torch.int64)  # (n_pieces, 10), see PIECE_COLUMNS
+
+    def _init_neuron(self, spec: MLPSpec, chunk) -> None:
+        if spec.num_layers != 2:
+            raise ValueError(f"neuron tokens need an MLP with exactly one hidden layer, got MLPSpec"
+                             f"{spec.layer_sizes} with {spec.num_layers - 1}; deeper MLPs have no token set whose "
+                             "permutations are their symmetries (use kind='layer' with permutation augmentation)")
+        d, h, m = spec.layer_sizes
+        C = d + 1 + m
+        if chunk is not None and chunk != C:
+            raise ValueError(f"neuron tokens of MLPSpec{spec.layer_sizes} are {C} values wide (in + 1 + out); "
+                             f"chunk {chunk!r} cannot change that (pass chunk=None)")
+        self.chunk = C
+        o = spec.piece_offsets
+        self.table = torch.tensor([
+            # SRC  DST     ROWS COLS RPERM CPERM NORM DLEN   RS CS
+            [o[0], 0,      h,   d,   0,    -1,   0,   h * d, C, 1],    # W_0 row j -> token j [0, d)
+            [o[1], d,      h,   1,   0,    -1,   1,   h,     C, 1],    # b_0[j]    -> token j [d]
+            [o[2], d + 1,  m,   h,   -1,   0,    2,   m * h, 1, C],    # W_1[:, j] -> token j [d+1, C)
+            [o[3], h * C,  m,   1,   -1,   -1,   3,   C,     1, 1],    # b_1 -> token h, zero-padded
+        ], dtype=torch.int64)
+        self._tokens = None
+        self._num_tokens = h + 1
+
+    @property
+    def tokens(self) -> tuple[TokenInfo, ...]:
+        """Layer-wise layout: what each token holds (layer, is_bias, offset, length)."""
+        if self._tokens is None:
+            raise TypeError("a neuron TokenLayout's tokens mix pieces; use token_mask() / piece_map()")
+        return self._tokens
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens)
+        return self._num_tokens
 
     @property
     def token_width(self) -> int:
         return self.chunk
 
+    @property
+    def num_unit_tokens(self) -> int:
+        """Neuron layout: the h hidden-unit tokens come first (the output-bias token last); 0 for "layer"."""
+        return self._num_tokens - 1 if self.kind == "neuron" else 0
+
+    @cached_property
+    def strided(self) -> bool:
+        """Whether the table has strided pieces (kernels then take their general path)."""
+        return table_is_strided(self.table)
+
+    def piece_map(self) -> torch.Tensor:
+        """(T, C) int64: index of the piece (flat order) each token value belongs to, -1 = padding."""
+        own = table_footprint(self.table, self._num_tokens * self.chunk, padding=False)
+        return own.view(self._num_tokens, self.chunk)
+
+    def token_mask(self) -> torch.Tensor:
+        """(T, C) float32: 1 at real values, 0 at zero padding."""
+        return (self.piece_map() >= 0).float()
+
     def __repr__(self) -> str:
+        if self.kind == "neuron":
+            return f"TokenLayout({self.spec.layer_sizes}, kind='neuron', tokens={self.num_tokens} of {self.chunk})"
         return f"TokenLayout({self.spec.layer_sizes}, chunk={self.chunk}, tokens={self.num_tokens})"
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, TokenLayout) and other.spec == self.spec and other.chunk == self.chunk
+        return (isinstance(other, TokenLayout) and other.spec == self.spec and other.chunk == self.chunk
+                and other.kind == self.kind)
 
     def __hash__(self) -> int:
-        return hash((self.spec, self.chunk))
+        return hash((self.spec, self.chunk, self.kind))
 
 
 class ParamNorm:
@@ -178,7 +288,7 @@ class ParamNorm:
 
     One (shift, scale) pair per piece (each layer's weight and bias), fitted on a dataset of
     flat parameter vectors so that normalized values have zero mean and unit variance, which
-    lets the forward diffusion process destroy nearly all signal (SPEC §3).
+    lets the forward diffusion process destroy nearly all signal (G.pt, Peebles et al. 2022).
     """
 
     def __init__(self, spec: MLPSpec, stats: torch.Tensor):
