@@ -112,6 +112,9 @@ def _add_train(sub):
     p.add_argument("--depth", type=int, help="override the preset's number of blocks")
     p.add_argument("--heads", type=int)
     p.add_argument("--chunk", type=int, help="override the preset's token size")
+    p.add_argument("--tokens", choices=["layer", "neuron"],
+                   help="token layout: layer = chunks of each layer (default), neuron = one token per hidden "
+                        "unit (exactly permutation-equivariant; one-hidden-layer MLPs)")
     p.add_argument("--target-dropout", type=float, dest="cond_dropout", metavar="P",
                    help="chance of training without the target (classifier-free guidance; presets 0.1)")
     p.add_argument("--max-freq-log2", type=float, help="override the scalar encoding's top frequency 2^F (14)")
@@ -145,6 +148,7 @@ def cmd_train(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     over = {k: v for k, v in {"width": a.width, "depth": a.depth, "heads": a.heads, "chunk": a.chunk,
+                              "tokens": a.tokens,
                               "cond_dropout": a.cond_dropout, "max_freq_log2": a.max_freq_log2,
                               "cond": a.cond, "target_repr": a.target_repr,
                               "target_max_freq_log2": a.target_max_freq_log2}.items()

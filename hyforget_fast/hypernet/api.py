@@ -198,7 +198,9 @@ class Hypernet:
             back = None
             if self.kind == "dihyfo1":
                 th_raw = theta[lo:hi].contiguous()
-                perms = canonical_perms(th_raw, self.spec) if self.unit_order == "canonical" else None
+                # neuron tokens: an equivariant model, θ goes in its own unit order (models.py)
+                canon = self.unit_order == "canonical" and self.layout.kind == "layer"
+                perms = canonical_perms(th_raw, self.spec) if canon else None
                 th = tokenize(th_raw, self.layout, perms, self.norm)
                 if perms is not None:   # inverse perms: θ* comes back in θ's unit order
                     back = torch.cat([perms[:, o:o + h].argsort(dim=1)

@@ -1,4 +1,4 @@
-"""DiHyFo-1 and DiHyFo-2: G.pt-style Diffusion Transformers over parameter tokens (SPEC §2-3).
+"""DiHyFo-1 and DiHyFo-2: G.pt-style Diffusion Transformers over parameter tokens (the dissertation's models).
 
 Sequence (one row of the batch), in order:
   scalar tokens   t, then per class: target loss L*_c (both models), and for DiHyFo-1 also the
@@ -20,7 +20,20 @@ normalized mean).
 The model predicts x0 (the clean normalized θ*); padding values of the last token of a piece
 are forced to 0 by a (T, chunk) mask.
 
-Conditioning (`HypernetConfig.cond`, issue 14):
+Token layout (`HypernetConfig.tokens`, ops/spec.py TokenLayout):
+  "layer"   the G.pt layout above: chunks of each layer's weight / bias, every position with its
+            own maps and positional embedding (the default; configs saved before the field load so).
+  "neuron"  one token per hidden unit (its incoming weights, bias and outgoing weights: C = in +
+            1 + out) and one output-bias token, for one-hidden-layer MLPs. Every hidden-unit token
+            shares ONE input map, ONE output map and ONE type embedding (no per-position
+            embedding among them), and attention has no mask, so nothing tells the units apart:
+            permuting the hidden units of x_t (and of θ for DiHyFo-1) permutes the prediction
+            exactly (DWSNets, Navon et al. 2023; Neural Graphs, Kofinas et al. 2024). The output-
+            bias token has its own maps and embedding. DiHyFo-1 adds each unit's embedded θ token to
+            the same unit's θ*_t token and predicts θ + delta, as in the layer-wise model. No
+            canonical order or permutation augmentation is needed (train.py skips both).
+
+Conditioning (`HypernetConfig.cond`, ablation in bench/RESULTS.md §4):
   "tokens"  the in-context scalar tokens above (G.pt; the default of configs saved before it existed).
   "adaln"   DiT's adaLN-Zero (Peebles & Xie 2023): the sequence holds only the parameter tokens;
             the conditioning vector c = MLP_t(enc(t)) + MLP_target(enc(target part))
@@ -46,10 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.spec import MLPSpec, TokenLayout
+from ..ops.spec import TOKEN_KINDS, MLPSpec, TokenLayout
 from ..configs import strict_fields
 
 KINDS = ("dihyfo1", "dihyfo2")
+TOKENS = TOKEN_KINDS    # "layer" (G.pt chunks) or "neuron" (one token per hidden unit)
 CONDS = ("tokens", "adaln")
 TARGET_REPRS = ("raw", "log")
 LOG_EPS = 1e-3      # log(L + LOG_EPS): losses of well-trained classes go down to ~1e-4
@@ -57,7 +71,7 @@ LOG_EPS = 1e-3      # log(L + LOG_EPS): losses of well-trained classes go down t
 # Presets: width, depth, heads, chunk. `tiny` trains on a 2-core CPU in minutes; `paper` is the
 # dissertation's MNIST scale (chunk 1000 as G.pt's MNIST tokens). `tiny` conditions by adaLN-Zero
 # on log targets (with TRAIN_PRESETS' canonical unit order): the winner of bench/bench_alignment.py
-# (RESULTS §4, issue 14); `paper` keeps the G.pt design until measured at that scale.
+# (bench/RESULTS.md §4); `paper` keeps the G.pt design until measured at that scale.
 PRESETS = {
     "tiny": dict(width=128, depth=4, heads=4, chunk=64, cond_dropout=0.1, cond="adaln", target_repr="log"),
     "paper": dict(width=1536, depth=12, heads=16, chunk=1000, cond_dropout=0.1),
@@ -83,12 +97,16 @@ class HypernetConfig:
     target_log_mean: float = 0.0       # "log": statistics of log(L + LOG_EPS) on the training data
     target_log_std: float = 1.0
     target_max_freq_log2: float = 3.0  # "log": encoding frequencies 2**linspace(0, this)
+    tokens: str = "layer"              # "layer" (chunks of `chunk` values) or "neuron" (one token per hidden
+                                       # unit; `chunk` unused); configs saved before the field: "layer"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
         if self.cond not in CONDS:
             raise ValueError(f"cond must be one of {CONDS}, got {self.cond!r}")
+        if self.tokens not in TOKENS:
+            raise ValueError(f"tokens must be one of {TOKENS}, got {self.tokens!r}")
         if self.target_repr not in TARGET_REPRS:
             raise ValueError(f"target_repr must be one of {TARGET_REPRS}, got {self.target_repr!r}")
         if not (math.isfinite(self.target_log_mean) and math.isfinite(self.target_log_std) and self.target_log_std > 0):
@@ -102,6 +120,7 @@ class HypernetConfig:
             raise ValueError("width, depth, heads, chunk and num_freqs must be positive")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        self.layout  # neuron tokens of a deeper MLP are refused here, naming the reason
 
     @property
     def spec(self) -> MLPSpec:
@@ -113,6 +132,8 @@ class HypernetConfig:
 
     @property
     def layout(self) -> TokenLayout:
+        if self.tokens == "neuron":
+            return TokenLayout(self.spec, kind="neuron")
         return TokenLayout(self.spec, self.chunk)
 
     def to_dict(self) -> dict:
@@ -159,6 +180,28 @@ class TokenLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bti,tio->bto", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)
+
+
+class UnitLinear(nn.Module):
+    """Neuron tokens' maps: ONE linear map shared by the hidden-unit tokens 0..T-2, and one of its
+    own for the output-bias token T-1: (B, T, i) -> (B, T, o). Sharing is what makes the model
+    permutation-equivariant: a unit's token is mapped the same way wherever it sits."""
+
+    def __init__(self, d_in: int, d_out: int, zero: bool = False):
+        super().__init__()
+        bound = 1.0 / math.sqrt(d_in)
+
+        def w():
+            return torch.zeros(d_in, d_out) if zero else torch.empty(d_in, d_out).uniform_(-bound, bound)
+        self.weight = nn.Parameter(w())                                      # (i, o) hidden-unit tokens
+        self.bias = nn.Parameter(torch.zeros(d_out))                         # (o,)
+        self.last_weight = nn.Parameter(w())                                 # (i, o) output-bias token
+        self.last_bias = nn.Parameter(torch.zeros(d_out))                    # (o,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        units = x[:, :-1] @ self.weight.to(x.dtype) + self.bias.to(x.dtype)          # (B, T-1, o)
+        last = x[:, -1:] @ self.last_weight.to(x.dtype) + self.last_bias.to(x.dtype)  # (B, 1, o)
+        return torch.cat([units, last], 1)
 
 
 class Block(nn.Module):
@@ -219,16 +262,19 @@ class DiHyFo(nn.Module):
 
     forward(x_t (B, T, C), t (B,), target_loss (B, m), theta (B, T, C) = None, loss (B, m) = None,
     drop_target (B,) bool = None) -> x0 prediction (B, T, C) float32. T = layout.num_tokens,
-    C = chunk. DiHyFo-1 needs theta and loss (the current parameters and their per-class losses)
-    and returns theta + delta. Rows with drop_target True see "no target" (guidance's unconditional
-    branch; trained with probability cfg.cond_dropout).
+    C = layout.token_width (chunk, or in + 1 + out for neuron tokens). DiHyFo-1 needs theta and
+    loss (the current parameters and their per-class losses) and returns theta + delta. Rows with
+    drop_target True see "no target" (guidance's unconditional branch; trained with probability
+    cfg.cond_dropout). With neuron tokens, permuting tokens 0..T-2 of x_t (and theta) permutes
+    the output the same way.
     """
 
     def __init__(self, cfg: HypernetConfig, num_diffusion_steps: int = 1000):
         super().__init__()
         self.cfg = cfg
         self.layout = cfg.layout
-        T, C, W, m = self.layout.num_tokens, cfg.chunk, cfg.width, cfg.num_classes
+        T, C, W, m = self.layout.num_tokens, self.layout.token_width, cfg.width, cfg.num_classes
+        self.neuron = self.layout.kind == "neuron"
         self.num_steps = int(num_diffusion_steps)
         self.conditional_on_theta = cfg.kind == "dihyfo1"
         self.adaln = cfg.cond == "adaln"
@@ -253,9 +299,13 @@ class DiHyFo(nn.Module):
             self.target_slots = list(range(1, 1 + m)) + (list(range(1 + 2 * m, 1 + 3 * m)) if self.conditional_on_theta else [])
             self.null_target = nn.Parameter(torch.zeros(len(self.target_slots), W))
             n_seq = self.num_scalars + T
-        self.x_in = TokenLinear(T, C, W)
-        self.theta_in = TokenLinear(T, C, W) if self.conditional_on_theta else None
-        self.pos = nn.Parameter(torch.zeros(1, n_seq, W))                  # learned, zero-initialised
+        per_token = UnitLinear if self.neuron else (lambda i, o, zero=False: TokenLinear(T, i, o, zero))
+        self.x_in = per_token(C, W)
+        self.theta_in = per_token(C, W) if self.conditional_on_theta else None
+        self.n_seq = n_seq
+        # learned, zero-initialised; neuron tokens: the scalar positions, then ONE embedding shared
+        # by all hidden-unit tokens and one for the output-bias token (expanded by _pos)
+        self.pos = nn.Parameter(torch.zeros(1, n_seq - T + 2 if self.neuron else n_seq, W))
         blk = AdaLNBlock if self.adaln else Block
         self.blocks = nn.ModuleList([blk(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         if self.adaln:
@@ -265,14 +315,18 @@ class DiHyFo(nn.Module):
             nn.init.zeros_(self.ada_f.bias)
         else:
             self.ln_f = nn.LayerNorm(W)
-        self.out = TokenLinear(T, W, C, zero=True)                          # zero-initialised decoder
-        mask = torch.zeros(T, C)
-        for i, tok in enumerate(self.layout.tokens):
-            mask[i, :tok.length] = 1.0
-        self.register_buffer("token_mask", mask, persistent=False)         # (T, C) 1 = real value
+        self.out = per_token(W, C, zero=True)                               # zero-initialised decoder
+        self.register_buffer("token_mask", self.layout.token_mask(), persistent=False)  # (T, C) 1 = real value
+
+    def _pos(self) -> torch.Tensor:
+        """(1, N, W) embedding of every sequence position (neuron tokens: the unit type repeated)."""
+        if not self.neuron:
+            return self.pos
+        S, h = self.n_seq - self.layout.num_tokens, self.layout.num_unit_tokens
+        return torch.cat([self.pos[:, :S], self.pos[:, S:S + 1].expand(-1, h, -1), self.pos[:, S + 1:]], 1)
 
     def _check(self, x_t, t, target_loss, theta, loss):
-        T, C, m = self.layout.num_tokens, self.cfg.chunk, self.cfg.num_classes
+        T, C, m = self.layout.num_tokens, self.layout.token_width, self.cfg.num_classes
         if x_t.ndim != 3 or x_t.shape[1:] != (T, C):
             raise ValueError(f"x_t must be (B, {T}, {C}) tokens, got {tuple(x_t.shape)}")
         B = x_t.shape[0]
@@ -313,7 +367,7 @@ class DiHyFo(nn.Module):
             p = self.x_in(x_t)                                              # (B, T, W)
             if self.conditional_on_theta:
                 p = p + self.theta_in(theta)
-            h = torch.cat([s, p], 1) + self.pos                             # (B, S + T, W)
+            h = torch.cat([s, p], 1) + self._pos()                          # (B, S + T, W)
             for blk in self.blocks:
                 h = blk(h)
             T = self.layout.num_tokens
@@ -348,7 +402,7 @@ class DiHyFo(nn.Module):
             h = self.x_in(x_t)                                              # (B, T, W)
             if self.conditional_on_theta:
                 h = h + self.theta_in(theta)
-            h = h + self.pos
+            h = h + self._pos()
             for blk in self.blocks:
                 h = blk(h, c)
             shift, scale = self.ada_f(F.silu(c)).chunk(2, dim=1)
@@ -358,8 +412,8 @@ class DiHyFo(nn.Module):
 
     def num_flops_per_sample(self) -> int:
         """Model FLOPs of one forward (matmuls only, 2 per multiply-add), for MFU reporting."""
-        W, T, C = self.cfg.width, self.layout.num_tokens, self.cfg.chunk
-        N = self.pos.shape[1]
+        W, T, C = self.cfg.width, self.layout.num_tokens, self.layout.token_width
+        N = self.n_seq
         hidden = int(W * self.cfg.mlp_ratio)
         per_block = 2 * N * (3 * W * W + W * W + 2 * W * hidden) + 2 * 2 * N * N * W
         io = 2 * (self.num_scalars * self.encoder.dim * W + T * C * W * (2 if self.conditional_on_theta else 1)

@@ -170,11 +170,11 @@ def loss_weight(layout, how: str, mask: torch.Tensor) -> torch.Tensor:
         return mask
     if how != "piece":
         raise ValueError(f"loss_weighting must be 'piece' or 'value', got {how!r}")
-    size = {}
-    for tok in layout.tokens:
-        size[(tok.layer, tok.is_bias)] = size.get((tok.layer, tok.is_bias), 0) + tok.length
-    per_tok = torch.tensor([1.0 / size[(tok.layer, tok.is_bias)] for tok in layout.tokens], device=mask.device)
-    return mask * per_tok[:, None] * (mask.sum() / len(size))    # mean weight 1 over real values
+    # piece of every token value (either layout kind: neuron tokens mix pieces), -1 = padding
+    sizes = [r * c for _, _, r, c in layout.spec.pieces]
+    per_piece = torch.tensor([1.0 / n for n in sizes], device=mask.device)
+    per_val = per_piece[layout.piece_map().to(mask.device).clamp(min=0)]          # (T, C)
+    return mask * per_val * (mask.sum() / len(sizes))    # mean weight 1 over real values
 
 
 # ---------------------------------------------------------------------------- model parts
@@ -248,6 +248,8 @@ class _Step:
         perms = sample_perms(self.spec, B, generator=gen)[lo:hi]                 # (b, H) one per pair
         if self.cfg.unit_order == "canonical":   # same draws as "random", so both follow one stream
             perms = canonical_perms(batch["theta"] if pair else batch["params"], self.spec)
+        if self.layout.kind == "neuron":   # an equivariant model (models.py): unit order changes nothing
+            perms = None
         t = self.diffusion.sample_t(B, gen)[lo:hi]                               # (b,)
         mask = self.model.token_mask                                             # (T, C)
         noise = torch.randn((B, *mask.shape), generator=gen, device=mask.device)[lo:hi] * mask
@@ -630,8 +632,9 @@ def train(cfg: TrainConfig | None, data_dir: str, out_dir: str, resume: bool = F
             return _evaluate(cfg, s, data, diffusion, meta, store, log)
 
     n_model = sum(p.numel() for p in st.model.parameters())
-    log(f"training {cfg.model} ({cfg.preset}, {n_model / 1e6:.2f} M params, {data.hcfg.layout.num_tokens} tokens of "
-        f"{data.hcfg.chunk}) on {len(data.ds.rows)} checkpoints of {len(data.train_runs)} runs ({len(data.held)} "
+    lay = data.hcfg.layout
+    log(f"training {cfg.model} ({cfg.preset}, {n_model / 1e6:.2f} M params, {lay.num_tokens} {lay.kind} tokens of "
+        f"{lay.token_width}) on {len(data.ds.rows)} checkpoints of {len(data.train_runs)} runs ({len(data.held)} "
         f"held out), batch {cfg.batch_size} x {world} process(es) on {device}, steps {st.step} -> {cfg.steps}")
     end = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
     stopped = _loop(cfg, st, stepper, fwd, rec, end, world, device, log, evaluate)
