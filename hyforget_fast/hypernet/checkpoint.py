@@ -144,6 +144,12 @@ def _describe(ident: dict) -> str:
 SPLIT_IDENTITY = ("source", "classes", "seed", "fractions", "sizes", "data_sha256")
 
 
+def split_differences(want: dict, got: dict) -> dict:
+    """{field: (recorded, given)} for every SPLIT_IDENTITY field that the recorded split `want`
+    holds and the split `got` (a manifest's record or `DigitSplits.describe()`) differs in."""
+    return {k: (want[k], got.get(k)) for k in SPLIT_IDENTITY if k in want and want[k] != got.get(k)}
+
+
 def check_same_dataset(ident: dict, root: str, what: str = "this hypernetwork") -> None:
     """Raise ValueError, naming `root`, when the collection there is not the one `ident` records.
 
@@ -154,7 +160,7 @@ def check_same_dataset(ident: dict, root: str, what: str = "this hypernetwork") 
         from ..collection.store import CheckpointStore
         man = CheckpointStore(root, verify="size").manifest
         want, got_split = ident.get("split") or {}, man.get("split") or {}
-        diff = [k for k in SPLIT_IDENTITY if k in want and want[k] != got_split.get(k)]
+        diff = list(split_differences(want, got_split))
         if list(man["spec"]["layer_sizes"]) != list(ident["layer_sizes"]) or list(man["classes"]) != list(ident["classes"]):
             diff = ["layer_sizes / classes"] + diff
         if diff:
