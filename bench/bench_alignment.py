@@ -1,4 +1,4 @@
-"""Conditioning ablation of DiHyFo-1 / DiHyFo-2 (issue 14): one change at a time, same data,
+"""Conditioning ablation of DiHyFo-1 / DiHyFo-2 (bench/RESULTS.md §4): one change at a time, same data,
 seed and STEP budget; prompt alignment and the conditioning controls per variant.
 
 Every variant trains with `hyforget_fast.hypernet.train.train` on the same collection, with the
@@ -16,7 +16,7 @@ are robust to CPU contention; the wall time is recorded beside them). Then, on i
     best stored checkpoint (forget()'s default).
 
 Variants (name -> HypernetConfig / TrainConfig fields):
-  tokens          cond tokens, target_repr raw, unit_order random   (the pre-issue-14 design)
+  tokens          cond tokens, target_repr raw, unit_order random   (the design before this ablation)
   tokens-log      cond tokens, target_repr log, unit_order random
   adaln           cond adaln,  target_repr raw, unit_order random
   adaln-log       cond adaln,  target_repr log, unit_order random

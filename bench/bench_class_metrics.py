@@ -1,4 +1,4 @@
-"""Benchmark of class_metrics (issue 3): B MLPs scored on the bundled MNIST digits, side by side.
+"""Benchmark of class_metrics (bench/RESULTS.md §2): B MLPs scored on the bundled MNIST digits, side by side.
 
   python bench/bench_class_metrics.py [--quick] [--full] [--out FILE]
 

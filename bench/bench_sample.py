@@ -1,4 +1,4 @@
-"""Latency of generating K networks: DDIM at 20/50/100 steps and DDPM at 1000 steps (issue 8).
+"""Latency of generating K networks: DDIM at 20/50/100 steps and DDPM at 1000 steps (bench/RESULTS.md §6).
 
 Times one `sample` call as the public API runs it: condition on one prompt (repeated K times; for
 DiHyFo-1 also one current θ, tokenized once), run the sampler on the device, detokenize the

@@ -1,4 +1,4 @@
-"""One DiHyFo training step, ours vs G.pt's way, side by side in one run (issue 8).
+"""One DiHyFo training step, ours vs G.pt's way, side by side in one run (bench/RESULTS.md §5).
 
 Both providers run the SAME architecture from the SAME initial weights, the same diffusion loss,
 gradient clip (0.75) and AdamW step (lr 4e-4, wd 0.1, no decay on biases, norms, positions); each

@@ -1,7 +1,7 @@
 """The "G.pt way" of computing a DiHyFo and of assembling its batches: the baseline of the benchmarks.
 
 G.pt's public code (the design DiHyFo extends) has four weak spots that hyforget_fast replaces
-(issue 8): per-token input/output linears run as a Python loop over token positions, attention is
+(bench/RESULTS.md §5): per-token input/output linears run as a Python loop over token positions, attention is
 computed by hand in fp32 (scores materialized, no fused kernel), and each sample is permuted,
 normalized and tokenized on the CPU by one loader worker before the batch is stacked and copied to
 the device. This module reproduces exactly those, on the SAME architecture and the SAME weights as

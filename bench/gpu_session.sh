@@ -20,7 +20,7 @@ HYFORGET_CUDA_ARCHS=90 .venv/bin/pip install -q --no-build-isolation '.[test]'
   .venv/bin/python bench/bench_tokenize.py --device cuda | sed -n '/^### /,$p'
   .venv/bin/python bench/bench_class_metrics_gpu.py
   .venv/bin/python bench/bench_collect.py --preset mnist10 --runs 4096 --threads --repeats 2 --device cuda
-  # DiHyFo (issue 8): training step, ours (bf16 autocast, SDPA, on-device batches) vs G.pt's way
+  # DiHyFo (bench/RESULTS.md §5): training step, ours (bf16 autocast, SDPA, on-device batches) vs G.pt's way
   # (fp32, per-token loops, manual attention, per-sample CPU loader), same weights, MFU vs bf16 GEMM
   for m in dihyfo1 dihyfo2; do
     .venv/bin/python bench/bench_train_step.py --model $m --preset paper --spec mnist4 --batch 2048 \

@@ -27,7 +27,7 @@ import time
 from .collection.store import write_json_atomic
 
 KINDS = ("dihyfo1", "dihyfo2")
-# Held out of MNIST-4 by accuracy (SPEC §7): nothing in the store forgets 3 while keeping 0, 1 and 2.
+# Held out of MNIST-4 by accuracy: nothing in the store forgets 3 while keeping 0, 1 and 2.
 MNIST4_HOLDOUT = "--holdout 3:acc_low:0.2,0:acc_high:0.8,1:acc_high:0.8,2:acc_high:0.8"
 # Held out of MNIST: class 3 <= 0.2 while class 2 or class 4 is >= 0.3. A checkpoint the criterion
 # accepts for {3} (pooled D_r >= 0.85 over 9 classes of 100 validation digits each) cannot have both

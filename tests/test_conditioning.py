@@ -1,4 +1,4 @@
-"""Issue 14's conditioning options: adaLN-Zero, log target losses, canonical hidden-unit order."""
+"""The conditioning options (bench/RESULTS.md §4): adaLN-Zero, log target losses, canonical hidden-unit order."""
 import json
 import os
 

@@ -1,4 +1,4 @@
-// Fused CPU evaluation of B ReLU MLPs on one labelled set (issue 3): per-class sums of
+// Fused CPU evaluation of B ReLU MLPs on one labelled set: per-class sums of
 // cross-entropy and of correct predictions, (B, m) each, without ever materializing a
 // (B, N, hidden) or (B, N, m) tensor.
 //
@@ -342,7 +342,7 @@ struct FlatNets {
   const T* rest(int64_t b) const { return p + b * P + h1 * D; }  // b1, W2, b2, ...
 };
 
-// A batched trainer's layout (hyforget_fast/collect.py): the first layers of all R runs as one
+// A batched trainer's layout (hyforget_fast/collection/collect.py): the first layers of all R runs as one
 // transposed matrix W1T (D, R*h1), b1 (R, h1), the later layers packed in head (R, P_head);
 // network b is run runs[b]. Its first layer is h1 contiguous values per row of W1T, so no
 // flat parameter vector and no transpose is ever made.

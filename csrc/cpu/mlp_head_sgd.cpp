@@ -1,5 +1,5 @@
 // CPU implementation of mlp_head_sgd_: one SGD step of the layers after the first of R small
-// ReLU MLPs on a shared minibatch, for checkpoint collection (hyforget_fast/collect.py).
+// ReLU MLPs on a shared minibatch, for checkpoint collection (hyforget_fast/collection/collect.py).
 //
 // Given the first layer's pre-activations z1 (S, R*H1) (bias included) of every run, each run
 // r does: ReLU, forward through its later layers, softmax cross-entropy against y, gradient

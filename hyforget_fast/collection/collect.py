@@ -1,4 +1,4 @@
-"""Checkpoint collection (SPEC §4, dissertation §3.3.1, §3.4.1): R MLP runs trained at once.
+"""Checkpoint collection (dissertation §3.3.1, §3.4.1): R MLP runs trained at once.
 
 One *block* = `block_runs` runs trained as a single batched computation, seeded from
 (seed, block index), with its own bin counters, written as one shard. Blocks are independent,

@@ -1,4 +1,4 @@
-"""Training loop of DiHyFo-1 / DiHyFo-2 on a collected checkpoint dataset (issue 8).
+"""Training loop of DiHyFo-1 / DiHyFo-2 on a collected checkpoint dataset.
 
 Data path, all on the model's device: the dataset arrays are copied there once
 (PairDataset.to); a step draws a GLOBAL batch of indices, permutations, diffusion times and
@@ -85,7 +85,7 @@ class TrainConfig:
                                        # "canonical": ops.canonical_perms (units by incoming-weight norm;
                                        # DiHyFo-1: θ's order for θ and θ*). None = the preset's; configs
                                        # saved before the field existed load as "random"
-    loss_match: float = 0.0            # > 0: + this x the loss-matching term (issue 14): per-class CE of the
+    loss_match: float = 0.0            # > 0: + this x the loss-matching term (bench/RESULTS.md §4): per-class CE of the
                                        # predicted x̂0 on training-split images vs the target losses (log
                                        # space), each sample weighted by its signal share ᾱ_t (low noise)
     loss_match_images: int = 256       # training-split images drawn per step for that term
@@ -318,7 +318,7 @@ def resumed_config(saved: dict, given: dict | None = None, where: str = "the sav
     given = given or {}
     if "model" in given and given["model"] != old.model:
         raise ValueError(f"{where} holds a {old.model} run; cannot resume it as {given['model']}")
-    arch = saved.get("model", {})
+    arch = {"tokens": "layer", **saved.get("model", {})}   # layer-wise configs are saved without `tokens`
     changed = []
     for k, v in given.items():
         if k in RESUMABLE or k == "model":

@@ -367,7 +367,7 @@ def _class_sums(params: torch.Tensor, spec: MLPSpec, X: torch.Tensor, y: torch.T
 def class_metrics(params: torch.Tensor, spec: MLPSpec | TokenLayout, X: torch.Tensor, y: torch.Tensor,
                   num_classes: int | None = None, *, max_batch: int | None = None,
                   backend: str | None = None) -> ClassMetrics:
-    """Per-class loss and accuracy of B ReLU MLPs on the same inputs, fused (SPEC §3).
+    """Per-class loss and accuracy of B ReLU MLPs on the same inputs, fused.
 
     params: (B, P) flat vectors, or (B, T, chunk) tokens when `spec` is a TokenLayout.
     X (N, D) with the params' dtype and device; y (N,) int64 labels in [0, num_classes).

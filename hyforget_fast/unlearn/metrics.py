@@ -1,4 +1,4 @@
-"""Unlearning metrics (dissertation §3.2, SPEC "Metrics"), plus relearning and memorization checks.
+"""Unlearning metrics (dissertation §3.2), plus relearning and memorization checks.
 
 Output-space metrics take softmax probabilities `probs` (N, m) (torch or numpy; each row must be a
 probability vector) and integer labels `y` (N,) in 0..m-1 (column indices, as DigitSplits stores
@@ -150,7 +150,7 @@ def _xlogx_over(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (torch.log(p) - torch.log(q)), torch.zeros_like(p))
 
 
-# The two conventions of JSD in the unlearning literature (SPEC §7). "per_sample": JSD(P||Q) of each
+# The two conventions of JSD in the unlearning literature. "per_sample": JSD(P||Q) of each
 # input's two softmax rows, summed over classes, averaged over inputs (in [0, ln 2]). "bad_teacher":
 # the public code of Chundawat et al. (2023), which the dissertation's φ follows:
 # JSDiv(p, q) = 0.5 F.kl_div(log p, m) + 0.5 F.kl_div(log q, m) with F.kl_div's default

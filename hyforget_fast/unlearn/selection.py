@@ -4,7 +4,7 @@ One definition of each, used by `forget`, the baselines and the report:
   class_indices     digit labels of a forget request -> indices into `classes` (refusals by name)
   group_accuracy    pooled accuracy over a group of classes, from per-class accuracies
   select            the dissertation's selection rule (§3.5)
-  forget_keep_count the forget-and-keep criterion that counts candidates (SPEC §7 controls)
+  forget_keep_count the forget-and-keep criterion that counts candidates (the controls of `forget` and the report)
 """
 from __future__ import annotations
 
