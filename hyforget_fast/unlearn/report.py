@@ -1,5 +1,5 @@
 """`hyforget evaluate`: every method, every metric, on the same data; tables shaped like the
-dissertation's Tables 3.1-3.4, with the controls and fair baselines that make them evidence (SPEC §7),
+dissertation's Tables 3.1-3.4, with the controls and fair baselines that make them evidence,
 plus edit locality, memorization and relearning.
 
 For each forget set and seed, on one collection (its split, its store):
