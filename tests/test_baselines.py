@@ -19,7 +19,11 @@ torch.set_num_threads(1)  # the engine and the SGD loops are deterministic per t
 CFG = preset("mnist4")
 SPEC = CFG.spec()                     # 784 -> 2 -> 4
 FORGET = (2,)
-FAST = {"retrain": dict(seeds=3, epochs=8), "finetune": {}, "neggrad_plus": {}, "random_labels": {}, "ssd": {}}
+# Settings at which each method forgets this short-trained model (its defaults are the authors',
+# made for larger networks: random labels' Adam at lr 1e-4 barely moves it, SSD's alpha = 10 lies
+# above what imp_f / imp_D reaches with 4 classes and selects almost nothing).
+FAST = {"retrain": dict(seeds=3, epochs=8), "finetune": {}, "neggrad_plus": {},
+        "random_labels": dict(lr=0.03, epochs=3), "ssd": dict(alpha=3.0, lam=0.3)}
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +56,11 @@ def test_each_baseline_lowers_forget_accuracy(name, results, model, splits):
     assert f0 > 0.7 and r0 > 0.9, "the original model should know every class"
     r = results[name]
     assert r.name == name and r.params.shape == (SPEC.num_params,) and r.params.dtype == torch.float32
-    assert torch.isfinite(r.params).all() and r.seconds > 0 and r.seconds < 5
+    assert torch.isfinite(r.params).all() and r.seconds > 0
     f1, r1 = accs_on_test(r.params, splits)
     assert f1 < f0 - 0.1
-    if name != "ssd":   # SSD with the paper's alpha = 10 on a 2-unit hidden layer often dampens
-        # a unit other classes share too (measured: retain acc 0.5-0.99 over models); no claim there.
-        assert r1 > r0 - 0.05, "forgetting must not wreck the retained classes"
-    if name in ("retrain", "random_labels", "ssd"):   # the strong ones forget the class outright
+    assert r1 > r0 - 0.05, "forgetting must not wreck the retained classes"
+    if name in ("retrain", "neggrad_plus", "random_labels", "ssd"):   # these forget the class outright
         assert f1 < 0.1
     assert r.hparams, "defaults must be recorded"
 
@@ -102,7 +104,10 @@ def test_deterministic_per_seed(name, model, splits, results):
     again = fn(model, SPEC, FORGET, splits, **kw)
     assert torch.equal(again.params, results[name].params)
     other = fn(model, SPEC, FORGET, splits, seed=7, **kw)
-    assert not torch.equal(other.params, results[name].params)
+    if name == "ssd":   # no random draw: the authors' importances run over unshuffled batches
+        assert torch.equal(other.params, results[name].params)
+    else:
+        assert not torch.equal(other.params, results[name].params)
 
 
 @given(n=st.integers(1, 400), m=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
@@ -167,8 +172,22 @@ def test_tuned_keeps_the_best_retain_among_points_that_forget(model, splits):
         v = bl.split_metrics(q[None], SPEC, splits.X_val, splits.y_val, bl.forget_indices(splits, FORGET))
         assert p["val_forget_acc"] == pytest.approx(float(v["forget_acc"][0]))
     assert r.seconds >= 0 and r.extra["tuning"]["grid"] == {"shift": list(grid)}
+    c = r.hparams["shift"]                                 # a choice at an end of the grid is named
+    want_bound = {} if min(grid) < c < max(grid) else {"shift": "lowest" if c == min(grid) else "highest"}
+    assert r.extra["tuning"]["at_bound"] == want_bound
+    assert bl.grid_bounds({"a": (1, 2, 3), "b": (5,)}, {"a": 3, "b": 5}) == {"a": "highest"}
+    assert bl.grid_bounds({"a": (3, 2, 1)}, {"a": 2}) == {}
     t = bl.tuned("ssd", model, SPEC, FORGET, splits, grid={"alpha": (10.0,), "lam": (1.0,)})
     assert torch.equal(t.params, bl.ssd(model, SPEC, FORGET, splits).params)
+
+
+def test_every_tuning_grid_says_why_it_stops_where_it_does():
+    for name, grid in bl.TUNING_GRIDS.items():
+        assert set(grid) == set(bl.GRID_BOUNDS[name]), name
+        for knob, vals in grid.items():
+            assert len(set(vals)) == len(vals) > 1, (name, knob)
+            sig = bl.BASELINES[name].__kwdefaults__
+            assert knob in sig, f"{name} has no knob {knob}"
 
 
 def test_bad_input_refused(model, splits):
@@ -188,6 +207,12 @@ def test_bad_input_refused(model, splits):
         bl.finetune(model, SPEC, FORGET, splits, lr=-1.0)
     with pytest.raises(ValueError, match="beta"):
         bl.neggrad_plus(model, SPEC, FORGET, splits, beta=1.5)
+    with pytest.raises(ValueError, match="l2 must be a non-negative"):
+        bl.finetune(model, SPEC, FORGET, splits, l2=-0.1)
+    with pytest.raises(ValueError, match="forget_batch_size must be a positive"):
+        bl.neggrad_plus(model, SPEC, FORGET, splits, forget_batch_size=0)
+    with pytest.raises(ValueError, match="lam must be a non-negative"):
+        bl.ssd(model, SPEC, FORGET, splits, lam=-1.0)
     with pytest.raises(ValueError, match="seeds must be a positive"):
         bl.retrain(None, SPEC, FORGET, splits, seeds=0)
     with pytest.raises(TypeError, match="DigitSplits"):
