@@ -110,6 +110,7 @@ def test_config_field_defaults_to_layer_and_refuses_what_it_cannot_build():
     old = cfg.to_dict()
     del old["tokens"]                                                      # a config saved before the field
     assert HypernetConfig.from_dict(old).tokens == "layer" and HypernetConfig.from_dict(old).layout.kind == "layer"
+    assert "tokens" not in HypernetConfig.from_dict(old).to_dict()         # layer-wise configs read as before
     with pytest.raises(ValueError, match="tokens must be one of"):
         HypernetConfig.preset("dihyfo2", spec, "tiny", tokens="unit")
     with pytest.raises(ValueError, match="exactly one hidden layer"):
@@ -160,3 +161,13 @@ def test_train_cli_with_neuron_tokens_trains_and_samples(data, tmp_path, model):
                                                                      "tokens": "neuron"}),
           data, out, resume=True, log=QUIET)
     assert load_hypernet(out, device="cpu").meta["step"] == 4
+
+
+def test_resuming_a_layer_wise_run_accepts_the_explicit_default_layout():
+    from hyforget_fast.hypernet.train import resumed_config
+    cfg = TrainConfig(model="dihyfo2", steps=4, overrides=SMALL)
+    saved = {"train": cfg.to_dict(), "model": HypernetConfig.preset("dihyfo2", hf.MLPSpec([6, 3, 4]), "tiny",
+                                                                     **SMALL).to_dict()}
+    assert resumed_config(saved, {"overrides": {"tokens": "layer"}, "steps": 9}).steps == 9
+    with pytest.raises(ValueError, match="tokens"):
+        resumed_config(saved, {"overrides": {"tokens": "neuron"}})

@@ -137,8 +137,13 @@ class HypernetConfig:
         return TokenLayout(self.spec, self.chunk)
 
     def to_dict(self) -> dict:
+        """JSON-able fields. `tokens` is written only when not "layer": a layer-wise config reads
+        exactly as before the field existed (shipped model cards, saved runs), and from_dict
+        reads a config without it as layer-wise."""
         d = dataclasses.asdict(self)
         d["layer_sizes"] = list(self.layer_sizes)
+        if d["tokens"] == "layer":
+            del d["tokens"]
         return d
 
     @classmethod
