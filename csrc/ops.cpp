@@ -4,13 +4,14 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(hyforget, m) {
-  // Fused permute + normalize + tokenize: out[b, DST + i] = norm(params[b, SRC + perm(i)]),
-  // zero in each piece's padding. `table` is a piece table (see hyforget_fast/ops/spec.py).
+  // Fused permute + normalize + tokenize: element (r, c) of each piece,
+  // out[b, DST + r*RS + c*CS] = norm(params[b, SRC + perm(r)*COLS + perm(c)]), zero where no
+  // piece holds a value. `table` is a piece table (see hyforget_fast/ops/spec.py, PIECE_COLUMNS).
   m.def("gather_pieces(Tensor params, Tensor table, Tensor? perms, Tensor? norm, int out_width) -> Tensor");
   // The same into a caller's buffer (B, out_width): no allocation, so no page faults on a
   // fresh buffer every call, which on the CPU cost as much as the gather itself.
   m.def("gather_pieces_out(Tensor params, Tensor table, Tensor? perms, Tensor? norm, Tensor(a!) out) -> ()");
-  // Inverse of gather_pieces without permutation: out[b, SRC + i] = denorm(tokens[b, DST + i]).
+  // Inverse of gather_pieces without permutation: out[b, SRC + r*COLS + c] = denorm(tokens[b, DST + r*RS + c*CS]).
   m.def("scatter_pieces(Tensor tokens, Tensor table, Tensor? norm, int out_width) -> Tensor");
   // Fused evaluation of B ReLU MLPs on one labelled set: per-class sums of cross-entropy
   // and of correct predictions, both (B, num_classes) float32.
