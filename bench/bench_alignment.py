@@ -24,6 +24,8 @@ Variants (name -> HypernetConfig / TrainConfig fields):
   tokens-log-canon cond tokens, target_repr log, unit_order canonical
   adaln-log-canon-match  adaln-log-canon + the loss-matching term, TrainConfig.loss_match 0.1
   adaln-log-canon-match1 the same with loss_match 1.0
+  neuron-adaln-log   adaln-log over neuron tokens (HypernetConfig.tokens "neuron": one token per hidden unit)
+  neuron-tokens-log  tokens-log over neuron tokens
 
   python bench/bench_alignment.py --data /tmp/abl/data --out /tmp/abl/runs --model dihyfo2 \\
       --variants tokens,adaln,adaln-log,adaln-log-canon --steps 3000 --threads 1 --md bench/RESULTS.md
@@ -54,6 +56,9 @@ VARIANTS = {
     "tokens-log-canon": dict(cond="tokens", target_repr="log", unit_order="canonical"),
     "adaln-log-canon-match": dict(cond="adaln", target_repr="log", unit_order="canonical", loss_match=0.1),
     "adaln-log-canon-match1": dict(cond="adaln", target_repr="log", unit_order="canonical", loss_match=1.0),
+    # neuron tokens (one per hidden unit, an equivariant DiT): unit order is moot, training skips it
+    "neuron-adaln-log": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron"),
+    "neuron-tokens-log": dict(cond="tokens", target_repr="log", unit_order="random", tokens="neuron"),
 }
 OK_FORGET, OK_KEEP = 0.01, 0.95
 
@@ -72,7 +77,8 @@ def train_variant(name: str, args, out_dir: str) -> dict:
     cfg = TrainConfig(model=args.model, preset=args.preset, steps=args.steps, seed=args.seed,
                       unit_order=v["unit_order"], ckpt_every=max(args.steps, 1), log_every=100,
                       loss_match=v.get("loss_match", 0.0),
-                      overrides={"cond": v["cond"], "target_repr": v["target_repr"]})
+                      overrides={"cond": v["cond"], "target_repr": v["target_repr"],
+                                 "tokens": v.get("tokens", "layer")})
     return train(cfg, args.data, out_dir, device="cpu")
 
 
