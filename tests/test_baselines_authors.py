@@ -290,3 +290,26 @@ def test_random_labels_match_the_authors_amnesiac(model, splits, forget, seed):
     torch.testing.assert_close(got.params, want, rtol=1e-4, atol=1e-5)
     assert len(set(picks)) > 1                           # the labels are spread over the retain classes
     assert got.hparams["optimizer"] == "adam"
+
+
+# ------------------------------------------------------------------ the report names bounds and flags ranges
+def test_report_flags_negative_bad_teacher_phi_and_names_grid_bounds():
+    from hyforget_fast.unlearn import report as R
+    grid = {"lr": [0.01, 0.1], "epochs": [3, 10]}
+    runs = []
+    for seed, phi_bt in ((0, -1.8), (1, 0.93)):
+        rows = {"retrain": {"acc_retain": 0.99, "acc_forget": 0.0, "phi": 1.0, "phi_bt": 1.0},
+                "finetune": {"acc_retain": 0.98, "acc_forget": 0.0, "phi": 0.8, "phi_bt": phi_bt}}
+        runs.append({"forget": [2], "seed": seed, "methods": rows,
+                     "extra": {"finetune": {"tuning": {"grid": grid, "chosen": {"lr": 0.1, "epochs": 3},
+                                                       "at_bound": bl.grid_bounds(grid, {"lr": 0.1, "epochs": 3})}}}})
+    report = {"runs": runs, "classes": [0, 1, 2, 3], "tuning_grids": {"finetune": grid}}
+    report["summary"] = R.summarize(report)
+    md = R.markdown_tables(report)
+    line = next(l for l in md.splitlines() if l.startswith("| Fine-tune") and "0.800" in l)
+    assert R.RANGE_MARK in line                                   # φ bad-teacher of seed 0 is -1.8
+    retrain_line = next(l for l in md.splitlines() if l.startswith("| Retrain") and "1.000" in l)
+    assert R.RANGE_MARK not in retrain_line
+    assert "1 of 2 seeds outside [0.000, 1.000] (lowest -1.800)" in md and "KL(M||P)" in md
+    assert "lr=0.1 (highest), epochs=3 (lowest)" in md
+    assert bl.GRID_BOUNDS["finetune"]["lr"] in md and bl.GRID_BOUNDS["finetune"]["epochs"] in md

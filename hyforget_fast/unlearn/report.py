@@ -426,10 +426,12 @@ def markdown_tables(report: dict) -> str:
                 continue
             lines += [f"### D_f = {{{key}}}: {title}", "", "| method | " + " | ".join(h for _, h in cols) + " |",
                       "|---|" + "---|" * len(cols)]
+            flagged: dict = {}
             for m in rows:
-                lines.append(f"| {_label(m)} | " + " | ".join(_fmt(meths[m][c], c in COUNTS) if c in meths[m] else ""
-                                                              for c, _ in cols) + " |")
-            lines.append("")
+                lines.append(f"| {_label(m)} | " + " | ".join(
+                    _fmt(meths[m][c], c in COUNTS) + _range_flag(report, key, m, c, flagged) if c in meths[m] else ""
+                    for c, _ in cols) + " |")
+            lines += [f"{RANGE_MARK} {_label(m)}, {h}: {why}" for (m, h), why in flagged.items()] + [""]
         gen = [m for m in GENERATED if m in meths and "nearest_stored_distance" in meths[m]]
         if gen and report.get("neighbour_distance"):
             lines += [f"### D_f = {{{key}}}: memorization", "",
@@ -463,12 +465,24 @@ def _tuning_lines(report: dict) -> list[str]:
              "Each post-hoc baseline ran at every grid point; kept: the highest validation retain accuracy among "
              f"points with validation forget accuracy <= {FORGET_MAX}, else the lowest forget accuracy. The search "
              "time is the method's time.", "", "| method | grid | chosen (per forget set, seed) |", "|---|---|---|"]
+    hit: dict = {}
     for name in POST_HOC:
         grid = report["tuning_grids"].get(name)
-        chosen = [f"{{{','.join(map(str, r['forget']))}}} s{r['seed']}: " +
-                  ", ".join(f"{a}={b}" for a, b in (r["extra"][name].get("tuning") or {}).get("chosen", {}).items())
-                  for r in report["runs"] if name in r["extra"]]
+        chosen = []
+        for r in report["runs"]:
+            if name not in r["extra"]:
+                continue
+            tu = r["extra"][name].get("tuning") or {}
+            at = tu.get("at_bound", {})
+            hit.setdefault(name, set()).update(at)
+            chosen.append(f"{{{','.join(map(str, r['forget']))}}} s{r['seed']}: " + ", ".join(
+                f"{a}={b}" + (f" ({at[a]})" if a in at else "") for a, b in tu.get("chosen", {}).items()))
         lines.append(f"| {LABELS[name]} | {grid} | {'; '.join(chosen)} |")
+    notes = [f"- {LABELS[n]}, {k}: {B.GRID_BOUNDS[n][k]}." for n in POST_HOC for k in sorted(hit.get(n, ()))
+             if k in B.GRID_BOUNDS.get(n, {})]
+    if notes:
+        lines += ["", "Choices at an end of their grid are marked (lowest / highest); why each grid stops there:",
+                  *notes]
     return lines + [""]
 
 
@@ -482,6 +496,44 @@ def _over_seeds(report: dict) -> str:
 def _known(*cells) -> bool:
     """Every [mean, std, n] cell has a seed-to-seed spread (two or more finite seeds)."""
     return all(c[1] is not None for c in cells)
+
+
+# The range of each printed metric and what it means when a seed leaves it (flagged with RANGE_MARK
+# beside the mean, the cause under the table; the mean itself is over the finite seeds).
+RANGE_MARK = "†"
+METRIC_RANGES = {
+    **{c: (0.0, 1.0) for c in ("acc_retain", "acc_forget", "acc_all", "mia", "overlap_retain", "overlap_forget",
+                               "overlap_all")},
+    "phi": (1.0 - math.log(2.0), 1.0),
+    "phi_bt": (0.0, 1.0),
+}
+RANGE_CAUSES = {
+    "phi_bt": "φ below 0 in the bad-teacher convention: its KL(M||P) term grows with -log P, so a few "
+              "near-zero probabilities (confidently wrong outputs) blow it up; the per-sample φ is bounded "
+              "in [1 - ln 2, 1]",
+}
+
+
+def _range_flag(report: dict, key: str, meth: str, metric: str, flagged: dict) -> str:
+    """RANGE_MARK when some seed's `metric` of `meth` on forget set `key` is non-finite or outside
+    METRIC_RANGES (the cause goes into flagged[(meth, header)])."""
+    if metric not in METRIC_RANGES:
+        return ""
+    lo, hi = METRIC_RANGES[metric]
+    vals = [run["methods"][meth].get(metric) for run in report["runs"]
+            if ",".join(map(str, run["forget"])) == key and meth in run["methods"]]
+    vals = [math.nan if v is None else float(v) for v in vals]
+    bad = [v for v in vals if not (math.isfinite(v) and lo - 1e-9 <= v <= hi + 1e-9)]
+    if not bad:
+        return ""
+    head = dict(INDIVIDUAL + PAIRED).get(metric, metric)
+    finite = [v for v in bad if math.isfinite(v)]
+    what = (f"{len(bad)} of {len(vals)} seeds outside [{lo:.3f}, {hi:.3f}]"
+            + (f" (lowest {min(finite):.3f})" if finite else " (non-finite)") + ". ")
+    cause = RANGE_CAUSES.get(metric, "out of range") if finite and min(finite) < lo else \
+        "a non-finite value (the mean is over the finite seeds)" if not finite else "out of range"
+    flagged[(meth, head)] = what + cause
+    return RANGE_MARK
 
 
 def _beyond(a, b) -> bool:
