@@ -24,12 +24,12 @@ import time
 
 import torch
 
-from hyforget_fast.collection.store import CheckpointStore
+from hyforget_fast.collection.store import CheckpointStore, write_json_atomic
 from hyforget_fast.demo import KINDS, SETTINGS, _cli, recipe
 from hyforget_fast.hypernet import pretrained as P
 from hyforget_fast.hypernet.api import load_hypernet
 from hyforget_fast.hypernet.evaluate import evaluate_hypernet
-from hyforget_fast.unlearn.forget import best_checkpoint, forget
+from hyforget_fast.unlearn.forget import best_checkpoint, forget, sweep_guidance
 from hyforget_fast.unlearn.report import evaluate_forgetting, splits_of, verdicts
 
 RECIPES = {f"{s}-{k}": {"setting": s, "kind": k} for s in SETTINGS for k in KINDS}
@@ -53,6 +53,49 @@ def commands_for(name: str) -> dict:
         return recipe(*name.split("-", 1))
 
 
+def release_sweep(hn, setting: str, data: str, k: int = 256) -> dict:
+    """The model's default guidance grid, chosen on VALIDATION over the setting's forget sets that
+    are not held out (`sweep_guidance`; DiHyFo-1 from the best stored checkpoint)."""
+    s = SETTINGS[setting]
+    sets = [list(f) for f in s["forget_sets"] if tuple(f) != tuple(s["heldout"])]
+    kw = {"start": "best"} if hn.kind == "dihyfo1" else {}
+    t0 = time.perf_counter()
+    out = sweep_guidance(hn, splits_of(CheckpointStore(data)), sets, k=k, retain_min=s["retain_min"], **kw)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def alignment(hn, data: str, grid) -> dict:
+    """Prompt alignment (`evaluate_hypernet`) at each guidance weight of the grid."""
+    per = {}
+    for w in grid:
+        a = evaluate_hypernet(hn, data, guidance=float(w))
+        per[str(float(w))] = {"r2": a["r2"], "pearson": a["pearson"], "r2_free_mean": a["r2_free_mean"],
+                              "pearson_free_mean": a["pearson_free_mean"], "settings": a["settings"]}
+    first = per[str(float(grid[0]))]
+    return {**{k: v for k, v in first.items() if k != "settings"}, "guidance": float(grid[0]), "per_guidance": per}
+
+
+def resweep(name: str, work: str, k: int = 256) -> dict:
+    """Re-measure a shipped model's guidance grid and its alignment at it, without retraining:
+    rewrites the card's `sampling` and `prompt_alignment` (the weights stay)."""
+    setting = name.split("-", 1)[0]
+    cmds = commands_for(name)
+    data = os.path.join(work, f"{setting}-data")
+    if not os.path.exists(os.path.join(data, "manifest.json")):
+        run(cmds["collect"], data=data, run="")
+    hn = P.load_pretrained(name, device="cpu", data=data)
+    sampling = release_sweep(hn, setting, data, k=k)
+    hn.meta["sampling"] = sampling
+    t0 = time.perf_counter()
+    align = alignment(hn, data, sampling["guidance_grid"])
+    card = P.model_card(name)
+    card.update({"sampling": sampling, "prompt_alignment": {**align, "seconds": round(time.perf_counter() - t0, 1)}})
+    write_json_atomic(os.path.join(P.PRETRAINED_DIR, name, P.CARD), card)
+    print(json.dumps({"name": name, "sampling": {k_: sampling[k_] for k_ in ("guidance_grid", "merit")}}, indent=1))
+    return card
+
+
 def run(cmd: str, **where) -> None:
     subprocess.run(_cli(cmd, **where), check=True)
 
@@ -68,8 +111,10 @@ def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256) ->
     run(train_cmd, data=data, run=run_dir)
     hn = load_hypernet(run_dir, device="cpu", data=data)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sampling = release_sweep(hn, setting, data, k=k)
+    hn.meta["sampling"] = sampling                      # what forget() spreads its candidates over
     t0 = time.perf_counter()
-    align = evaluate_hypernet(hn, data)
+    align = alignment(hn, data, sampling["guidance_grid"])
     t_align = time.perf_counter() - t0
     rep = evaluate_forgetting(data, {kind: hn}, [list(f) for f in s["forget_sets"]], seeds=seeds, k=k, tune=False, memorization=False,
                               relearning=False, retain_min=s["retain_min"],
@@ -89,9 +134,8 @@ def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256) ->
             "training": {"steps": conf["step"], "wall_time_s": round(conf["wall_time_s"], 1), "machine": machine(),
                          "train_config": conf["train"], "model_config": conf["model"]},
             "storage": {"dtype": "float32"},
-            "prompt_alignment": {"r2": align["r2"], "pearson": align["pearson"], "r2_free_mean": align["r2_free_mean"],
-                                 "pearson_free_mean": align["pearson_free_mean"], "settings": align["settings"],
-                                 "seconds": round(t_align, 1)},
+            "sampling": sampling,
+            "prompt_alignment": {**align, "seconds": round(t_align, 1)},
             "forgetting": {"k": k, "sampler": "ddim", "steps": 50, "seeds": list(seeds), "criterion": rep["criterion"],
                            "heldout": list(s["heldout"]), "summary": table,
                            "verdicts": [v for v in verdicts(rep) if "DiHyFo" in v or "held out" in v]},
@@ -109,7 +153,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", action="append", help="a shipped model (repeatable); see hf.pretrained()")
     ap.add_argument("--all", action="store_true", help="every model of RECIPES")
-    ap.add_argument("--reason", required=True, help="why the weights change (recorded in the card)")
+    ap.add_argument("--reason", help="why the weights change (recorded in the card; required unless --sweep-only)")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="keep the weights; re-measure the guidance grid and prompt alignment into the card")
     ap.add_argument("--work", default="runs/pretrained", help="folder for the collections and training runs")
     a = ap.parse_args(argv)
     names = sorted(RECIPES) if a.all else (a.name or [])
@@ -118,7 +164,12 @@ def main(argv=None) -> int:
     for n in names:
         if n not in RECIPES:
             ap.error(f"unknown model {n!r}; known: {sorted(RECIPES)}")
-        retrain(n, a.reason, a.work)
+        if a.sweep_only:
+            resweep(n, a.work)
+        elif not a.reason:
+            ap.error("--reason is required when retraining")
+        else:
+            retrain(n, a.reason, a.work)
     return 0
 
 

@@ -79,6 +79,31 @@ def forget_set(text: str) -> tuple[int, ...]:
 
 
 FORGET_HELP = "a forget set: class labels separated by commas, e.g. 3 or 2,3"
+GUIDANCE_HELP = ("classifier-free guidance weight(s) the K candidates are spread over, separated by commas, "
+                 "e.g. 8 or 4,8,16; 0 = unconditional (default: the model card's grid, chosen on validation; "
+                 "else the model's single default)")
+
+
+def guidance_list(text: str) -> list[float]:
+    """Guidance weights on the command line: numbers separated by commas, e.g. 4,8,16."""
+    try:
+        return [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"guidance must be numbers separated by commas, e.g. 4,8,16; "
+                                         f"got {text!r}") from None
+
+
+def open_hypernet(where: str, device=None, data=None):
+    """--hypernet / --dihyfo1 / --dihyfo2: a training folder, or the name of a shipped pretrained
+    model (`hf.pretrained()`, e.g. mnist4-dihyfo2)."""
+    from .hypernet.api import load_hypernet
+    from .hypernet.pretrained import load_pretrained, pretrained
+    if not os.path.exists(where):
+        names = [r.name if hasattr(r, "name") else r["name"] for r in pretrained()]
+        if where in names:
+            return load_pretrained(where, device=device, data=data)
+        raise FileNotFoundError(f"{where}: neither a training folder nor a pretrained model (shipped: {names})")
+    return load_hypernet(where, device=device, data=data)
 
 
 def _add_train(sub):
@@ -189,13 +214,16 @@ def _add_evaluate_hypernet(sub):
                    help="DiHyFo-1 starting point: an earlier held-out checkpoint, or the run's initial params")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance weight (default: the first weight of the model card's grid, "
+                        "else the model's default)")
 
 
 def cmd_evaluate_hypernet(a) -> int:
-    from .hypernet.api import load_hypernet
     from .hypernet.evaluate import evaluate_hypernet, save_evaluation
-    hn = load_hypernet(a.dir, device=a.device, data=a.data)
+    hn = open_hypernet(a.dir, device=a.device, data=a.data)
+    if a.guidance is None and (hn.meta.get("sampling") or {}).get("guidance_grid"):
+        a.guidance = float(hn.guidance_grid[0])
     res = evaluate_hypernet(hn, None, None, num_prompts=a.prompts, per_prompt=a.per_prompt, sampler=a.sampler,
                             steps=a.steps, seed=a.seed, start=a.start, guidance=a.guidance)
     paths = save_evaluation(res, a.dir)
@@ -206,21 +234,34 @@ def cmd_evaluate_hypernet(a) -> int:
 
 
 def _add_forget(sub):
-    p = sub.add_parser("forget", help="forget classes with a trained hypernetwork; writes the chosen classifier")
-    p.add_argument("--hypernet", required=True, help="training folder of a DiHyFo (`hyforget train --out`)")
+    p = sub.add_parser("forget", help="forget classes with a trained hypernetwork; writes the chosen classifier",
+                       description="Forget classes with a trained hypernetwork: sample K candidates, choose one on "
+                                   "the validation split, write it. Exit status 0 when the chosen classifier meets "
+                                   "the forget-and-keep criterion (validation accuracy <= 0.01 on the forget set, "
+                                   ">= 0.95 on the rest), 3 when it does not (the classifier is still written), 2 "
+                                   "on an error.")
+    p.add_argument("--hypernet", required=True,
+                   help="training folder of a DiHyFo (`hyforget train --out`), or a pretrained model's name "
+                        "(e.g. mnist4-dihyfo2; list: python -c 'import hyforget_fast as hf; print(hf.pretrained())')")
     p.add_argument("--forget", required=True, type=forget_set, metavar="C[,C...]", help=FORGET_HELP)
     p.add_argument("--data", help="collection folder the hypernetwork was trained on (default: found through "
                                   "its config, relative to --hypernet); checked by manifest hash")
     p.add_argument("--out", required=True, help="folder for model.safetensors and forget.json")
     p.add_argument("--model", help="DiHyFo-1 only: safetensors file with the classifier to edit, laid out as this "
-                                   "command writes model.safetensors (one flat (P,) tensor 'params'); default: "
-                                   "the best stored checkpoint")
-    p.add_argument("--k", type=int, default=256)
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
+                                   "command writes model.safetensors (one flat (P,) tensor 'params'); implies "
+                                   "--start model")
+    p.add_argument("--start", choices=["model", "best", "random"],
+                   help="DiHyFo-1's starting classifier: the --model file, the best stored checkpoint, or a random "
+                        "initialisation (default: model when --model is given, else best)")
+    p.add_argument("--k", type=int, default=256, help="candidates sampled and scored (default: %(default)s)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="default: %(default)s")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--guidance", type=guidance_list, help=GUIDANCE_HELP)
+    p.add_argument("--test", action="store_true",
+                   help="also report the chosen classifier's TEST-split metrics (accuracies, MIA, φ against a "
+                        "model retrained without the forget set); they play no part in the choice")
 
 
 def read_classifier(path: str, spec):
@@ -265,37 +306,48 @@ def read_classifier(path: str, spec):
 def cmd_forget(a) -> int:
     from safetensors.torch import save_file
 
-    from .collection.store import write_json_atomic
-    from .hypernet.api import load_hypernet
     from .collection.data import load_splits
+    from .collection.store import write_json_atomic
     from .unlearn.forget import forget
-    hn = load_hypernet(a.hypernet, device=a.device, data=a.data)
+    hn = open_hypernet(a.hypernet, device=a.device, data=a.data)
     splits = load_splits(hn.data_dir)
     model = read_classifier(a.model, hn.spec) if a.model else None
     res = forget(hn, a.forget, splits, k=a.k, sampler=a.sampler, steps=a.steps, model=model, seed=a.seed,
-                 guidance=a.guidance)
+                 guidance=a.guidance, start=a.start, progress=True, warn=False)
     os.makedirs(a.out, exist_ok=True)
     save_file({"params": res.params.contiguous()}, os.path.join(a.out, "model.safetensors"),
               metadata={"layer_sizes": json.dumps(list(hn.spec.layer_sizes))})
     i = res.chosen
-    info = {"forget": list(res.forget_classes), "chosen": i, "timing": res.timing, "start": res.start,
-            "prompt": res.prompt[i].tolist(), "prompt_levels": res.prompt_levels,
+    info = {"forget": list(res.forget_classes), "forgot": res.forgot, "forget_keep": res.forget_keep,
+            "per_guidance": res.per_guidance, "chosen": i, "chosen_guidance": res.chosen_guidance,
+            "chosen_level": res.chosen_level, "settings": res.settings, "timing": res.timing,
+            "start": res.start, "prompt": res.prompt[i].tolist(), "prompt_levels": res.prompt_levels,
             "val_forget_acc": float(res.candidates["forget_acc"][i]), "val_retain_acc": float(res.candidates["retain_acc"][i]),
-            "val_class_loss": res.candidates["class_loss"][i].tolist(), "layer_sizes": list(hn.spec.layer_sizes)}
+            "val_class_loss": res.candidates["class_loss"][i].tolist(), "layer_sizes": list(hn.spec.layer_sizes),
+            "command": "hyforget " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["forget"] else None}
+    if a.test:
+        from .unlearn.report import evaluate_model
+        orig = res.start_params
+        info["test"] = evaluate_model(res.params, splits, list(res.forget_classes), spec=hn.spec, original=orig,
+                                      seed=a.seed)
     write_json_atomic(os.path.join(a.out, "forget.json"), info)
     t = res.timing
-    print(f"forgot {list(res.forget_classes)}: candidate {i} of {a.k}, validation acc D_f "
-          f"{info['val_forget_acc']:.3f} D_r {info['val_retain_acc']:.3f}; sample {t['sample']:.2f} s, score "
-          f"and select {t['score']:.3f} s -> {a.out}/model.safetensors")
-    return 0
+    print(res.summary())
+    print(f"sample {t['sample']:.2f} s, score and select {t['score']:.3f} s -> {a.out}/model.safetensors, "
+          f"{a.out}/forget.json")
+    if a.test:
+        m = info["test"]
+        print(f"test split: acc D_f {m['acc_forget']:.3f}, D_r {m['acc_retain']:.3f}, MIA {m['mia']:.3f}, "
+              f"φ {m['phi']:.3f} (bad-teacher {m['phi_bt']:.4f}) against retraining without the forget set")
+    return 0 if res.forgot else 3
 
 
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="DiHyFo-1/2 and every baseline on forget sets; tables, JSON, figures")
     p.add_argument("--data", required=True, help="collection folder (the hypernetworks' training dataset, checked "
                                                  "by manifest hash)")
-    p.add_argument("--dihyfo1", help="DiHyFo-1 training folder")
-    p.add_argument("--dihyfo2", help="DiHyFo-2 training folder")
+    p.add_argument("--dihyfo1", help="DiHyFo-1 training folder or pretrained name (e.g. mnist4-dihyfo1)")
+    p.add_argument("--dihyfo2", help="DiHyFo-2 training folder or pretrained name (e.g. mnist4-dihyfo2)")
     p.add_argument("--forget", action="append", required=True, type=forget_set, metavar="C[,C...]",
                    help=FORGET_HELP + "; repeat the flag for several sets: --forget 2 --forget 2,3")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -305,20 +357,21 @@ def _add_evaluate(sub):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--retrain-seeds", type=int, default=5)
     p.add_argument("--mia", default="logreg", choices=["logreg", "svc"])
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
+    p.add_argument("--guidance", type=guidance_list, help=GUIDANCE_HELP + "; the controls use the same grid")
+    p.add_argument("--starts", nargs="+", choices=["model", "best", "random"],
+                   help="DiHyFo-1 starting classifiers, each its own report row (default: best)")
     p.add_argument("--no-tune", action="store_true",
                    help="run the post-hoc baselines at their defaults instead of tuning them on validation")
     p.add_argument("--out", required=True)
 
 
 def cmd_evaluate(a) -> int:
-    from .hypernet.api import load_hypernet
     from .unlearn.report import evaluate_forgetting, markdown_tables
-    hns = {k: load_hypernet(d, data=a.data) for k, d in (("dihyfo1", a.dihyfo1), ("dihyfo2", a.dihyfo2)) if d}
+    hns = {k: open_hypernet(d, data=a.data) for k, d in (("dihyfo1", a.dihyfo1), ("dihyfo2", a.dihyfo2)) if d}
     sets = [list(f) for f in a.forget]
     rep = evaluate_forgetting(a.data, hns, sets, seeds=a.seeds, k=a.k, sampler=a.sampler, steps=a.steps,
                               retrain_seeds=a.retrain_seeds, mia_attack=a.mia, out_dir=a.out, guidance=a.guidance,
-                              tune=not a.no_tune, log=lambda s: print(s, file=sys.stderr, flush=True))
+                              starts=a.starts, tune=not a.no_tune, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(markdown_tables(rep))
     for v in rep["verdicts"]:
         print(f"- {v}")

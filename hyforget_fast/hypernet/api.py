@@ -6,7 +6,7 @@ training metadata (classes, pivots, per-class loss ranges of the training data, 
 """
 from __future__ import annotations
 
-import math
+import sys
 
 import torch
 
@@ -125,30 +125,60 @@ class Hypernet:
     def default_guidance(self) -> float:
         return DEFAULT_GUIDANCE if self.cfg.cond_dropout > 0 else 1.0
 
-    def _guided(self, tgt: torch.Tensor, cond: tuple, w: float):
-        """model_fn(x_t, t) -> guided x0: both branches in ONE batched forward when w != 1; w = 0
-        is the unconditional branch alone (one forward)."""
-        if w == 1:
+    def _guided(self, tgt: torch.Tensor, cond: tuple, w):
+        """model_fn(x_t, t) -> guided x0 for weight w (a number, or (b,) one per row): every row at
+        1 is the plain conditional model, every row at 0 the unconditional branch alone (one
+        forward each); otherwise both branches in ONE batched forward, mixed row by row."""
+        w = torch.as_tensor(w, dtype=torch.float64).reshape(-1).expand(tgt.shape[0])
+        if bool((w == 1).all()):
             return lambda x_t, t: self.model(x_t, t, tgt, *cond)
         b = tgt.shape[0]
-        if w == 0:
+        if bool((w == 0).all()):
             none = torch.ones(b, dtype=torch.bool, device=tgt.device)
             return lambda x_t, t: self.model(x_t, t, tgt, *cond, drop_target=none)
         drop = torch.arange(2 * b, device=tgt.device) >= b                 # (2b,) second half: no target
         tgt2 = tgt.repeat(2, 1)
         cond2 = tuple(c.repeat(2, *([1] * (c.ndim - 1))) for c in cond)
+        wb = w.to(tgt.device, torch.float32)[:, None, None]                 # (b, 1, 1)
 
         def fn(x_t, t):
             out = self.model(x_t.repeat(2, 1, 1), t.repeat(2), tgt2, *cond2, drop_target=drop)
             c, u = out[:b], out[b:]
-            return u + w * (c - u)
+            return u + wb * (c - u)
         return fn
+
+    def _weights(self, guidance, k: int) -> torch.Tensor:
+        """None (the model's default), one weight, or k weights (one per network) -> (k,) float64."""
+        g = self.default_guidance if guidance is None else guidance
+        try:
+            w = torch.as_tensor(g, dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"guidance must be a number or a sequence of k numbers, got {guidance!r}") from None
+        if w.numel() == 1:
+            w = w.expand(k)
+        if w.numel() != k:
+            raise ValueError(f"guidance has {w.numel()} weights but k = {k} networks are asked for "
+                             "(give one weight, or one per network)")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"guidance must be finite and >= 0, got {guidance!r}")
+        if bool((w != 1).any()) and self.cfg.cond_dropout <= 0:
+            raise ValueError("this model was trained without target dropout; it has no unconditional branch "
+                             "for guidance != 1")
+        return w
+
+    @property
+    def guidance_grid(self) -> list[float]:
+        """The guidance weights `forget` spreads its candidates over by default: the model card's
+        grid (chosen on validation at release, meta["sampling"]["guidance_grid"]), else the model's
+        single default weight."""
+        grid = (self.meta.get("sampling") or {}).get("guidance_grid")
+        return [float(x) for x in grid] if grid else [self.default_guidance]
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, target_losses, k: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,
                theta=None, losses=None, batch: int | None = None, eta: float = 0.0,
-               guidance: float | None = None) -> torch.Tensor:
+               guidance=None, progress: bool = False) -> torch.Tensor:
         """Sample k networks whose per-class validation losses should be `target_losses`.
 
         target_losses (m,) broadcast to all k, or (k, m). DiHyFo-1 also needs theta ((P,) or (k, P)
@@ -156,8 +186,11 @@ class Hypernet:
         steps, `eta` 0 = deterministic given the noise) or "ddpm" (all diffusion steps). The same
         seed gives the same samples; `batch` samples in slices of that many (less memory).
         guidance w (classifier-free): x0 = x0_free + w (x0_cond - x0_free); 1 = plain conditional,
-        > 1 follows the prompt harder (twice the compute); None = the model's default
-        (`default_guidance`: DEFAULT_GUIDANCE if it was trained with target dropout, else 1).
+        > 1 follows the prompt harder (twice the compute), 0 = the unconditional branch; one weight
+        for all k, or a sequence of k (one per network: a guidance grid in one batched call); None =
+        the model's default (`default_guidance`: DEFAULT_GUIDANCE if it was trained with target
+        dropout, else 1).
+        progress: a bar over the denoising steps on stderr.
         -> (k, P) float32 flat parameters in the package's order, on the model's device.
         """
         if sampler not in SAMPLERS:
@@ -179,18 +212,17 @@ class Hypernet:
                              "(use a DiHyFo-1 to edit a given network)")
         if sampler == "ddim":
             self.diffusion.ddim_timesteps(steps)   # validates steps
-        w = self.default_guidance if guidance is None else float(guidance)
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
-        if w != 1 and self.cfg.cond_dropout <= 0:
-            raise ValueError("this model was trained without target dropout; it has no unconditional branch "
-                             "for guidance != 1")
+        w = self._weights(guidance, k)                                      # (k,)
         batch = k if batch is None else int(batch)
         if batch < 1:
             raise ValueError(f"batch must be positive, got {batch}")
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed))
         mask = self.model.token_mask
+        n_steps = len(self.diffusion.ddim_timesteps(steps)) if sampler == "ddim" else self.diffusion.num_steps
+        from tqdm import tqdm
+        bar = tqdm(total=n_steps * -(-k // batch), unit="step", desc=f"sample {k} ({sampler})", leave=False,
+                   disable=not (progress and sys.stderr.isatty()))
         out = []
         for lo in range(0, k, batch):
             hi = min(k, lo + batch)
@@ -210,7 +242,11 @@ class Hypernet:
                 cond = (th, cur)
             else:
                 cond = ()
-            fn = self._guided(tgt, cond, w)
+            guided = self._guided(tgt, cond, w[lo:hi])
+
+            def fn(x_t, t, guided=guided):
+                bar.update(1)
+                return guided(x_t, t)
             shape = (hi - lo, *mask.shape)
             if sampler == "ddim":
                 x0 = self.diffusion.ddim_sample(fn, shape, steps=steps, eta=eta, mask=mask, generator=gen)
@@ -218,6 +254,7 @@ class Hypernet:
                 x0 = self.diffusion.ddpm_sample(fn, shape, mask=mask, generator=gen)
             flat = detokenize((x0 * mask).float().contiguous(), self.layout, self.norm)      # (b, P)
             out.append(flat if back is None else permute(flat, self.spec, back))
+        bar.close()
         return torch.cat(out)
 
 

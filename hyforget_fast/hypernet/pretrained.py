@@ -117,6 +117,8 @@ def load_pretrained(name: str, device=None, data: str | None = None) -> Hypernet
     verify_files(folder, card)
     hn = load_hypernet(folder, device=device, data=data)
     hn.card = card
+    if hn.card.get("sampling"):       # the card's sampling defaults (guidance grid chosen on validation)
+        hn.meta["sampling"] = hn.card["sampling"]
     return hn
 
 

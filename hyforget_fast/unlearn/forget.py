@@ -1,21 +1,32 @@
-"""forget(): prompt a trained hypernetwork, sample K candidates at once, score, select (SPEC §5).
+"""forget(): prompt a trained hypernetwork, sample K candidates at once, score, select.
 
 1. Prompt. Forget classes get a HIGH target loss, retained classes a LOW one. The levels are
    quantiles of each class's loss in the hypernetwork's training data (its meta), so a prompt
    never asks for a loss the model has not seen; a small grid of (high, low) levels is spread
-   over the K candidates.
+   over the K candidates, and so is a grid of classifier-free guidance weights (the model card's
+   `sampling.guidance_grid`, chosen on validation at release): guidance is a sampling setting
+   chosen like the levels, not a fixed number (DiHyFo-1 follows its prompt only at w of 4-16,
+   DiHyFo-2 prefers w of 1-2).
 2. Sample all K candidates in one batched call (DDIM by default).
 3. Score all K with the fused evaluator on the VALIDATION split.
 4. Select by the dissertation's rule (§3.5): lowest forget accuracy, then highest retain accuracy.
 The test split is never read here: reported numbers come from `unlearn.report`.
 
-Controls (SPEC §7): the same call with prompt="keep" (every class prompted low) or guidance=0
-(the unconditional branch) samples K candidates that were NOT asked to forget; how many of
-them meet the forget-and-keep criterion (`forget_keep_count`) is what the real prompt must beat.
+Controls: the same call with prompt="keep" (every class prompted low, over the same guidance
+grid) or guidance=0 (the unconditional branch) samples K candidates that were NOT asked to
+forget; how many of them meet the forget-and-keep criterion (`forget_keep_count`) is what the
+real prompt must beat.
+
+DiHyFo-1 edits a starting classifier (`start`): the user's model, the best stored checkpoint,
+or a random initialisation (the dissertation's "set of current parameters (which may be
+initialized randomly)").
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -23,32 +34,69 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..hypernet.checkpoint import SPLIT_IDENTITY
+from ..hypernet.checkpoint import split_differences
 from ..ops.functional import class_metrics
 from .mlp import as_module, check_flat, flat_params
-from .selection import RETAIN_MIN, class_indices, forget_keep_count, group_accuracy, select
+from .selection import FORGET_MAX, RETAIN_MIN, class_indices, forget_keep_count, group_accuracy, select
 
 # Quantiles of the training data's per-class loss used as prompt levels (high for D_f, low for D_r).
 HIGH_LEVELS = (0.9, 0.97, 0.995)
 LOW_LEVELS = (0.02, 0.1)
 PROMPTS = ("forget", "keep")   # "keep": the keep-every-class control prompt (every class low)
-
-
+STARTS = ("model", "best", "random")   # DiHyFo-1's starting classifier: the user's, best stored, random init
 
 @dataclass
 class ForgetResult:
-    """The chosen classifier and the evidence of how it was chosen (validation split only)."""
+    """The chosen classifier and the evidence of how it was chosen (validation split only).
+
+    chosen_guidance / chosen_level: the guidance weight and (high, low) prompt-level cell the
+    chosen candidate was sampled with; per_guidance: the forget-and-keep count among the
+    candidates of each guidance weight; forgot: whether the chosen candidate itself meets the
+    forget-and-keep criterion (False: nothing was forgotten by that definition); settings:
+    everything needed to rerun the call (seed, K, sampler, steps, guidance grid, levels,
+    hypernetwork and data with their hashes, package version).
+    """
 
     model: nn.Module                    # the chosen classifier, an ordinary nn.Sequential
     params: torch.Tensor                # (P,) its flat parameters
     forget_classes: tuple[int, ...]     # digit labels
     chosen: int                         # index of the chosen candidate
-    candidates: dict                    # val metrics of all K: class_loss/class_acc (K, m), forget_acc, retain_acc (K,)
+    candidates: dict                    # val metrics of all K: class_loss/class_acc (K, m), forget_acc, retain_acc,
+                                        # guidance (K,), cell (K,) index into prompt_levels["cells"]
     prompt: torch.Tensor                # (K, m) target losses each candidate was sampled with
     prompt_levels: dict                 # the (high, low) quantile grid and its loss values
-    timing: dict                        # seconds: sample, score, select, total
-    start: dict | None = None           # DiHyFo-1: the starting model (user's, or the named stored checkpoint)
+    timing: dict                        # seconds: prepare, sample, score, total (= all three)
+    start: dict | None = None           # DiHyFo-1: the starting model (user's, stored checkpoint, random init)
     candidate_params: torch.Tensor | None = field(default=None, repr=False)   # (K, P)
+    chosen_guidance: float = 1.0
+    chosen_level: dict = field(default_factory=dict)   # {"high": quantile or None, "low": quantile}
+    forget_keep: int = 0                # candidates meeting the criterion on validation
+    per_guidance: list = field(default_factory=list)   # [{"guidance", "k", "forget_keep"}] in grid order
+    forgot: bool = False
+    settings: dict = field(default_factory=dict)
+    start_params: torch.Tensor | None = field(default=None, repr=False)   # DiHyFo-1: (P,) the start θ
+
+    def summary(self) -> str:
+        """One line: what was forgotten, from which candidate, and how many candidates qualified."""
+        va = float(self.candidates["forget_acc"][self.chosen])
+        vr = float(self.candidates["retain_acc"][self.chosen])
+        k = len(self.candidates["forget_acc"])
+        lv = self.chosen_level
+        level = (f"high q{lv.get('high')}, " if lv.get("high") is not None else "") + f"low q{lv.get('low')}"
+        head = (f"forgot {list(self.forget_classes)}" if self.forgot else
+                f"did NOT forget {list(self.forget_classes)} (no candidate met the forget-and-keep criterion)"
+                if self.forget_keep == 0 else
+                f"did NOT forget {list(self.forget_classes)} by the criterion (the selection rule's pick misses it)")
+        per = ", ".join(f"w={g['guidance']:g}: {g['forget_keep']}/{g['k']}" for g in self.per_guidance)
+        return (f"{head}: candidate {self.chosen} of {k} (guidance {self.chosen_guidance:g}, {level}), validation "
+                f"acc D_f {va:.3f}, D_r {vr:.3f}; {self.forget_keep} of {k} candidates forget and keep ({per})")
+
+    def __repr__(self) -> str:
+        """One line (the K candidates' metrics, prompts and parameters stay in the attributes)."""
+        total = self.timing.get("total")
+        took = f"; {total:.2f} s" if isinstance(total, (int, float)) else ""
+        return (f"ForgetResult({self.summary()}{took}; attributes: model, params, candidates, prompt, timing, "
+                f"settings)")
 
 
 def forget_prompts(loss_quantiles: dict, classes: Sequence[int], forget_idx: Sequence[int], k: int,
@@ -127,11 +175,11 @@ def check_split(hypernet, data) -> None:
             raise ValueError("cannot tell which data split this hypernetwork's collection used (its dataset is "
                              "not found); load it with its dataset (data=...)")
     got = data.describe()
-    diff = {k: (want[k], got.get(k)) for k in SPLIT_IDENTITY if k in want and want[k] != got.get(k)}
+    diff = split_differences(want, got)
     if diff:
         raise ValueError("data is not the split the hypernetwork's collection was made on: "
                          + "; ".join(f"{k}: collection {a}, given {b}" for k, (a, b) in diff.items())
-                         + ". Rebuild it with collection.data.splits_from_manifest")
+                         + ". Build it from the collection folder with hf.load_splits(folder)")
 
 
 def choose(cand: torch.Tensor, spec, data, fidx: Sequence[int], retain_min: float = RETAIN_MIN) -> tuple[int, dict]:
@@ -152,21 +200,113 @@ def choose(cand: torch.Tensor, spec, data, fidx: Sequence[int], retain_min: floa
                                   "forget_keep": forget_keep_count(f_acc, r_acc, retain_min=retain_min)}
 
 
+def guidance_grid(hypernet, guidance=None) -> list[float]:
+    """The guidance weights a forget call spreads its K candidates over: None = the model's
+    default grid (`Hypernet.guidance_grid`, from its card), a number = that weight alone, a
+    sequence = that grid. Refuses an empty grid, repeats and weights that are negative or not finite."""
+    if guidance is None:
+        grid = list(hypernet.guidance_grid)
+    elif isinstance(guidance, (int, float, np.integer, np.floating)) and not isinstance(guidance, bool):
+        grid = [float(guidance)]
+    else:
+        try:
+            grid = [float(w) for w in guidance]
+        except (TypeError, ValueError):
+            raise TypeError(f"guidance must be a number or a sequence of numbers, got {guidance!r}") from None
+    if not grid:
+        raise ValueError("guidance grid is empty: give at least one weight")
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"guidance grid {grid} repeats a weight")
+    if any(not np.isfinite(w) or w < 0 for w in grid):
+        raise ValueError(f"guidance weights must be finite and >= 0, got {grid}")
+    return grid
+
+
+def spread(k: int, grid: Sequence[float], n_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K candidates over a guidance grid (G,) and n_cells prompt-level cells: contiguous blocks of
+    K // G (the first K % G blocks one more) per weight, the cells round robin inside each block,
+    so every weight sees every cell. -> guidance (K,) float64, cell (K,) long."""
+    if k < len(grid):
+        raise ValueError(f"k = {k} candidates cannot cover a guidance grid of {len(grid)} weights {list(grid)}")
+    sizes = [k // len(grid) + (g < k % len(grid)) for g in range(len(grid))]
+    w = torch.cat([torch.full((n,), float(x), dtype=torch.float64) for x, n in zip(grid, sizes)])
+    cell = torch.cat([torch.arange(n) % n_cells for n in sizes])
+    return w, cell
+
+
+def random_start(spec, seed: int = 0) -> torch.Tensor:
+    """A freshly initialised classifier of `spec` (PyTorch's default nn.Linear init, as the
+    collection's runs start), seeded -> (P,) float32. DiHyFo-1's random start."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        lins = [nn.Linear(a, b) for a, b in zip(spec.layer_sizes[:-1], spec.layer_sizes[1:])]
+    return torch.cat([t.detach().reshape(-1) for l in lins for t in (l.weight, l.bias)]).float()
+
+
+def _sha256(path: str) -> str | None:
+    if not path or not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _provenance(hn) -> dict:
+    """Which hypernetwork and data a forget call used: name or path with the weights' hash, the
+    collection folder with its manifest hash, the package version."""
+    from .. import __version__
+    path = hn.meta.get("path")
+    ck = os.path.join(path, "checkpoint.safetensors") if path and os.path.isdir(path) else path
+    card = getattr(hn, "card", None) or {}
+    data_dir = hn.meta.get("data_dir")
+    man = os.path.join(data_dir, "manifest.json") if data_dir else None
+    return {"hypernet": {"name": card.get("name"), "path": os.path.abspath(path) if path else None,
+                         "sha256": _sha256(ck), "kind": hn.kind, "step": hn.meta.get("step")},
+            "data": {"dir": data_dir, "manifest_sha256": _sha256(man)},
+            "package_version": __version__, "torch_version": torch.__version__}
+
+
+def _dihyfo1_start(hn, spec, model, start: str, seed: int) -> tuple[torch.Tensor, dict]:
+    """DiHyFo-1's starting classifier by `start` -> (P,) params, a record of where it came from."""
+    if start == "model":
+        if model is None:
+            raise ValueError("start='model' needs a model: pass model= (an nn.Module or flat (P,) params)")
+        theta = flat_params(model, spec) if isinstance(model, nn.Module) else check_flat(model, spec, "model")[0]
+        return theta, {"source": "user model"}
+    if model is not None:
+        raise ValueError(f"a model was given but start={start!r}; DiHyFo-1 starts from the given model "
+                         "(start='model') or, without one, from 'best' or 'random'")
+    if start == "best":
+        return best_checkpoint(hn.data_dir, hn.meta.get("heldout_runs", ()))
+    return random_start(spec, seed), {"source": "random initialisation (PyTorch default nn.Linear init)",
+                                      "seed": int(seed)}
+
+
 def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", steps: int = 50,
            model: nn.Module | torch.Tensor | None = None, seed: int = 0, high=HIGH_LEVELS, low=LOW_LEVELS,
-           keep_candidates: bool = True, guidance: float | None = None, prompt: str = "forget",
-           retain_min: float = RETAIN_MIN) -> ForgetResult:
+           keep_candidates: bool = True, guidance=None, prompt: str = "forget",
+           retain_min: float = RETAIN_MIN, start: str | None = None, progress: bool = False,
+           warn: bool = True) -> ForgetResult:
     """Forget `forget_classes` (digit labels) with a trained hypernetwork (hf.load_hypernet).
 
     data: the collection's DigitSplits (its validation split scores the candidates); a different
     split is refused (`check_split`).
-    model: DiHyFo-1's starting classifier (nn.Module of the hypernetwork's spec, or flat (P,)
-    params); None uses `best_checkpoint` of the hypernetwork's dataset and names it in `.start`.
-    guidance: classifier-free guidance weight (None = the model's default; 0 = unconditional).
-    prompt: "forget" (the request) or "keep" (the keep-every-class control: same K, sampler, seed
-    and selection rule, every class prompted low). retain_min: the D_r threshold of the
-    candidates' forget-and-keep count (it does not change the choice). DiHyFo-1's retained-class targets never exceed
-    the starting model's current validation loss: the prompt never asks it to get worse on D_r.
+    guidance: classifier-free guidance weight(s) the K candidates are spread over (`spread`):
+    None = the model's grid (its card's, chosen on validation), a number, or a sequence; 0 is the
+    unconditional branch. The chosen candidate's weight and level are `.chosen_guidance` /
+    `.chosen_level`; `.per_guidance` counts the qualifying candidates of each weight.
+    model / start (DiHyFo-1 only): the starting classifier. start "model" (the default when model
+    is given: an nn.Module of the hypernetwork's spec, or flat (P,) params), "best" (the default
+    otherwise: `best_checkpoint` of the hypernetwork's dataset, named in `.start`) or "random"
+    (`random_start(spec, seed)`, the dissertation's protocol). DiHyFo-1's retained-class targets
+    never exceed the start's current validation loss: the prompt never asks it to get worse on D_r.
+    prompt: "forget" (the request) or "keep" (the keep-every-class control: same K, guidance
+    grid, sampler, seed and selection rule, every class prompted low). retain_min: the D_r
+    threshold of the forget-and-keep count (it does not change the choice).
+    progress: a progress bar over the sampling steps (stderr). warn: a UserWarning when the
+    chosen candidate does not meet the forget-and-keep criterion (`.forgot` False).
     """
     hn = hypernet
     spec, classes = hn.spec, list(hn.meta["classes"])
@@ -176,42 +316,98 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     if tuple(data.classes) != tuple(classes):
         raise ValueError(f"data holds classes {tuple(data.classes)}, the hypernetwork {tuple(classes)}")
     check_split(hn, data)
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
+        raise ValueError(f"k (number of candidates) must be a positive integer, got {k!r}")
+    k = int(k)
+    grid = guidance_grid(hn, guidance)
     dev = next(hn.model.parameters()).device
     Xv, yv = data.X_val.to(dev), data.y_val.to(dev)
     t0 = time.perf_counter()
     table = loss_quantile_table(hn.meta["loss_ranges"], classes)
-    prompts, levels = forget_prompts(table, classes, fidx if prompt == "forget" else [], int(k), high, low)
-    start = None
+    asked = fidx if prompt == "forget" else []
+    n_cells = len(high) * len(low) if asked else len(low)
+    w, cell = spread(k, grid, n_cells)                                   # (K,), (K,)
+    _, levels = forget_prompts(table, classes, asked, n_cells, high, low)
+    prompts = torch.cat([forget_prompts(table, classes, asked, int((w == g).sum()), high, low)[0] for g in grid])
+    start_info, theta = None, None
     kw = {}
     if hn.cfg.kind == "dihyfo1":
-        if model is None:
-            theta, start = best_checkpoint(hn.meta["dataset"]["dir"], hn.meta.get("heldout_runs", ()))
-        else:
-            theta = flat_params(model, spec) if isinstance(model, nn.Module) else check_flat(model, spec, "model")[0]
-            start = {"source": "user model"}
+        start = start or ("model" if model is not None else "best")
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        theta, start_info = _dihyfo1_start(hn, spec, model, start, seed)
         theta = theta.float().to(dev)
         cur = class_metrics(theta[None], spec, Xv, yv).class_loss[0]        # (m,) its validation losses
-        start["val_class_loss"] = [float(x) for x in cur]
+        start_info = {**start_info, "kind": start, "val_class_loss": [float(x) for x in cur]}
         keep = [c for c in range(len(classes)) if c not in fidx] if prompt == "forget" else list(range(len(classes)))
         prompts[:, keep] = torch.minimum(prompts[:, keep], cur.float().cpu()[keep])   # never worse on D_r
         kw = {"theta": theta, "losses": cur}
-    elif model is not None:
+    elif model is not None or start is not None:
         raise ValueError("DiHyFo-2 generates from the loss prompt alone; it takes no starting model")
     t1 = time.perf_counter()
-    if guidance is not None:
-        kw["guidance"] = guidance
-    cand = hn.sample(prompts.to(dev), int(k), sampler=sampler, steps=steps, seed=seed, **kw)   # (K, P)
+    cand = hn.sample(prompts.to(dev), k, sampler=sampler, steps=steps, seed=seed, guidance=w,
+                     progress=progress, **kw)                                # (K, P)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
     i, cands = choose(cand, spec, data, fidx, retain_min)
     params = cand[i].detach().float().cpu()
     t3 = time.perf_counter()
-    return ForgetResult(model=as_module(params, spec), params=params, forget_classes=tuple(classes[c] for c in fidx),
-                        chosen=i, candidates=cands, prompt=prompts, prompt_levels={**levels, "kind": prompt},
-                        timing={"prepare": t1 - t0, "sample": t2 - t1, "score": t3 - t2,
-                                "total": t3 - t1, "k": int(k), "sampler": sampler, "steps": int(steps),
-                                "guidance": hn.default_guidance if guidance is None else float(guidance)},
-                        start=start, candidate_params=cand.detach().cpu() if keep_candidates else None)
+    ok = (cands["forget_acc"] <= FORGET_MAX) & (cands["retain_acc"] >= retain_min)   # (K,) the criterion
+    per = [{"guidance": g, "k": int((w == g).sum()), "forget_keep": int(ok[w == g].sum())} for g in grid]
+    cands.update({"guidance": w.float(), "cell": cell})
+    c = levels["cells"][int(cell[i])]
+    res = ForgetResult(
+        model=as_module(params, spec), params=params, forget_classes=tuple(classes[c] for c in fidx), chosen=i,
+        candidates=cands, prompt=prompts, prompt_levels={**levels, "kind": prompt},
+        timing={"prepare": t1 - t0, "sample": t2 - t1, "score": t3 - t2, "total": t3 - t0},
+        start=start_info, candidate_params=cand.detach().cpu() if keep_candidates else None,
+        chosen_guidance=float(w[i]), chosen_level={"high": c["high"], "low": c["low"]},
+        forget_keep=int(cands["forget_keep"]), per_guidance=per, forgot=bool(ok[i]),
+        settings={"forget": [classes[c] for c in fidx], "prompt": prompt, "k": k, "sampler": sampler,
+                  "steps": int(steps), "seed": int(seed), "guidance_grid": grid, "high_levels": list(high),
+                  "low_levels": list(low), "retain_min": float(retain_min), "forget_max": FORGET_MAX,
+                  "start": (start_info or {}).get("kind"), **_provenance(hn)},
+        start_params=None if theta is None else theta.detach().float().cpu())
+    if warn and prompt == "forget" and not res.forgot:
+        warnings.warn(res.summary(), UserWarning, stacklevel=2)
+    return res
+
+
+SWEEP_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 256, sampler: str = "ddim",
+                   steps: int = 50, seed: int = 100, keep_share: float = 0.5, **kw) -> dict:
+    """Choose a model's default guidance grid on the VALIDATION split (run at release; the grid
+    goes into the model card's `sampling`).
+
+    For each weight alone, K candidates for every forget set under the forget prompt and under the
+    keep-every-class control; a weight's merit is its mean (forget - keep) forget-and-keep count
+    over the sets. The grid is every weight whose merit is at least `keep_share` of the best
+    weight's, so K is spent only where the model follows its prompt; with no positive merit, the
+    model's single default weight. kw go to `forget` (e.g. start= for DiHyFo-1).
+    -> {"guidance_grid", "weights", "counts": {set: {w: {"forget", "keep"}}}, "merit": {w: ...},
+        "k", "steps", "sampler", "seed", "rule", "split": "validation"}."""
+    counts: dict = {}
+    keep_cache: dict = {}
+    for fs in forget_sets:
+        key = ",".join(map(str, fs))
+        counts[key] = {}
+        for w in weights:
+            f = forget(hypernet, list(fs), data, k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w),
+                       keep_candidates=False, warn=False, **kw)
+            if (w, tuple(fs)) not in keep_cache:
+                keep_cache[(w, tuple(fs))] = forget(hypernet, list(fs), data, k=k, sampler=sampler, steps=steps,
+                                                    seed=seed, guidance=float(w), prompt="keep",
+                                                    keep_candidates=False, warn=False, **kw).forget_keep
+            counts[key][str(float(w))] = {"forget": f.forget_keep, "keep": keep_cache[(w, tuple(fs))]}
+    merit = {str(float(w)): float(np.mean([c[str(float(w))]["forget"] - c[str(float(w))]["keep"]
+                                            for c in counts.values()])) for w in weights}
+    best = max(merit.values())
+    grid = [float(w) for w in weights if best > 0 and merit[str(float(w))] >= keep_share * best] or \
+        [float(hypernet.default_guidance)]
+    return {"guidance_grid": grid, "weights": [float(w) for w in weights], "counts": counts, "merit": merit,
+            "k": int(k), "steps": int(steps), "sampler": sampler, "seed": int(seed), "split": "validation",
+            "rule": f"weights whose mean (forget - keep-prompt) forget-and-keep count over the forget sets is >= "
+                    f"{keep_share} x the best weight's"}

@@ -160,11 +160,13 @@ def _test_metrics(name: str, params: torch.Tensor, ref: dict, ctx: dict) -> dict
     row.update({"overlap_retain": ov["retain"], "overlap_forget": ov["forget"], "overlap_all": ov["all"],
                 "activation_distance": M.activation_distance(probs, pr), "phi": M.unlearning_score(probs, pr),
                 "phi_bt": M.unlearning_score(probs, pr, "bad_teacher")})
-    if name in EDIT_METHODS or name in ctx.get("user_methods", ()):
+    starts = ctx.get("start_of", {})
+    if (name in EDIT_METHODS or name in ctx.get("user_methods", ()) or name in starts) and \
+            starts.get(name, ctx["original"]) is not None:      # a random start has nothing to stay close to
         te_r = ~torch.isin(sp.y_test, torch.tensor(fidx))
-        el = M.edit_locality(params, ctx["original"], spec, sp.X_test[te_r])
+        el = M.edit_locality(params, starts.get(name, ctx["original"]), spec, sp.X_test[te_r])
         row.update({"edit_overlap_retain": el.retain_overlap, "edit_l2": el.param_distance})
-    if name in GENERATED and ctx.get("ckpt_index") is not None:
+    if base_method(name) in GENERATED and ":" not in name and ctx.get("ckpt_index") is not None:
         nn_ = ctx["ckpt_index"].query(params)
         row["nearest_stored_distance"] = float(np.asarray(nn_.distance).reshape(-1)[0])
     return row
@@ -210,6 +212,90 @@ def evaluate_model(model, splits, forget, *, spec=None, reference=None, original
     return _test_metrics("model", params, {"retrain": probs_ref}, ctx)
 
 
+START_LABELS = {"model": "from the user's model", "best": "from the best stored checkpoint",
+                "random": "from a random initialisation"}
+
+
+def base_method(name: str) -> str:
+    """A report row's method: "dihyfo1@random:keep" -> "dihyfo1"."""
+    return name.split(":")[0].split("@")[0]
+
+
+def generated_rows(hypernets: dict, starts: Sequence[str], model_given: bool) -> list[tuple[str, str, str | None]]:
+    """(row name, kind, DiHyFo-1 start) of every hypernetwork row. DiHyFo-1 gets one row per start:
+    "dihyfo1" for the report's original model (the user's when given, else the best stored
+    checkpoint), "dihyfo1@best" / "dihyfo1@random" for the other starts."""
+    rows = []
+    for kind in hypernets:
+        if kind != "dihyfo1":
+            rows.append((kind, kind, None))
+            continue
+        for st in starts:
+            main = st == "model" or (st == "best" and not model_given)
+            rows.append(("dihyfo1" if main else f"dihyfo1@{st}", kind, st))
+    return rows
+
+
+def row_label(name: str) -> str:
+    """Readable label of a report row, with DiHyFo-1's start and the controls spelled out."""
+    if name in LABELS:
+        return LABELS[name]
+    meth, _, ctl = name.partition(":")
+    base, _, st = meth.partition("@")
+    if base in GENERATED and st in START_LABELS:
+        lab = f"{LABELS[base]} {START_LABELS[st]}"
+        return lab + {"keep": ", keep-every-class prompt", "uncond": ", unconditional", "": ""}[ctl]
+    return f"{name} (user method)"
+
+
+def _sample_rows(hypernets, rows, fs, fidx, splits, seed, original, orig_kind, orig_info, control_cache, out, *, k,
+                 sampler, steps, guidance, retain_min) -> None:
+    """Every hypernetwork row and its controls for one forget set and seed, into out = (params,
+    seconds, extra, counts, start_of). The controls (keep-every-class prompt over the same guidance
+    grid; the unconditional branch, guidance 0) are sampled once per row and seed, rescored per set."""
+    params, seconds, extra, counts, start_of = out
+    for name, kind, st in rows:
+        hn = hypernets[kind]
+        kw = {}
+        if kind == "dihyfo1":   # the report's original (the baselines' start too) by value, the others by name
+            kw = {"model": original, "start": "model"} if st == orig_kind else {"start": st}
+        res = forget(hn, list(fs), splits, k=k, sampler=sampler, steps=steps, seed=seed, guidance=guidance,
+                     retain_min=retain_min, warn=False, **kw)
+        if kind == "dihyfo1" and st == orig_kind:
+            res.start = {**orig_info, **{a: b for a, b in res.start.items() if a != "source"}, "kind": st}
+        params[name], seconds[name], counts[name] = res.params, res.timing["total"], res.forget_keep
+        if kind == "dihyfo1":
+            start_of[name] = None if st == "random" else res.start_params
+        extra[name] = {"timing": res.timing, "chosen": res.chosen, "start": res.start,
+                       "chosen_guidance": res.chosen_guidance, "chosen_level": res.chosen_level,
+                       "per_guidance": res.per_guidance, "forgot_on_val": res.forgot, "settings": res.settings,
+                       "prompt_levels": res.prompt_levels,
+                       "val_forget_acc": res.candidates["forget_acc"].tolist(),
+                       "val_retain_acc": res.candidates["retain_acc"].tolist(),
+                       "val_class_loss": res.candidates["class_loss"].tolist(),
+                       "guidance": res.candidates["guidance"].tolist(), "prompt": res.prompt.tolist()}
+        for ctl in CONTROLS:
+            if ctl == "uncond" and hn.cfg.cond_dropout <= 0:
+                continue                                      # no unconditional branch was trained
+            key = (name, seed, ctl)
+            t0 = time.perf_counter()
+            if key not in control_cache:                      # sampled once, rescored per forget set
+                c = forget(hn, list(fs), splits, k=k, sampler=sampler, steps=steps, seed=seed,
+                           guidance=0.0 if ctl == "uncond" else guidance,
+                           prompt="keep" if ctl == "keep" else "forget", warn=False, **kw)
+                control_cache[key] = (c.candidate_params, c.timing["total"], c.candidates["guidance"],
+                                      c.settings["guidance_grid"])
+            cand, t_sample, w, grid = control_cache[key]
+            i, cm = choose(cand, hn.spec, splits, fidx, retain_min)
+            ok = (cm["forget_acc"] <= FORGET_MAX) & (cm["retain_acc"] >= retain_min)
+            cname = f"{name}:{ctl}"
+            params[cname], seconds[cname], counts[cname] = cand[i].clone(), t_sample + time.perf_counter() - t0, \
+                cm["forget_keep"]
+            extra[cname] = {"chosen": i, "prompt": ctl, "guidance_grid": grid, "chosen_guidance": float(w[i]),
+                            "per_guidance": [{"guidance": g, "k": int((w == g).sum()),
+                                              "forget_keep": int(ok[w == g].sum())} for g in grid]}
+
+
 def _starting_model(model, spec, data_dir, heldout) -> tuple[torch.Tensor, dict]:
     if model is None:
         return best_checkpoint(data_dir, heldout)
@@ -219,7 +305,7 @@ def _starting_model(model, spec, data_dir, heldout) -> tuple[torch.Tensor, dict]
 def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Sequence[int]], seeds=(0, 1, 2),
                         k: int = 256, sampler: str = "ddim", steps: int = 50, retrain_seeds: int = 5,
                         mia_attack: str = "logreg", out_dir: str | None = None, log=print, memorization: bool = True,
-                        holdout=None, guidance: float | None = None, model=None,
+                        holdout=None, guidance=None, model=None, starts: Sequence[str] | None = None,
                         methods: dict[str, Callable] | None = None, tune: bool = True,
                         relearning: bool = True, retain_min: float = RETAIN_MIN) -> dict:
     """Run every method on every forget set (digit labels) and seed; -> the JSON-able report (also
@@ -229,6 +315,10 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
     holdout: {"forget_set": [...], "rules": ... (default: the collection's holdout rules)}: the
     held-out forget set, reported with the store's count of acceptable checkpoints for it.
     model: the starting classifier (nn.Module or flat params); None = the best stored checkpoint.
+    guidance: the guidance grid every hypernetwork row and its keep-prompt control spread their K
+    candidates over (None: each model's own grid, from its card); the unconditional control is
+    guidance 0. starts: DiHyFo-1's starting classifiers, each its own row ("model", "best",
+    "random"; default: "model" when a model is given, else "best").
     methods: extra unlearning methods {name: fn(params, spec, forget, splits, seed=...) ->
     BaselineResult or flat params}, run on `model` like the baselines. tune=False runs the
     post-hoc baselines at their defaults instead of tuning them. relearning=False skips the
@@ -249,6 +339,13 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
         raise ValueError(f"user method names {sorted(clash)} clash with built-in rows; rename them")
     heldout = sorted({r for hn in hypernets.values() for r in hn.heldout_runs})
     original, orig_info = _starting_model(model, spec, data_dir, heldout)
+    orig_kind = "model" if model is not None else "best"
+    starts = list(starts or [orig_kind])
+    bad = [st for st in starts if st not in START_LABELS] + (["model (no model given)"]
+                                                             if "model" in starts and model is None else [])
+    if bad or len(set(starts)) != len(starts):
+        raise ValueError(f"starts must be distinct values of {tuple(START_LABELS)} ('model' needs model=); got {starts}")
+    gen_rows = generated_rows(hypernets, starts, model is not None)
     ranges = next(iter(hypernets.values())).meta["loss_ranges"] if hypernets else None
     view = StoreView(store, splits)
     ckpt_index, neigh = None, None
@@ -282,33 +379,11 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
             params["retrain_median"], seconds["retrain_median"] = rt.extra["median_params"], rt.seconds
             extra["retrain"] = {"hparams": rt.hparams, "chosen": rt.extra["chosen"], "val": rt.extra["val"]}
             ctx["retrain_params"] = rt.params
-            for kind, hn in hypernets.items():
-                start = original if kind == "dihyfo1" else None
-                res = forget(hn, list(fs), splits, k=k, sampler=sampler, steps=steps, model=start, seed=seed,
-                             guidance=guidance, retain_min=retain_min)
-                params[kind], seconds[kind], counts[kind] = res.params, res.timing["total"], res.candidates["forget_keep"]
-                extra[kind] = {"timing": res.timing, "chosen": res.chosen, "start": res.start,
-                               "prompt_levels": res.prompt_levels,
-                               "val_forget_acc": res.candidates["forget_acc"].tolist(),
-                               "val_retain_acc": res.candidates["retain_acc"].tolist(),
-                               "val_class_loss": res.candidates["class_loss"].tolist(),
-                               "prompt": res.prompt.tolist()}
-                for ctl in CONTROLS:
-                    if ctl == "uncond" and hn.cfg.cond_dropout <= 0:
-                        continue                                      # no unconditional branch was trained
-                    key = (kind, seed, ctl)
-                    t0 = time.perf_counter()
-                    if key not in control_cache:                      # sampled once, rescored per forget set
-                        c = forget(hn, list(fs), splits, k=k, sampler=sampler, steps=steps, model=start, seed=seed,
-                                   guidance=0.0 if ctl == "uncond" else guidance,
-                                   prompt="keep" if ctl == "keep" else "forget")
-                        control_cache[key] = (c.candidate_params, c.timing["sample"])
-                    cand, t_sample = control_cache[key]
-                    i, cm = choose(cand, spec, splits, fidx, retain_min)
-                    name = f"{kind}:{ctl}"
-                    params[name], seconds[name], counts[name] = cand[i].clone(), t_sample + time.perf_counter() - t0, \
-                        cm["forget_keep"]
-                    extra[name] = {"chosen": i, "guidance": 0.0 if ctl == "uncond" else guidance, "prompt": ctl}
+            start_of: dict = {}
+            ctx["start_of"] = start_of
+            _sample_rows(hypernets, gen_rows, fs, fidx, splits, seed, original, orig_kind, orig_info, control_cache,
+                         (params, seconds, extra, counts, start_of), k=k, sampler=sampler, steps=steps,
+                         guidance=guidance, retain_min=retain_min)
             for name in POST_HOC:
                 r = B.tuned(name, original, spec, list(fs), splits, seed=seed) if tune else \
                     B.BASELINES[name](original, spec, list(fs), splits, seed=seed)
@@ -336,6 +411,10 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
                 rows[name]["seconds"] = seconds[name]
                 if name in counts:
                     rows[name]["forget_keep"] = counts[name]
+                for g in (extra.get(name) or {}).get("per_guidance") or ():
+                    rows[name][f"forget_keep@{g['guidance']:g}"] = g["forget_keep"]
+                if "chosen_guidance" in (extra.get(name) or {}):
+                    rows[name]["chosen_guidance"] = extra[name]["chosen_guidance"]
                 if relearning and name not in ("retrain", "original", "store") and ":" not in name:
                     rows[name].update(_anamnesis(params[name], ctx))
             report["runs"].append({"forget": list(fs), "seed": seed, "methods": rows, "extra": extra,
@@ -384,30 +463,57 @@ def _fmt(cell, count: bool = False) -> str:
     return s + ((f" ± {std:.1f}" if count else f" ± {std:.3f}") if n > 1 and std is not None else "")
 
 
-def _label(m: str) -> str:
-    return LABELS.get(m, f"{m} (user method)")
+_label = row_label
+
+
+def _gen_rows(meths) -> list[str]:
+    """The hypernetwork rows (every DiHyFo-1 start, DiHyFo-2) of a summary, without the controls."""
+    return [m for m in _order(meths) if base_method(m) in GENERATED and ":" not in m]
 
 
 def _order(meths) -> list[str]:
-    return [m for m in LABELS if m in meths] + sorted(m for m in meths if m not in LABELS)
+    known = [m for m in LABELS if m in meths]
+    starts = sorted(m for m in meths if m not in LABELS and base_method(m) in GENERATED)
+    return known + starts + sorted(m for m in meths if m not in LABELS and m not in starts)
 
 
 def _count_table(report: dict, key: str, meths: dict) -> list[str]:
     """The controls: how many candidates of each source meet the forget-and-keep criterion."""
     k, n = report["k"], report.get("store_size")
-    gens = [g for g in GENERATED if g in meths]
+    gens = _gen_rows(meths)
     lines = [f"### D_f = {{{key}}}: candidates that forget and keep (controls)", "",
              f"Criterion: {report['criterion']['text']}. {_over_seeds(report)}; same K = {k}, "
-             f"sampler, seed and selection rule in every column.", "",
+             f"sampler, seed, guidance grid and selection rule in the first two columns; the unconditional "
+             "branch has no prompt to guide (guidance 0).", "",
              "| source | asked to forget | keep-every-class prompt | unconditional (guidance 0) |", "|---|---|---|---|"]
     for g in gens:
         cells = [_fmt(meths[m]["forget_keep"], True) + f" / {k}" if m in meths else "not trained"
                  for m in (g, f"{g}:keep", f"{g}:uncond")]
-        lines.append(f"| {LABELS[g]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(g)} | " + " | ".join(cells) + " |")
     if "retrieval" in meths:
         lines.append(f"| Retrieval: K nearest stored checkpoints | {_fmt(meths['retrieval']['forget_keep'], True)} / {k} | | |")
     if "store" in meths:
         lines.append(f"| Whole store | {_fmt(meths['store']['forget_keep'], True)} / {n} | | |")
+    return lines + [""] + _guidance_table(report, key, meths)
+
+
+def _guidance_table(report: dict, key: str, meths: dict) -> list[str]:
+    """Forget-and-keep counts per guidance weight of the grid (asked to forget vs keep prompt), and
+    the weight of the chosen candidate in each seed."""
+    rows = [m for m in _gen_rows(meths) if any(c.startswith("forget_keep@") for c in meths[m])]
+    if not rows:
+        return []
+    lines = [f"### D_f = {{{key}}}: candidates that forget and keep, per guidance weight (asked to forget / "
+             "keep-every-class prompt)", "", "| source | per weight w: count of the w's candidates | chosen "
+             "candidate's w (per seed) |", "|---|---|---|"]
+    for m in rows:
+        ws = sorted((float(c.split("@", 1)[1]) for c in meths[m] if c.startswith("forget_keep@")))
+        keep = meths.get(f"{m}:keep", {})
+        cells = [f"w={w:g}: {_fmt(meths[m][f'forget_keep@{w:g}'], True)} / "
+                 f"{_fmt(keep[f'forget_keep@{w:g}'], True) if f'forget_keep@{w:g}' in keep else '-'}" for w in ws]
+        chosen = [f"{r['extra'][m]['chosen_guidance']:g}" for r in report["runs"]
+                  if ",".join(map(str, r["forget"])) == key and m in r["extra"]]
+        lines.append(f"| {_label(m)} | " + "; ".join(cells) + f" | {', '.join(chosen)} |")
     return lines + [""]
 
 
@@ -432,27 +538,29 @@ def markdown_tables(report: dict) -> str:
                     _fmt(meths[m][c], c in COUNTS) + _range_flag(report, key, m, c, flagged) if c in meths[m] else ""
                     for c, _ in cols) + " |")
             lines += [f"{RANGE_MARK} {_label(m)}, {h}: {why}" for (m, h), why in flagged.items()] + [""]
-        gen = [m for m in GENERATED if m in meths and "nearest_stored_distance" in meths[m]]
+        gen = [m for m in _gen_rows(meths) if "nearest_stored_distance" in meths[m]]
         if gen and report.get("neighbour_distance"):
             lines += [f"### D_f = {{{key}}}: memorization", "",
                       "| model | distance to nearest stored checkpoint (up to permutation) | typical stored neighbour distance |",
                       "|---|---|---|"]
             for m in gen:
-                lines.append(f"| {LABELS[m]} | {_fmt(meths[m]['nearest_stored_distance'])} | "
+                lines.append(f"| {_label(m)} | {_fmt(meths[m]['nearest_stored_distance'])} | "
                              f"{report['neighbour_distance']['median']:.3f} |")
             lines.append("")
         ref = DISSERTATION.get(tuple(report["classes"]), {}).get(key)
         if ref:
             cols = [("acc_retain", "Acc D_r"), ("acc_forget", "Acc D_f"), ("mia", "MIA"),
                     ("overlap_forget", "Overlap D_f"), ("activation_distance", "Act. distance"),
-                    ("phi_bt", "φ (bad-teacher)")]
-            lines += [f"### D_f = {{{key}}}: against the dissertation's tables (its convention; ours / dissertation)",
+                    ("phi_bt", "φ (bad-teacher)"), ("phi", "φ per-sample")]
+            lines += [f"### D_f = {{{key}}}: against the dissertation's tables (ours / dissertation; the "
+                      "dissertation gives φ in the bad-teacher convention only)",
                       "", "| method | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
-            for m in ("dihyfo1", "dihyfo2", "retrain"):
-                if m in meths and m in ref:
-                    lines.append(f"| {LABELS[m]} | " + " | ".join(
-                        f"{meths[m][c][0]:.3f} / {ref[m][c]:.3f}" if c in ref[m] and c in meths[m] else ""
-                        for c, _ in cols) + " |")
+            for m in [*_gen_rows(meths), "retrain"]:
+                r_ = ref.get(base_method(m))
+                if m in meths and r_:
+                    lines.append(f"| {_label(m)} | " + " | ".join(
+                        (f"{meths[m][c][0]:.3f} / {r_[c]:.3f}" if c in r_ else f"{meths[m][c][0]:.3f} / -")
+                        if c in meths[m] else "" for c, _ in cols) + " |")
             lines.append("")
     tun = _tuning_lines(report)
     return "\n".join(lines + tun)
@@ -556,8 +664,8 @@ def verdicts(report: dict) -> list[str]:
                        f"checkpoints that meet the criterion ({report['criterion']['text']})"
                        + (", so neither the store nor retrieval can succeed here by copying one." if n == 0 else
                           ": NOT held out by what forgetting means."))
-        for g in GENERATED:
-            if g not in meths or rt is None:
+        for g in _gen_rows(meths):
+            if rt is None:
                 continue
             r = meths[g]
             checks = [("forget acc <= 0.01", r["acc_forget"][0] <= 0.01),
@@ -565,14 +673,14 @@ def verdicts(report: dict) -> list[str]:
                       ("phi >= 0.95", r["phi"][0] >= 0.95),
                       ("MIA within 0.1 of retrained", abs(r["mia"][0] - rt["mia"][0]) <= 0.1)]
             failed = [c for c, ok in checks if not ok]
-            out.append(f"D_f={{{key}}} {LABELS[g]}: " + ("meets all targets" if not failed else
+            out.append(f"D_f={{{key}}} {_label(g)}: " + ("meets all targets" if not failed else
                                                           "MISSES " + ", ".join(failed)) +
                        f" (acc D_r {r['acc_retain'][0]:.3f} vs retrained {rt['acc_retain'][0]:.3f}, acc D_f "
                        f"{r['acc_forget'][0]:.3f}, φ {r['phi'][0]:.3f} (bad-teacher {r['phi_bt'][0]:.4f}), MIA "
                        f"{r['mia'][0]:.3f} vs {rt['mia'][0]:.3f}).")
             if key == hold_key:
                 ok = r["acc_forget"][0] <= 0.01 and r["acc_retain"][0] >= rt["acc_retain"][0] - 0.02
-                out.append(f"D_f={{{key}}} (held out) {LABELS[g]} " + ("FORGETS it" if ok else "does NOT forget it")
+                out.append(f"D_f={{{key}}} (held out) {_label(g)} " + ("FORGETS it" if ok else "does NOT forget it")
                            + f": test acc D_f {r['acc_forget'][0]:.3f} (target <= 0.01), D_r {r['acc_retain'][0]:.3f} "
                              f"vs retrained {rt['acc_retain'][0]:.3f} (target within 0.02).")
             if "forget_keep" in r:
@@ -589,28 +697,29 @@ def verdicts(report: dict) -> list[str]:
                 else:
                     why = ("the prompt does NOT raise the count beyond the controls' spread; the choice among K, "
                            "not the prompt, does the forgetting.")
-                out.append(f"D_f={{{key}}} {LABELS[g]} controls: {_fmt(r['forget_keep'], True)} "
+                out.append(f"D_f={{{key}}} {_label(g)} controls: {_fmt(r['forget_keep'], True)} "
                            f"of {report['k']} candidates forget and keep when asked, vs {desc}: " + why)
-            for b in ("retrieval", "store", *POST_HOC, *[m for m in meths if m not in LABELS]):
+            for b in ("retrieval", "store", *POST_HOC,
+                      *[m for m in meths if m not in LABELS and base_method(m) not in GENERATED]):
                 if b not in meths or meths[b]["acc_forget"][0] > 0.01:
                     continue
                 if not _known(meths[b]["phi"], r["phi"]):
-                    out.append(f"D_f={{{key}}} {LABELS[g]} and {_label(b)}: φ {r['phi'][0]:.3f} vs "
+                    out.append(f"D_f={{{key}}} {_label(g)} and {_label(b)}: φ {r['phi'][0]:.3f} vs "
                                f"{meths[b]['phi'][0]:.3f}; one seed, so the seed spread is unknown (no verdict).")
                 elif _beyond(meths[b]["phi"], r["phi"]):
-                    out.append(f"D_f={{{key}}} {LABELS[g]} LOSES on φ to {_label(b)} ({meths[b]['phi'][0]:.3f} vs "
+                    out.append(f"D_f={{{key}}} {_label(g)} LOSES on φ to {_label(b)} ({meths[b]['phi'][0]:.3f} vs "
                                f"{r['phi'][0]:.3f}, beyond the seed spread; it also forgets).")
                 elif _beyond(r["phi"], meths[b]["phi"]):
-                    out.append(f"D_f={{{key}}} {LABELS[g]} wins on φ over {_label(b)} ({r['phi'][0]:.3f} vs "
+                    out.append(f"D_f={{{key}}} {_label(g)} wins on φ over {_label(b)} ({r['phi'][0]:.3f} vs "
                                f"{meths[b]['phi'][0]:.3f}, beyond the seed spread).")
                 else:
-                    out.append(f"D_f={{{key}}} {LABELS[g]} and {_label(b)}: φ {r['phi'][0]:.3f} vs "
+                    out.append(f"D_f={{{key}}} {_label(g)} and {_label(b)}: φ {r['phi'][0]:.3f} vs "
                                f"{meths[b]['phi'][0]:.3f}, within the seed spread (no winner).")
         nd = (report.get("neighbour_distance") or {}).get("median")
-        for g in GENERATED:
-            if nd and g in meths and "nearest_stored_distance" in meths[g]:
+        for g in _gen_rows(meths):
+            if nd and "nearest_stored_distance" in meths[g]:
                 d = meths[g]["nearest_stored_distance"][0]
-                out.append(f"D_f={{{key}}} {LABELS[g]} memorization: nearest stored checkpoint at {d:.3f}, typical "
+                out.append(f"D_f={{{key}}} {_label(g)} memorization: nearest stored checkpoint at {d:.3f}, typical "
                            f"distance between stored neighbours {nd:.3f}: "
                            + ("closer than stored checkpoints are to each other, i.e. near a training checkpoint."
                               if d < nd else "not a copy of a stored checkpoint."))
