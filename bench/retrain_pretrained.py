@@ -110,7 +110,7 @@ def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256) ->
     train_cmd = cmds["train"] + (" --resume" if os.path.exists(os.path.join(run_dir, "config.json")) else "")
     run(train_cmd, data=data, run=run_dir)
     hn = load_hypernet(run_dir, device="cpu", data=data)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("HYFORGET_THREADS", max(1, os.cpu_count() or 1))))
     sampling = release_sweep(hn, setting, data, k=k)
     hn.meta["sampling"] = sampling                      # what forget() spreads its candidates over
     t0 = time.perf_counter()

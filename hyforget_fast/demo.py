@@ -43,8 +43,9 @@ SETTINGS = {   # the dissertation's forget sets + a held-out one; D_r threshold 
                             "--quiet"),
 }
 TRAIN = ("hyforget train --model {kind} --data {data} --out {run} --preset tiny --cond adaln --target-repr log "
-         "--unit-order canonical --steps {steps} --threads 1 --quiet")
-STEPS = {"mnist4": 6000, "mnist10": 3000}   # training steps of the first release (single-thread CPU)
+         "--tokens neuron{extra} --steps {steps} --threads 1 --quiet")
+TRAIN_EXTRA = {"dihyfo1": " --pair-moved-share 0.5", "dihyfo2": ""}
+STEPS = {"mnist4": 20000, "mnist10": 12000}   # training steps of the first release (single-thread CPU)
 
 
 def _log(s: str) -> None:
@@ -54,7 +55,7 @@ def _log(s: str) -> None:
 def recipe(setting: str, kind: str) -> dict:
     """The first-release commands of a model (before it has a card)."""
     return {"collect": SETTINGS[setting]["collect"],
-            "train": TRAIN.format(kind=kind, steps=STEPS[setting], data="{data}", run="{run}")}
+            "train": TRAIN.format(kind=kind, steps=STEPS[setting], extra=TRAIN_EXTRA[kind], data="{data}", run="{run}")}
 
 
 def commands(setting: str) -> dict:

@@ -85,13 +85,19 @@ class PairDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.store.take(name, idx.cpu().numpy())).to(device)
 
     def sample_batch(self, batch_size: int, generator: torch.Generator | None = None, device=None,
-                     change_bias: float = 0.0, part: slice = slice(None)) -> dict:
+                     change_bias: float = 0.0, part: slice = slice(None), moved_share: float = 0.0,
+                     moved_min: float = 1.0) -> dict:
         """part: the rows of the drawn batch to gather (a DDP rank's slice of the global batch; the
         random draws are those of the whole batch, so every rank follows the same stream).
         change_bias > 0: pairs whose losses move more are drawn more often. 4B candidate pairs
         are drawn uniformly and B kept without replacement with weight
         change_bias * max_c |L*_c - L_c| + 0.05 (c over all classes): uniform sampling gives
-        DiHyFo-1 few loss-raising (forgetting) pairs to learn from (~4% move a class by > 1.5)."""
+        DiHyFo-1 few loss-raising (forgetting) pairs to learn from (~4% move a class by > 1.5).
+        moved_share > 0: that share of the batch are pairs in which some class loss moves by more
+        than moved_min (from 16B uniform candidates, in draw order; uniform pairs fill the rest when
+        too few qualify), the others uniform. Exclusive with change_bias."""
+        if moved_share > 0 and change_bias > 0:
+            raise ValueError("moved_share and change_bias are two ways to favour moving pairs; use one")
         gdev = generator.device if generator is not None else torch.device("cpu")
         device = torch.device(device) if device is not None else (
             next(iter(self._dev.values())).device if self._dev is not None else torch.device("cpu"))
@@ -103,6 +109,15 @@ class PairDataset(torch.utils.data.Dataset):
             w = change_bias * torch.nan_to_num(dl, nan=0.0).amax(1).double() + 0.05
             keep = torch.multinomial(w, batch_size, replacement=False, generator=generator)
             i, j = i[keep], j[keep]
+        if moved_share > 0:
+            n_big = int(round(moved_share * batch_size))
+            u2 = torch.rand(16 * batch_size, 3, generator=generator, device=gdev, dtype=torch.float64)
+            ci, cj = self.pair_indices(u2)
+            dl = (self._gather("class_loss", cj, gdev) - self._gather("class_loss", ci, gdev)).abs()   # (16B, m)
+            big = (torch.nan_to_num(dl, nan=0.0).amax(1) > moved_min).nonzero().flatten()[:n_big]
+            n = len(big)
+            i = torch.cat([ci[big], i[: batch_size - n]])
+            j = torch.cat([cj[big], j[: batch_size - n]])
         i, j = i[part], j[part]
         return {"theta": self._gather("params", i, device), "loss": self._gather("class_loss", i, device),
                 "theta_star": self._gather("params", j, device), "loss_star": self._gather("class_loss", j, device),

@@ -81,6 +81,7 @@ class TrainConfig:
     minutes: float | None = None       # stop (with a checkpoint) after this wall-clock budget
     loss_weighting: str = "piece"      # "piece": every weight / bias piece counts equally; "value": every value
     pair_change_bias: float = 0.0      # DiHyFo-1: > 0 draws pairs whose losses move more often (pairs.py)
+    pair_moved_share: float = 0.0      # DiHyFo-1: this share of each batch moves some class loss by > 1 (pairs.py)
     unit_order: str | None = None      # "random": a fresh hidden-unit permutation per sample (augmentation);
                                        # "canonical": ops.canonical_perms (units by incoming-weight norm;
                                        # DiHyFo-1: θ's order for θ and θ*). None = the preset's; configs
@@ -243,7 +244,8 @@ class _Step:
         B, lo, hi = self.cfg.batch_size, self.lo, self.hi
         pair = self.model.conditional_on_theta
         part = slice(lo, hi)                                                     # this rank's rows
-        batch = self.ds.sample_batch(B, gen, change_bias=self.cfg.pair_change_bias, part=part) if pair else \
+        batch = self.ds.sample_batch(B, gen, change_bias=self.cfg.pair_change_bias, part=part,
+                                       moved_share=self.cfg.pair_moved_share) if pair else \
             self.ds.sample_checkpoints(B, gen, part=part)
         perms = sample_perms(self.spec, B, generator=gen)[lo:hi]                 # (b, H) one per pair
         if self.cfg.unit_order == "canonical":   # same draws as "random", so both follow one stream

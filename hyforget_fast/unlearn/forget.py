@@ -378,7 +378,7 @@ SWEEP_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 256, sampler: str = "ddim",
-                   steps: int = 50, seed: int = 100, keep_share: float = 0.5, **kw) -> dict:
+                   steps: int = 50, seed: int = 100, keep_share: float = 0.8, **kw) -> dict:
     """Choose a model's default guidance grid on the VALIDATION split (run at release; the grid
     goes into the model card's `sampling`).
 
