@@ -92,7 +92,7 @@ def resweep(name: str, work: str, k: int = 256) -> dict:
     card = P.model_card(name)
     card.update({"sampling": sampling, "prompt_alignment": {**align, "seconds": round(time.perf_counter() - t0, 1)}})
     write_json_atomic(os.path.join(P.PRETRAINED_DIR, name, P.CARD), card)
-    print(json.dumps({"name": name, "sampling": {k_: sampling[k_] for k_ in ("guidance_grid", "merit")}}, indent=1))
+    print(json.dumps({"name": name, "sampling": {k_: sampling[k_] for k_ in ("guidance_grid", "ratio")}}, indent=1))
     return card
 
 

@@ -10,7 +10,11 @@ For each setting (MNIST-4: 784-2-4, Tables 3.1-3.2; MNIST: 784-7-10, Tables 3.3-
               commands (one process and one thread each, side by side), then their prompt
               alignment on held-out runs
   3 evaluate  forget every set of the setting's table and the held-out set with both models, their
-              controls and every tuned baseline, over 3 seeds (`evaluate_forgetting`)
+              controls and every tuned baseline, over 3 seeds (`evaluate_forgetting`). The model to
+              forget from is a user's: a classifier trained on every class outside the store
+              (`hf.retrain(None, spec, [], splits, seed=USER_SEED)`, a seed the collection never
+              used); DiHyFo-1 edits it, and also starts from the best stored checkpoint and from a
+              random initialisation (the dissertation's protocol), each its own row
 One report: OUT/report/report.md (both settings' tables), OUT/report/<setting>/ (JSON, figures).
 Finished stages are recorded in OUT/stages.json and skipped on a re-run; an interrupted stage
 resumes (collection and training keep their own progress) or restarts (evaluation).
@@ -46,6 +50,8 @@ TRAIN = ("hyforget train --model {kind} --data {data} --out {run} --preset tiny 
          "--tokens neuron{extra} --steps {steps} --threads 1 --quiet")
 TRAIN_EXTRA = {"dihyfo1": " --pair-moved-share 0.5", "dihyfo2": ""}
 STEPS = {"mnist4": 20000, "mnist10": 12000}   # training steps of the first release (single-thread CPU)
+USER_SEED = 12345        # the user's classifier: trained outside the store (collections use seed 0)
+DIHYFO1_STARTS = ("model", "best", "random")
 
 
 def _log(s: str) -> None:
@@ -133,8 +139,10 @@ def run_demo(out: str, train: bool = False, settings=None, k: int = 256, seeds=(
             log(f"[demo {setting} ({si}/{n}) 3/3] forget {[list(f) for f in cfg['forget_sets']]} with DiHyFo-1, "
                 f"DiHyFo-2, their controls and every baseline, seeds {list(seeds)}")
             t0 = time.perf_counter()
+            user, info = users_model(data, inits=(eval_kw or {}).get("retrain_seeds", 5))
             evaluate_forgetting(data, hns, cfg["forget_sets"], seeds=seeds, k=k, out_dir=rep_dir, log=log,
-                                retain_min=cfg["retain_min"], **(eval_kw or {}),
+                                retain_min=cfg["retain_min"], model=user, model_info=info,
+                                starts=DIHYFO1_STARTS, **(eval_kw or {}),
                                 holdout={"forget_set": list(cfg["heldout"])})
             done(f"evaluate_{setting}", {"seconds": time.perf_counter() - t0})
         reports[setting] = json.load(open(os.path.join(rep_dir, "report.json")))
@@ -148,6 +156,20 @@ def run_demo(out: str, train: bool = False, settings=None, k: int = 256, seeds=(
     path = write_combined_report(out, reports, train)
     print(open(path).read())
     return reports
+
+
+def users_model(data: str, seed: int = USER_SEED, inits: int = 5):
+    """The demo's model to forget from: trained on every class of the collection's split, outside
+    the store (best of `inits` inits on validation) -> (P,) params, how it was made."""
+    from .collection.data import load_splits
+    from .collection.store import CheckpointStore
+    from .ops.spec import MLPSpec
+    from .unlearn.baselines import retrain
+    store = CheckpointStore(data, verify="size")
+    r = retrain(None, MLPSpec(store.layer_sizes), [], load_splits(store), seeds=inits, seed=seed)
+    return r.params, {"source": f"user model: hf.retrain(None, spec, [], splits, seed={seed}) on every class, "
+                                f"outside the store (best of {r.hparams['seeds']} inits on validation)",
+                      "seed": seed}
 
 
 def _trained(out, setting, cmds, data, stages, done, log, train_args, align_kw, load_hypernet, evaluate_hypernet,

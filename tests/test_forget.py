@@ -416,16 +416,29 @@ def test_dihyfo1_starts(setup):
         F.forget(hns["dihyfo2"], [2], splits, k=4, steps=2, start="best")
 
 
-def test_sweep_guidance_picks_weights_by_validation_merit(setup):
+def test_sweep_guidance_picks_weights_by_validation_counts(setup, monkeypatch):
     data, hns, splits = setup
     hn = hns["dihyfo2"]
-    out = F.sweep_guidance(hn, splits, [[2], [3]], weights=(1.0, 2.0), k=6, steps=2, keep_share=0.5)
-    merit = {w: np.mean([out["counts"][s][w]["forget"] - out["counts"][s][w]["keep"] for s in ("2", "3")])
-             for w in ("1.0", "2.0")}
-    assert out["merit"] == pytest.approx(merit)
-    best = max(merit.values())
-    want = [float(w) for w in ("1.0", "2.0") if best > 0 and merit[w] >= 0.5 * best] or [hn.default_guidance]
-    assert out["guidance_grid"] == want and out["split"] == "validation"
+    out = F.sweep_guidance(hn, splits, [[2], [3]], weights=(1.0, 2.0), k=6, steps=2, share=0.75)
+    for s_ in ("2", "3"):                     # the counts are those of single-weight forget calls
+        for w in (1.0, 2.0):
+            f = F.forget(hn, [int(s_)], splits, k=6, steps=2, seed=100, guidance=w, warn=False)
+            assert out["counts"][s_][str(w)]["forget"] == f.forget_keep
+    # the rule, on made-up counts: a weight stays when it is >= share of the best in every set
+    fake = {("2", 1.0): 170, ("2", 2.0): 170, ("2", 4.0): 90, ("2,3", 1.0): 200, ("2,3", 2.0): 255, ("2,3", 4.0): 256,
+            ("3", 1.0): 0, ("3", 2.0): 0, ("3", 4.0): 0}
+
+    class Res:
+        def __init__(self, n):
+            self.forget_keep = n
+
+    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, **kw):
+        return Res(0 if prompt == "keep" else fake[(",".join(map(str, fs)), guidance)])
+    monkeypatch.setattr(F, "forget", fake_forget)
+    got = F.sweep_guidance(hn, splits, [[2], [2, 3], [3]], weights=(1.0, 2.0, 4.0), share=0.75)
+    assert got["guidance_grid"] == [1.0, 2.0]            # 4 is 90/170 < 0.75 for {2}; {3} forgets nowhere
+    assert F.sweep_guidance(hn, splits, [[3]], weights=(1.0, 2.0, 4.0))["guidance_grid"] == [hn.default_guidance]
+    assert F.sweep_guidance(hn, splits, [[2], [2, 3]], weights=(1.0, 4.0), share=0.75)["guidance_grid"] == [1.0]
 
 
 def test_report_rows_per_start_with_controls_at_the_same_grid(setup, tmp_path):

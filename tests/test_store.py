@@ -154,3 +154,20 @@ def test_change_biased_pairs_favour_moving_losses_and_stay_valid(full):
     assert (b["step"] < b["step_star"]).all() and torch.equal(b["run"], b["run"])
     move = lambda x: (x["loss_star"] - x["loss"]).abs().amax(1).mean().item()  # noqa: E731
     assert move(b) > 1.2 * move(a)
+
+
+def test_moved_share_pairs_fill_that_share_of_the_batch(full):
+    ds = PairDataset(full)
+    b = ds.sample_batch(512, torch.Generator().manual_seed(5), moved_share=0.5)
+    b2 = ds.sample_batch(512, torch.Generator().manual_seed(5), moved_share=0.5)
+    assert all(torch.equal(b[k], b2[k]) for k in b)                      # seeded
+    assert (b["step"] < b["step_star"]).all()                           # still valid pairs (same run, later)
+    moved = (b["loss_star"] - b["loss"]).abs().nan_to_num(0.0).amax(1) > 1.0     # (B,)
+    u = ds.sample_batch(512, torch.Generator().manual_seed(5))
+    base = float(((u["loss_star"] - u["loss"]).abs().nan_to_num(0.0).amax(1) > 1.0).float().mean())
+    # the first half are moving pairs whenever 16B uniform candidates hold that many of them
+    n_big = int(moved[:256].sum())
+    assert n_big == 256 or base < 0.05
+    assert float(moved.float().mean()) >= min(0.5, base) and float(moved.float().mean()) > base
+    with pytest.raises(ValueError, match="use one"):
+        ds.sample_batch(8, torch.Generator().manual_seed(5), moved_share=0.5, change_bias=1.0)

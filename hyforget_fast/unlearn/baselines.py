@@ -152,7 +152,8 @@ def retrain(params: torch.Tensor | None, spec: MLPSpec, forget, splits: DigitSpl
     extra: val metrics of all seeds, chosen index, the median seed (by retain val acc) and its params."""
     if params is not None:
         _check_model(params, spec, splits)
-    fidx = forget_indices(splits, forget)
+    # forget = () trains on every class: a classifier from outside the store (a user's model)
+    fidx = [] if isinstance(forget, (list, tuple)) and len(forget) == 0 else forget_indices(splits, forget)
     _check_positive(seeds=seeds)
     t0 = time.perf_counter()
     kept = without_classes(splits, fidx)

@@ -378,16 +378,17 @@ SWEEP_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 256, sampler: str = "ddim",
-                   steps: int = 50, seed: int = 100, keep_share: float = 0.8, **kw) -> dict:
+                   steps: int = 50, seed: int = 100, share: float = 0.75, **kw) -> dict:
     """Choose a model's default guidance grid on the VALIDATION split (run at release; the grid
     goes into the model card's `sampling`).
 
     For each weight alone, K candidates for every forget set under the forget prompt and under the
-    keep-every-class control; a weight's merit is its mean (forget - keep) forget-and-keep count
-    over the sets. The grid is every weight whose merit is at least `keep_share` of the best
-    weight's, so K is spent only where the model follows its prompt; with no positive merit, the
-    model's single default weight. kw go to `forget` (e.g. start= for DiHyFo-1).
-    -> {"guidance_grid", "weights", "counts": {set: {w: {"forget", "keep"}}}, "merit": {w: ...},
+    keep-every-class control; a weight's net count for a set is forget minus keep forget-and-keep
+    candidates, and its ratio that net over the best weight's for the set. The grid is every
+    weight whose ratio is >= `share` in EVERY set (K is spent only on weights that work for each
+    request; a set that no weight forgets is skipped); when no weight does, the one with the best
+    mean ratio; when nothing forgets, the model's single default weight. kw go to `forget` (e.g. start= for DiHyFo-1).
+    -> {"guidance_grid", "weights", "counts": {set: {w: {"forget", "keep"}}}, "ratio": {w: [per set]},
         "k", "steps", "sampler", "seed", "rule", "split": "validation"}."""
     counts: dict = {}
     keep_cache: dict = {}
@@ -402,12 +403,20 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 
                                                     seed=seed, guidance=float(w), prompt="keep",
                                                     keep_candidates=False, warn=False, **kw).forget_keep
             counts[key][str(float(w))] = {"forget": f.forget_keep, "keep": keep_cache[(w, tuple(fs))]}
-    merit = {str(float(w)): float(np.mean([c[str(float(w))]["forget"] - c[str(float(w))]["keep"]
-                                            for c in counts.values()])) for w in weights}
-    best = max(merit.values())
-    grid = [float(w) for w in weights if best > 0 and merit[str(float(w))] >= keep_share * best] or \
-        [float(hypernet.default_guidance)]
-    return {"guidance_grid": grid, "weights": [float(w) for w in weights], "counts": counts, "merit": merit,
+    ws = [str(float(w)) for w in weights]
+    ratio = {w: [] for w in ws}
+    for c in counts.values():       # a set no weight forgets says nothing about the weights: skipped
+        net = {w: c[w]["forget"] - c[w]["keep"] for w in ws}
+        top = max(net.values())
+        if top > 0:
+            for w in ws:
+                ratio[w].append(net[w] / top)
+    if not ratio[ws[0]]:
+        grid = [float(hypernet.default_guidance)]
+    else:
+        grid = [float(w) for w in ws if min(ratio[w]) >= share] or \
+            [float(max(ws, key=lambda w: (float(np.mean(ratio[w])), -float(w))))]
+    return {"guidance_grid": grid, "weights": [float(w) for w in weights], "counts": counts, "ratio": ratio,
             "k": int(k), "steps": int(steps), "sampler": sampler, "seed": int(seed), "split": "validation",
-            "rule": f"weights whose mean (forget - keep-prompt) forget-and-keep count over the forget sets is >= "
-                    f"{keep_share} x the best weight's"}
+            "rule": f"weights whose (forget - keep-prompt) forget-and-keep count is >= {share} x the best weight's "
+                    f"in every forget set (else the best mean ratio)"}

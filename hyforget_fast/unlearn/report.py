@@ -305,7 +305,8 @@ def _starting_model(model, spec, data_dir, heldout) -> tuple[torch.Tensor, dict]
 def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Sequence[int]], seeds=(0, 1, 2),
                         k: int = 256, sampler: str = "ddim", steps: int = 50, retrain_seeds: int = 5,
                         mia_attack: str = "logreg", out_dir: str | None = None, log=print, memorization: bool = True,
-                        holdout=None, guidance=None, model=None, starts: Sequence[str] | None = None,
+                        holdout=None, guidance=None, model=None, model_info: dict | None = None,
+                        starts: Sequence[str] | None = None,
                         methods: dict[str, Callable] | None = None, tune: bool = True,
                         relearning: bool = True, retain_min: float = RETAIN_MIN) -> dict:
     """Run every method on every forget set (digit labels) and seed; -> the JSON-able report (also
@@ -315,6 +316,7 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
     holdout: {"forget_set": [...], "rules": ... (default: the collection's holdout rules)}: the
     held-out forget set, reported with the store's count of acceptable checkpoints for it.
     model: the starting classifier (nn.Module or flat params); None = the best stored checkpoint.
+    model_info: how `model` was made (recorded as the report's original).
     guidance: the guidance grid every hypernetwork row and its keep-prompt control spread their K
     candidates over (None: each model's own grid, from its card); the unconditional control is
     guidance 0. starts: DiHyFo-1's starting classifiers, each its own row ("model", "best",
@@ -339,6 +341,8 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
         raise ValueError(f"user method names {sorted(clash)} clash with built-in rows; rename them")
     heldout = sorted({r for hn in hypernets.values() for r in hn.heldout_runs})
     original, orig_info = _starting_model(model, spec, data_dir, heldout)
+    if model is not None and model_info:
+        orig_info = {**orig_info, **model_info}
     orig_kind = "model" if model is not None else "best"
     starts = list(starts or [orig_kind])
     bad = [st for st in starts if st not in START_LABELS] + (["model (no model given)"]
