@@ -66,12 +66,13 @@ def release_sweep(hn, setting: str, data: str, k: int = 256) -> dict:
 
 
 def alignment(hn, data: str, grid) -> dict:
-    """Prompt alignment (`evaluate_hypernet`) at each guidance weight of the grid."""
+    """Prompt alignment (`evaluate_hypernet`) at guidance 1 (the plain conditional model) and at
+    each weight of the grid; the headline numbers are the grid's first weight's."""
     per = {}
-    for w in grid:
-        a = evaluate_hypernet(hn, data, guidance=float(w))
-        per[str(float(w))] = {"r2": a["r2"], "pearson": a["pearson"], "r2_free_mean": a["r2_free_mean"],
-                              "pearson_free_mean": a["pearson_free_mean"], "settings": a["settings"]}
+    for w in sorted({1.0, *map(float, grid)}):
+        a = evaluate_hypernet(hn, data, guidance=w)
+        per[str(w)] = {"r2": a["r2"], "pearson": a["pearson"], "r2_free_mean": a["r2_free_mean"],
+                       "pearson_free_mean": a["pearson_free_mean"], "settings": a["settings"]}
     first = per[str(float(grid[0]))]
     return {**{k: v for k, v in first.items() if k != "settings"}, "guidance": float(grid[0]), "per_guidance": per}
 
@@ -92,7 +93,7 @@ def resweep(name: str, work: str, k: int = 256) -> dict:
     card = P.model_card(name)
     card.update({"sampling": sampling, "prompt_alignment": {**align, "seconds": round(time.perf_counter() - t0, 1)}})
     write_json_atomic(os.path.join(P.PRETRAINED_DIR, name, P.CARD), card)
-    print(json.dumps({"name": name, "sampling": {k_: sampling[k_] for k_ in ("guidance_grid", "ratio")}}, indent=1))
+    print(json.dumps({"name": name, "sampling": {k_: sampling[k_] for k_ in ("guidance_grid", "worst")}}, indent=1))
     return card
 
 

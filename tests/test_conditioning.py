@@ -16,7 +16,7 @@ from hyforget_fast.hypernet.train import TrainConfig, log_loss_stats, read_check
 
 torch.set_num_threads(1)
 SPEC = hf.MLPSpec((20, 3, 4))                       # 79 params: 4 tokens of 32
-SMALL = dict(width=32, depth=2, heads=2, chunk=32)
+SMALL = dict(width=32, depth=2, heads=2, chunk=32, tokens="layer")   # these tests are about the layer-wise layout
 QUIET = lambda *_: None  # noqa: E731
 
 

@@ -11,7 +11,7 @@ from hyforget_fast.hypernet.models import DiHyFo, HypernetConfig, TokenLinear
 
 torch.set_num_threads(1)
 SPEC = hf.MLPSpec((20, 3, 4))                       # 79 params: 4 tokens of 32 (W1 has 2)
-SMALL = dict(width=32, depth=1, heads=2, chunk=32)
+SMALL = dict(width=32, depth=1, heads=2, chunk=32, tokens="layer")   # these tests are about the layer-wise layout
 
 
 def _hypernet(kind: str, perturb: bool = True, seed: int = 0) -> Hypernet:

@@ -166,8 +166,10 @@ def test_train_cli_with_neuron_tokens_trains_and_samples(data, tmp_path, model):
 def test_resuming_a_layer_wise_run_accepts_the_explicit_default_layout():
     from hyforget_fast.hypernet.train import resumed_config
     cfg = TrainConfig(model="dihyfo2", steps=4, overrides=SMALL)
+    # a run saved before neuron tokens existed: its model config has no `tokens` field
     saved = {"train": cfg.to_dict(), "model": HypernetConfig.preset("dihyfo2", hf.MLPSpec([6, 3, 4]), "tiny",
-                                                                     **SMALL).to_dict()}
+                                                                     **SMALL, tokens="layer").to_dict()}
+    assert "tokens" not in saved["model"]
     assert resumed_config(saved, {"overrides": {"tokens": "layer"}, "steps": 9}).steps == 9
     with pytest.raises(ValueError, match="tokens"):
         resumed_config(saved, {"overrides": {"tokens": "neuron"}})

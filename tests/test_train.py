@@ -19,7 +19,7 @@ from hyforget_fast.hypernet.train import TrainConfig, read_checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
-SMALL = dict(width=32, depth=1, heads=2, chunk=64)
+SMALL = dict(width=32, depth=1, heads=2, chunk=64, tokens="layer")   # these tests are about the layer-wise layout
 QUIET = lambda *_: None  # noqa: E731
 
 
@@ -153,7 +153,8 @@ def test_dataset_spec_mismatch_is_refused(data, tmp_path):
 
 def test_ddp_two_processes_follow_the_single_process_curve(data, tmp_path):
     args = ["train", "--model", "dihyfo1", "--data", data, "--steps", "4", "--batch-size", "8", "--log-every", "1",
-            "--width", "32", "--depth", "1", "--heads", "2", "--chunk", "64", "--device", "cpu", "--threads", "1",
+            "--width", "32", "--depth", "1", "--heads", "2", "--chunk", "64", "--tokens", "layer", "--device", "cpu",
+            "--threads", "1",
             "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -182,7 +183,7 @@ def test_piece_loss_weighting_gives_every_piece_the_same_share():
     from hyforget_fast.ops.spec import TokenLayout
     spec = MLPSpec([29, 3, 5])
     layout = TokenLayout(spec, 16)
-    model = DiHyFo(HypernetConfig.preset("dihyfo2", spec, "tiny", width=32, depth=1, heads=2, chunk=16))
+    model = DiHyFo(HypernetConfig.preset("dihyfo2", spec, "tiny", width=32, depth=1, heads=2, chunk=16, tokens="layer"))
     mask = model.token_mask
     w = tr.loss_weight(layout, "piece", mask)
     assert torch.equal(tr.loss_weight(layout, "value", mask), mask)

@@ -378,17 +378,18 @@ SWEEP_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 256, sampler: str = "ddim",
-                   steps: int = 50, seed: int = 100, share: float = 0.75, **kw) -> dict:
+                   steps: int = 50, seed: int = 100, tolerance: float = 0.02, **kw) -> dict:
     """Choose a model's default guidance grid on the VALIDATION split (run at release; the grid
     goes into the model card's `sampling`).
 
     For each weight alone, K candidates for every forget set under the forget prompt and under the
-    keep-every-class control; a weight's net count for a set is forget minus keep forget-and-keep
-    candidates, and its ratio that net over the best weight's for the set. The grid is every
-    weight whose ratio is >= `share` in EVERY set (K is spent only on weights that work for each
-    request; a set that no weight forgets is skipped); when no weight does, the one with the best
-    mean ratio; when nothing forgets, the model's single default weight. kw go to `forget` (e.g. start= for DiHyFo-1).
-    -> {"guidance_grid", "weights", "counts": {set: {w: {"forget", "keep"}}}, "ratio": {w: [per set]},
+    keep-every-class control; a weight's net count for a set is its forget minus keep
+    forget-and-keep candidates. A grid (a run of consecutive weights) spreads K evenly, so its
+    expected net count for a set is the mean over its weights. The grid chosen maximises the
+    worst set's expected count (sets that no weight forgets are skipped); among grids within
+    `tolerance` of that best, the widest (robust to requests and starts the sweep did not see).
+    When nothing forgets, the model's single default weight. kw go to `forget` (e.g. start=).
+    -> {"guidance_grid", "weights", "counts": {set: {w: {"forget", "keep"}}}, "worst": {grid: count},
         "k", "steps", "sampler", "seed", "rule", "split": "validation"}."""
     counts: dict = {}
     keep_cache: dict = {}
@@ -404,19 +405,20 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 
                                                     keep_candidates=False, warn=False, **kw).forget_keep
             counts[key][str(float(w))] = {"forget": f.forget_keep, "keep": keep_cache[(w, tuple(fs))]}
     ws = [str(float(w)) for w in weights]
-    ratio = {w: [] for w in ws}
-    for c in counts.values():       # a set no weight forgets says nothing about the weights: skipped
-        net = {w: c[w]["forget"] - c[w]["keep"] for w in ws}
-        top = max(net.values())
-        if top > 0:
-            for w in ws:
-                ratio[w].append(net[w] / top)
-    if not ratio[ws[0]]:
+    nets = [{w: c[w]["forget"] - c[w]["keep"] for w in ws} for c in counts.values()]
+    nets = [n for n in nets if max(n.values()) > 0]   # a set no weight forgets says nothing about the weights
+    worst = {}
+    for i in range(len(ws)):
+        for j in range(i + 1, len(ws) + 1):
+            g = ws[i:j]
+            worst[",".join(g)] = min(float(np.mean([n[w] for w in g])) for n in nets) if nets else 0.0
+    best = max(worst.values())
+    if best <= 0:
         grid = [float(hypernet.default_guidance)]
     else:
-        grid = [float(w) for w in ws if min(ratio[w]) >= share] or \
-            [float(max(ws, key=lambda w: (float(np.mean(ratio[w])), -float(w))))]
-    return {"guidance_grid": grid, "weights": [float(w) for w in weights], "counts": counts, "ratio": ratio,
+        near = [g for g, v in worst.items() if v >= (1 - tolerance) * best]
+        grid = [float(w) for w in max(near, key=lambda g: (len(g.split(",")), worst[g])).split(",")]
+    return {"guidance_grid": grid, "weights": [float(w) for w in weights], "counts": counts, "worst": worst,
             "k": int(k), "steps": int(steps), "sampler": sampler, "seed": int(seed), "split": "validation",
-            "rule": f"weights whose (forget - keep-prompt) forget-and-keep count is >= {share} x the best weight's "
-                    f"in every forget set (else the best mean ratio)"}
+            "rule": "the run of consecutive weights maximising the worst forget set's expected (forget - keep-prompt) "
+                    f"forget-and-keep count (K spread evenly over the run); the widest within {tolerance:.0%} of it"}
