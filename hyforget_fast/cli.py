@@ -362,8 +362,12 @@ def _add_evaluate(sub):
     p.add_argument("--retrain-seeds", type=int, default=5)
     p.add_argument("--mia", default="logreg", choices=["logreg", "svc"])
     p.add_argument("--guidance", type=guidance_list, help=GUIDANCE_HELP + "; the controls use the same grid")
+    p.add_argument("--model", help="safetensors file with the classifier to forget from (as `hyforget forget` "
+                                   "writes one); the baselines edit it and DiHyFo-1 starts from it (default: the "
+                                   "best stored checkpoint)")
     p.add_argument("--starts", nargs="+", choices=["model", "best", "random"],
-                   help="DiHyFo-1 starting classifiers, each its own report row (default: best)")
+                   help="DiHyFo-1 starting classifiers, each its own report row (default: model when --model is "
+                        "given, else best)")
     p.add_argument("--no-tune", action="store_true",
                    help="run the post-hoc baselines at their defaults instead of tuning them on validation")
     p.add_argument("--out", required=True)
@@ -373,9 +377,15 @@ def cmd_evaluate(a) -> int:
     from .unlearn.report import evaluate_forgetting, markdown_tables
     hns = {k: open_hypernet(d, data=a.data) for k, d in (("dihyfo1", a.dihyfo1), ("dihyfo2", a.dihyfo2)) if d}
     sets = [list(f) for f in a.forget]
+    model = None
+    if a.model:
+        from .collection.store import CheckpointStore
+        from .ops.spec import MLPSpec
+        model = read_classifier(a.model, MLPSpec(CheckpointStore(a.data, verify="size").layer_sizes))
     rep = evaluate_forgetting(a.data, hns, sets, seeds=a.seeds, k=a.k, sampler=a.sampler, steps=a.steps,
                               retrain_seeds=a.retrain_seeds, mia_attack=a.mia, out_dir=a.out, guidance=a.guidance,
-                              starts=a.starts, tune=not a.no_tune, log=lambda s: print(s, file=sys.stderr, flush=True))
+                              starts=a.starts, model=model, model_info={"source": f"user model {a.model}"} if model
+                              is not None else None, tune=not a.no_tune, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(markdown_tables(rep))
     for v in rep["verdicts"]:
         print(f"- {v}")

@@ -92,12 +92,16 @@ def test_forget_set_is_written_one_way_in_forget_and_evaluate(capsys, monkeypatc
     seen = {}
 
     def fake(data, hns, sets, **kw):
-        seen["sets"] = sets
+        seen["sets"], seen["kw"] = sets, kw
         return {"verdicts": []}
     monkeypatch.setattr(report, "evaluate_forgetting", fake)
     monkeypatch.setattr(report, "markdown_tables", lambda rep: "")
     assert main(["evaluate", "--data", "d", "--out", "o", "--forget", "2", "--forget", "2,3"]) == 0
-    assert seen["sets"] == [[2], [2, 3]]
+    assert seen["sets"] == [[2], [2, 3]] and seen["kw"]["guidance"] is None and seen["kw"]["starts"] is None
+    # the guidance grid and DiHyFo-1's starts reach the report as given
+    assert main(["evaluate", "--data", "d", "--out", "o", "--forget", "2", "--guidance", "4,8,16",
+                 "--starts", "best", "random"]) == 0
+    assert seen["kw"]["guidance"] == [4.0, 8.0, 16.0] and seen["kw"]["starts"] == ["best", "random"]
 
 
 # ------------------------------------------------------------------ train flags and resume

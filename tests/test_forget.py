@@ -466,3 +466,18 @@ def test_report_rows_per_start_with_controls_at_the_same_grid(setup, tmp_path):
     assert "edit_l2" in rows["dihyfo1@best"] and "edit_l2" not in rows["dihyfo1@random"]
     md = markdown_tables(rep)
     assert "DiHyFo-1 from a random initialisation" in md and "per guidance weight" in md
+
+
+def test_evaluate_model_takes_a_forget_result_and_refuses_another_split(setup):
+    from hyforget_fast.collection.data import load_digits
+    from hyforget_fast.unlearn.report import evaluate_model
+    data, hns, splits = setup
+    res = F.forget(hns["dihyfo1"], [2], splits, k=4, steps=2, warn=False)
+    got = evaluate_model(res, splits, retrain_seeds=2)
+    ref = evaluate_model(res.model, splits, [2], original=res.start_params, retrain_seeds=2)
+    assert got == pytest.approx(ref) and "edit_l2" in got          # the start is the original
+    other = load_digits(classes=splits.classes, seed=splits.seed + 1)
+    with pytest.raises(ValueError, match="not the split this forget result was chosen on"):
+        evaluate_model(res, other, retrain_seeds=2)
+    with pytest.raises(ValueError, match="differs from the result's forget classes"):
+        evaluate_model(res, splits, [3], retrain_seeds=2)

@@ -253,7 +253,7 @@ def _sha256(path: str) -> str | None:
     return h.hexdigest()
 
 
-def _provenance(hn) -> dict:
+def _provenance(hn, data=None) -> dict:
     """Which hypernetwork and data a forget call used: name or path with the weights' hash, the
     collection folder with its manifest hash, the package version."""
     from .. import __version__
@@ -264,7 +264,8 @@ def _provenance(hn) -> dict:
     man = os.path.join(data_dir, "manifest.json") if data_dir else None
     return {"hypernet": {"name": card.get("name"), "path": os.path.abspath(path) if path else None,
                          "sha256": _sha256(ck), "kind": hn.kind, "step": hn.meta.get("step")},
-            "data": {"dir": data_dir, "manifest_sha256": _sha256(man)},
+            "data": {"dir": data_dir, "manifest_sha256": _sha256(man),
+                     "split": data.describe() if data is not None else None},
             "package_version": __version__, "torch_version": torch.__version__}
 
 
@@ -367,7 +368,7 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
         settings={"forget": [classes[c] for c in fidx], "prompt": prompt, "k": k, "sampler": sampler,
                   "steps": int(steps), "seed": int(seed), "guidance_grid": grid, "high_levels": list(high),
                   "low_levels": list(low), "retain_min": float(retain_min), "forget_max": FORGET_MAX,
-                  "start": (start_info or {}).get("kind"), **_provenance(hn)},
+                  "start": (start_info or {}).get("kind"), **_provenance(hn, data)},
         start_params=None if theta is None else theta.detach().float().cpu())
     if warn and prompt == "forget" and not res.forgot:
         warnings.warn(res.summary(), UserWarning, stacklevel=2)

@@ -187,16 +187,37 @@ def _as_flat(model, spec, name: str) -> torch.Tensor:
     return check_flat(model, spec, name)[0].float()
 
 
-def evaluate_model(model, splits, forget, *, spec=None, reference=None, original=None, mia_attack: str = "logreg",
+def evaluate_model(model, splits, forget=None, *, spec=None, reference=None, original=None, mia_attack: str = "logreg",
                    seed: int = 0, retrain_seeds: int = 5) -> dict:
     """Every unlearning metric of ONE model, without running the whole report: test-split
     accuracies and MIA, the paired metrics (overlaps, activation distance, φ in both conventions)
     against `reference`, and edit locality against `original` when given.
 
     model / reference / original: nn.Module or flat (P,) parameters of `spec` (taken from an
-    nn.Sequential model when None). forget: digit labels (as in splits.classes). reference None =
-    retraining without D_f (best of `retrain_seeds` on validation, the report's gold standard).
+    nn.Sequential model when None), or a ForgetResult: then its chosen model, its forget classes
+    when forget is None, its DiHyFo-1 start as the original, and `splits` must be the split it was
+    chosen on (refused otherwise: the test split of another split may hold its training digits).
+    forget: digit labels (as in splits.classes). reference None = retraining without D_f (best of
+    `retrain_seeds` on validation, the report's gold standard).
     -> {metric: float}, the same keys as a row of the report."""
+    from .forget import ForgetResult
+    if isinstance(model, ForgetResult):
+        res = model
+        want = (res.settings.get("data") or {}).get("split")
+        if want:
+            from ..hypernet.checkpoint import split_differences
+            diff = split_differences(want, splits.describe())
+            if diff:
+                raise ValueError("splits is not the split this forget result was chosen on: "
+                                 + "; ".join(f"{k}: chosen on {a}, given {b}" for k, (a, b) in diff.items())
+                                 + ". Build it from the collection folder with hf.load_splits(folder)")
+        if forget is None:
+            forget = list(res.forget_classes)
+        elif sorted(forget) != sorted(res.forget_classes):
+            raise ValueError(f"forget {list(forget)} differs from the result's forget classes {list(res.forget_classes)}")
+        if original is None and res.start_params is not None and res.start.get("kind") != "random":
+            original = res.start_params
+        model = res.model
     if spec is None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError("pass spec= (an MLPSpec) with flat parameters")
