@@ -356,11 +356,13 @@ def _add_evaluate(sub):
                    help=FORGET_HELP + "; repeat the flag for several sets: --forget 2 --forget 2,3")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="sampling / baseline seeds; tables give mean ± std over them (default 0 1 2)")
-    p.add_argument("--k", type=int, default=256)
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--retrain-seeds", type=int, default=5)
-    p.add_argument("--mia", default="logreg", choices=["logreg", "svc"])
+    p.add_argument("--k", type=int, default=256, help="candidates per hypernetwork call (default: %(default)s)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="default: %(default)s")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--retrain-seeds", type=int, default=5,
+                   help="retraining without D_f: best of this many inits on validation (default: %(default)s)")
+    p.add_argument("--mia", default="logreg", choices=["logreg", "svc"],
+                   help="membership-inference attack classifier (default: %(default)s)")
     p.add_argument("--guidance", type=guidance_list, help=GUIDANCE_HELP + "; the controls use the same grid")
     p.add_argument("--model", help="safetensors file with the classifier to forget from (as `hyforget forget` "
                                    "writes one); the baselines edit it and DiHyFo-1 starts from it (default: the "
@@ -400,7 +402,8 @@ def _add_demo(sub):
                    help="retrain both hypernetworks of each setting by their model cards' commands (the full "
                         "pipeline; single-thread CPU training takes the cards' wall-clock times)")
     p.add_argument("--settings", nargs="+", choices=["mnist4", "mnist10"],
-                   help="default: every setting whose hypernetworks are shipped (with --train: both)")
+                   help="default: mnist4, which keeps the main job short on a 2-core CPU; mnist4 mnist10 adds "
+                        "the ten-class tables (with --train: both)")
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int)

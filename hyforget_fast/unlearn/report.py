@@ -317,6 +317,49 @@ def _sample_rows(hypernets, rows, fs, fidx, splits, seed, original, orig_kind, o
                                               "forget_keep": int(ok[w == g].sum())} for g in grid]}
 
 
+def _edit_rows(original, spec, fs, splits, seed: int, first_seed: int, tune: bool, methods: dict, tuned_cache: dict,
+               out) -> None:
+    """The post-hoc baselines and the user's methods, each editing `original`, into out = (params,
+    seconds, extra). Baselines are tuned on validation once per forget set (at the first seed);
+    later seeds rerun the chosen point with their own seed, their time including the search."""
+    params, seconds, extra = out
+    for name in POST_HOC:
+        key = (name, tuple(fs))
+        if tune and key not in tuned_cache:
+            r = B.tuned(name, original, spec, list(fs), splits, seed=seed)
+            tuned_cache[key] = (r.extra["tuning"], r.seconds)
+            secs = r.seconds
+        elif tune:
+            tun, search = tuned_cache[key]
+            r = B.BASELINES[name](original, spec, list(fs), splits, seed=seed, **tun["chosen"])
+            r.extra["tuning"] = {**tun, "searched_at_seed": first_seed}
+            secs = r.seconds + search
+        else:
+            r = B.BASELINES[name](original, spec, list(fs), splits, seed=seed)
+            secs = r.seconds
+        params[name], seconds[name] = r.params, secs
+        extra[name] = {"hparams": r.hparams, "tuning": r.extra.get("tuning")}
+    for name, fn in methods.items():
+        t0 = time.perf_counter()
+        r = fn(original.clone(), spec, list(fs), splits, seed=seed)
+        p = r.params if isinstance(r, B.BaselineResult) else check_flat(r, spec, name)[0]
+        params[name], seconds[name] = p.detach().float().clone(), time.perf_counter() - t0
+        extra[name] = {"hparams": getattr(r, "hparams", {})}
+
+
+def _row_extras(name: str, seconds: dict, counts: dict, extra: dict) -> dict:
+    """A row's time, its forget-and-keep count (total and per guidance weight) and chosen weight."""
+    e = extra.get(name) or {}
+    out = {"seconds": seconds[name]}
+    if name in counts:
+        out["forget_keep"] = counts[name]
+    for g in e.get("per_guidance") or ():
+        out[f"forget_keep@{g['guidance']:g}"] = g["forget_keep"]
+    if "chosen_guidance" in e:
+        out["chosen_guidance"] = e["chosen_guidance"]
+    return out
+
+
 def _starting_model(model, spec, data_dir, heldout) -> tuple[torch.Tensor, dict]:
     if model is None:
         return best_checkpoint(data_dir, heldout)
@@ -412,28 +455,7 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
             _sample_rows(hypernets, gen_rows, fs, fidx, splits, seed, original, orig_kind, orig_info, control_cache,
                          (params, seconds, extra, counts, start_of), k=k, sampler=sampler, steps=steps,
                          guidance=guidance, retain_min=retain_min)
-            for name in POST_HOC:
-                key = (name, tuple(fs))
-                if tune and key not in tuned_cache:      # the search runs once per forget set, at the first seed
-                    r = B.tuned(name, original, spec, list(fs), splits, seed=seed)
-                    tuned_cache[key] = (r.extra["tuning"], r.seconds)
-                    secs = r.seconds
-                elif tune:                               # later seeds rerun the chosen point with their seed;
-                    tun, search = tuned_cache[key]       # the search still counts as the method's time
-                    r = B.BASELINES[name](original, spec, list(fs), splits, seed=seed, **tun["chosen"])
-                    r.extra["tuning"] = {**tun, "searched_at_seed": seeds[0]}
-                    secs = r.seconds + search
-                else:
-                    r = B.BASELINES[name](original, spec, list(fs), splits, seed=seed)
-                    secs = r.seconds
-                params[name], seconds[name] = r.params, secs
-                extra[name] = {"hparams": r.hparams, "tuning": r.extra.get("tuning")}
-            for name, fn in methods.items():
-                t0 = time.perf_counter()
-                r = fn(original.clone(), spec, list(fs), splits, seed=seed)
-                p = r.params if isinstance(r, B.BaselineResult) else check_flat(r, spec, name)[0]
-                params[name], seconds[name] = p.detach().float().clone(), time.perf_counter() - t0
-                extra[name] = {"hparams": getattr(r, "hparams", {})}
+            _edit_rows(original, spec, fs, splits, seed, seeds[0], tune, methods, tuned_cache, (params, seconds, extra))
             params["store"], seconds["store"], counts["store"] = store_pick.params, store_pick.seconds, store_count
             extra["store"] = {"hparams": store_pick.hparams, **store_pick.extra}
             if ranges is not None:
@@ -447,13 +469,7 @@ def evaluate_forgetting(data_dir: str, hypernets: dict, forget_sets: Sequence[Se
                 {"forget": list(fs), "seed": seed, "y_test": splits.y_test.tolist(),
                  "preds": {n: ctx["probs"][n].argmax(1).tolist() for n in params if ":" not in n}})
             for name in params:
-                rows[name]["seconds"] = seconds[name]
-                if name in counts:
-                    rows[name]["forget_keep"] = counts[name]
-                for g in (extra.get(name) or {}).get("per_guidance") or ():
-                    rows[name][f"forget_keep@{g['guidance']:g}"] = g["forget_keep"]
-                if "chosen_guidance" in (extra.get(name) or {}):
-                    rows[name]["chosen_guidance"] = extra[name]["chosen_guidance"]
+                rows[name].update(_row_extras(name, seconds, counts, extra))
                 if relearning and name not in ("retrain", "original", "store") and ":" not in name:
                     rows[name].update(_anamnesis(params[name], ctx))
             report["runs"].append({"forget": list(fs), "seed": seed, "methods": rows, "extra": extra,
