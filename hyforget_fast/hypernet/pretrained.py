@@ -18,14 +18,13 @@ retrains every shipped model from its card's commands and rewrites weights and c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from ..collection.store import write_json_atomic
+from ..collection.store import sha256_file, write_json_atomic
 from .api import Hypernet, load_hypernet
 from .checkpoint import CKPT, FORMAT, read_checkpoint, save_safetensors_atomic
 
@@ -88,14 +87,6 @@ def model_card(name: str) -> dict:
         return json.load(f)
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_files(folder: str, card: dict) -> None:
     """Raise ValueError naming the file when one of `folder`'s files does not have the sha256 its
     card records (storage.sha256: {file name: hex}); a card without hashes is not checked."""
@@ -103,7 +94,7 @@ def verify_files(folder: str, card: dict) -> None:
         path = os.path.join(folder, fname)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing (its model card records it)")
-        got = file_sha256(path)
+        got = sha256_file(path)
         if got != want:
             raise ValueError(f"{path} is corrupted or truncated: its sha256 is {got[:12]}…, its model card "
                              f"records {want[:12]}… ({os.path.getsize(path)} bytes); reinstall the package")
@@ -147,6 +138,6 @@ def export_pretrained(run_dir: str, out_dir: str, card: dict, dtype: torch.dtype
         save_safetensors_atomic(os.path.join(out_dir, START), {"params": start.detach().float().cpu().contiguous()}, {})
     files = [CKPT] + ([START] if start is not None else [])
     card = {**card, "storage": {**(card.get("storage") or {}),
-                                "sha256": {f: file_sha256(os.path.join(out_dir, f)) for f in files}}}
+                                "sha256": {f: sha256_file(os.path.join(out_dir, f)) for f in files}}}
     write_json_atomic(os.path.join(out_dir, CARD), card)
     return out_dir

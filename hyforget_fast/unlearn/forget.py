@@ -23,7 +23,6 @@ initialized randomly)").
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import warnings
@@ -243,14 +242,10 @@ def random_start(spec, seed: int = 0) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for l in lins for t in (l.weight, l.bias)]).float()
 
 
-def _sha256(path: str) -> str | None:
-    if not path or not os.path.isfile(path):
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _sha256(path: str | None) -> str | None:
+    """sha256 of a file (collection.store.sha256_file), None when there is no such file."""
+    from ..collection.store import sha256_file
+    return sha256_file(path) if path and os.path.isfile(path) else None
 
 
 def _provenance(hn, data=None) -> dict:
@@ -393,18 +388,13 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 
     -> {"guidance_grid", "weights", "counts": {set: {w: {"forget", "keep"}}}, "worst": {grid: count},
         "k", "steps", "sampler", "seed", "rule", "split": "validation"}."""
     counts: dict = {}
-    keep_cache: dict = {}
     for fs in forget_sets:
         key = ",".join(map(str, fs))
         counts[key] = {}
         for w in weights:
-            f = forget(hypernet, list(fs), data, k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w),
-                       keep_candidates=False, warn=False, **kw)
-            if (w, tuple(fs)) not in keep_cache:
-                keep_cache[(w, tuple(fs))] = forget(hypernet, list(fs), data, k=k, sampler=sampler, steps=steps,
-                                                    seed=seed, guidance=float(w), prompt="keep",
-                                                    keep_candidates=False, warn=False, **kw).forget_keep
-            counts[key][str(float(w))] = {"forget": f.forget_keep, "keep": keep_cache[(w, tuple(fs))]}
+            n = {p: forget(hypernet, list(fs), data, k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w),
+                           prompt=p, keep_candidates=False, warn=False, **kw).forget_keep for p in PROMPTS}
+            counts[key][str(float(w))] = n                       # {"forget": ..., "keep": ...}
     ws = [str(float(w)) for w in weights]
     nets = [{w: c[w]["forget"] - c[w]["keep"] for w in ws} for c in counts.values()]
     nets = [n for n in nets if max(n.values()) > 0]   # a set no weight forgets says nothing about the weights
