@@ -22,26 +22,12 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, TensorDataset
 
-from hyforget_fast.collection.collect import preset
-from hyforget_fast.collection.data import load_digits
 from hyforget_fast.unlearn import baselines as bl
 
 torch.set_num_threads(1)
 
-CFG = preset("mnist4")
-SPEC = CFG.spec()                     # 784 -> 2 -> 4
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return load_digits(CFG.classes, CFG.split_seed, fractions=CFG.fractions)
-
-
-@pytest.fixture(scope="module")
-def model(splits):
-    P = bl.train_from_scratch(SPEC, splits, runs=3, epochs=10, lr=0.1, seed=1)
-    acc = bl.split_metrics(P, SPEC, splits.X_val, splits.y_val, [2])["class_acc"].mean(1)
-    return P[int(acc.argmax())].clone()
+# the same data and short-trained original model as the package's own baseline tests
+from test_baselines import CFG, SPEC, model, splits  # noqa: E402,F401  (pytest fixtures)
 
 
 # ------------------------------------------------------------------ plain-torch helpers
