@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hyforget_fast as hf
-from hyforget_fast.collection.collect import collect, preset
 from hyforget_fast.collection.store import CheckpointStore
 from hyforget_fast.hypernet.api import Hypernet, load_hypernet
 from hyforget_fast.hypernet.diffusion import GaussianDiffusion
@@ -128,11 +127,7 @@ def test_piece_weighting_gives_every_piece_equal_weight_in_both_layouts():
         assert not w[mask == 0].any()
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("coll"))
-    collect(preset("mnist4", runs=6, block_runs=6, epochs=2, ckpts_per_run=8), out, log=QUIET)
-    return out
+from test_conditioning import data  # noqa: E402,F401  (the same small collection fixture)
 
 
 @pytest.mark.parametrize("model", ["dihyfo1", "dihyfo2"])
