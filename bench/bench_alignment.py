@@ -13,7 +13,8 @@ are robust to CPU contention; the wall time is recorded beside them). Then, on i
       keep     the keep-every-class prompt (`forget(..., prompt="keep")`: every class at the low levels),
       uncond   the unconditional branch (`forget(..., guidance=0)`);
     and the mean D_f validation loss under the forget and keep prompts. DiHyFo-1 starts from the
-    best stored checkpoint (forget()'s default).
+    best stored checkpoint (forget()'s default). With --sweep the forget and keep prompts use the
+    guidance grid chosen on validation (`unlearn.forget.sweep_guidance`), as a release does.
 
 Variants (name -> HypernetConfig / TrainConfig fields):
   tokens          cond tokens, target_repr raw, unit_order random   (the design before this ablation)
@@ -76,7 +77,8 @@ def train_variant(name: str, args, out_dir: str) -> dict:
         raise SystemExit(f"{out_dir} holds an unfinished run (step {conf['step']}); remove it or resume it")
     cfg = TrainConfig(model=args.model, preset=args.preset, steps=args.steps, seed=args.seed,
                       unit_order=v["unit_order"], ckpt_every=max(args.steps, 1), log_every=100,
-                      loss_match=v.get("loss_match", 0.0),
+                      loss_match=v.get("loss_match", 0.0), pair_moved_share=args.pair_moved_share,
+                      pair_moved_direction=args.pair_moved_direction,
                       overrides={"cond": v["cond"], "target_repr": v["target_repr"],
                                  "tokens": v.get("tokens", "layer")})
     return train(cfg, args.data, out_dir, device="cpu")
@@ -86,14 +88,15 @@ def count_ok(f_acc: torch.Tensor, r_acc: torch.Tensor) -> int:
     return int(((f_acc <= OK_FORGET) & (r_acc >= OK_KEEP)).sum())
 
 
-def controls(hn, splits, forget_classes, k: int, steps: int, seed: int) -> dict:
-    """Counts of forget-and-keep candidates under the forget prompt, the keep prompt and guidance 0
-    (`unlearn.forget.forget`: same K, sampler, seed and starting model; validation split)."""
+def controls(hn, splits, forget_classes, k: int, steps: int, seed: int, grid=(1.0,)) -> dict:
+    """Counts of forget-and-keep candidates under the forget prompt and the keep prompt, both with
+    K spread over the guidance grid, and under guidance 0 (`unlearn.forget.forget`: same K,
+    sampler, seed and starting model; validation split)."""
     from hyforget_fast.unlearn.forget import forget
     classes = list(hn.meta["classes"])
     fidx = [classes.index(c) for c in forget_classes]
     out = {}
-    for name, kw in (("forget", dict(guidance=1.0)), ("keep", dict(guidance=1.0, prompt="keep")),
+    for name, kw in (("forget", dict(guidance=list(grid))), ("keep", dict(guidance=list(grid), prompt="keep")),
                      ("uncond", dict(guidance=0.0))):
         c = forget(hn, forget_classes, splits, k=k, steps=steps, seed=seed, keep_candidates=False, **kw).candidates
         out[name] = count_ok(c["forget_acc"], c["retain_acc"])
@@ -122,6 +125,12 @@ def main(argv=None) -> None:
     ap.add_argument("--ddim", type=int, default=50, help="DDIM steps of the control sampling")
     ap.add_argument("--forget", default="2;2,3", help="forget sets, ';'-separated")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pair-moved-share", type=float, default=0.0, help="DiHyFo-1 training: TrainConfig.pair_moved_share")
+    ap.add_argument("--pair-moved-direction", default="any", choices=["any", "up"],
+                    help="DiHyFo-1 training: TrainConfig.pair_moved_direction")
+    ap.add_argument("--sweep", action="store_true",
+                    help="choose the guidance grid on validation (unlearn.forget.sweep_guidance, K candidates, "
+                         "weights 1-16, seed 100) and run the controls at it; default: guidance 1")
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -133,6 +142,7 @@ def main(argv=None) -> None:
     from hyforget_fast.collection.store import CheckpointStore
     from hyforget_fast.hypernet.api import load_hypernet
     from hyforget_fast.hypernet.evaluate import evaluate_hypernet
+    from hyforget_fast.unlearn.forget import sweep_guidance
     store = CheckpointStore(args.data, verify="size")
     splits = splits_from_manifest(store.manifest)
     forget_sets = [[int(c) for c in s.split(",")] for s in args.forget.split(";")]
@@ -150,19 +160,23 @@ def main(argv=None) -> None:
         free_cls = [int(c) for c in store.classes if int(c) not in set(store.manifest.get("pivots", []))]
         ev = evaluate_hypernet(hn, args.data, classes=free_cls, seed=args.seed, splits=(splits.X_val, splits.y_val))
         free = ev["free_classes"]
-        ctl = {tuple(fs): controls(hn, splits, fs, args.k, args.ddim, args.seed) for fs in forget_sets}
+        sweep = sweep_guidance(hn, splits, forget_sets, k=args.k, steps=args.ddim) if args.sweep else None
+        grid = sweep["guidance_grid"] if sweep else [1.0]
+        ctl = {tuple(fs): controls(hn, splits, fs, args.k, args.ddim, args.seed, grid) for fs in forget_sets}
         rec = {"model": args.model, "variant": name, **VARIANTS[name], "steps": int(conf["step"]),
                "wall_time_s": float(conf["wall_time_s"]), "final_loss": final_loss(out_dir),
                "r2": {int(c): ev["r2"][c] for c in free}, "pearson": {int(c): ev["pearson"][c] for c in free},
                "r2_free_mean": ev["r2_free_mean"], "pearson_free_mean": ev["pearson_free_mean"],
-               "controls": {",".join(map(str, k)): v for k, v in ctl.items()}, "eval_s": time.perf_counter() - t0,
+               "controls": {",".join(map(str, k)): v for k, v in ctl.items()}, "guidance_grid": grid,
+               "sweep": sweep, "eval_s": time.perf_counter() - t0,
+               "pair_moved_share": args.pair_moved_share, "pair_moved_direction": args.pair_moved_direction,
                "k": args.k, "ddim": args.ddim, "seed": args.seed}
         with open(os.path.join(out_dir, "bench.json"), "w") as f:
             json.dump(rec, f, indent=1)
         rows.append(rec)
         print(json.dumps(rec), file=sys.stderr, flush=True)
 
-    header = ["model", "variant", "steps", "wall min", "diff. loss"]
+    header = ["model", "variant", "steps", "wall min", "diff. loss", "guidance grid"]
     header += ["R² " + " / ".join(str(c) for c in free), "Pearson " + " / ".join(str(c) for c in free)]
     for fs in forget_sets:
         s = "{" + ",".join(map(str, fs)) + "}"
@@ -170,13 +184,16 @@ def main(argv=None) -> None:
     table = []
     for r in rows:
         line = [r["model"], r["variant"], r["steps"], f"{r['wall_time_s'] / 60:.1f}", f"{r['final_loss']:.4f}",
+                ", ".join(f"{w:g}" for w in r["guidance_grid"]),
                 " / ".join(f"{r['r2'][c]:.2f}" for c in free), " / ".join(f"{r['pearson'][c]:.2f}" for c in free)]
         for fs in forget_sets:
             c = r["controls"][",".join(map(str, fs))]
             line += [f"{c['forget']} / {c['keep']} / {c['uncond']}", f"{c['forget_df_loss']:.2f} / {c['keep_df_loss']:.2f}"]
         table.append(line)
     cmd = "python bench/bench_alignment.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = (f"\n### bench_alignment: {args.model}, {args.steps} steps, seed {args.seed} ({machine('cpu')})\n\n"
+    pairs = (f", pairs moved share {args.pair_moved_share:g} ({args.pair_moved_direction})"
+             if args.model == "dihyfo1" else "")
+    md = (f"\n### bench_alignment: {args.model}, {args.steps} steps, seed {args.seed}{pairs} ({machine('cpu')})\n\n"
           f"`{cmd}`\n\n" + markdown_table(header, table) + "\n")
     emit(md, args.md)
 

@@ -130,6 +130,9 @@ def _add_train(sub):
     p.add_argument("--pair-moved-share", type=float,
                    help="DiHyFo-1: this share of each batch are pairs in which some class loss moves by more "
                         "than 1 (default 0: uniform pairs)")
+    p.add_argument("--pair-moved-direction", choices=["any", "up"],
+                   help="DiHyFo-1: which moves count for --pair-moved-share: any (default) or up (a class "
+                        "loss rises by more than 1: the de-optimisation pairs a forget prompt asks for)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--eval-every", type=int, help="evaluate prompt alignment every N steps (default 0 = off)")
@@ -186,7 +189,7 @@ def cmd_train(a) -> int:
                             "minutes": a.minutes, "warmup_steps": a.warmup_steps, "weight_decay": a.weight_decay,
                             "grad_clip": a.grad_clip, "heldout_frac": a.heldout_frac,
                             "loss_weighting": a.loss_weighting, "pair_change_bias": a.pair_change_bias,
-                            "pair_moved_share": a.pair_moved_share,
+                            "pair_moved_share": a.pair_moved_share, "pair_moved_direction": a.pair_moved_direction,
                             "unit_order": a.unit_order, "loss_match": a.loss_match}.items()
           if v is not None}
     if a.eval_every is not None:

@@ -171,3 +171,20 @@ def test_moved_share_pairs_fill_that_share_of_the_batch(full):
     assert float(moved.float().mean()) >= min(0.5, base) and float(moved.float().mean()) > base
     with pytest.raises(ValueError, match="use one"):
         ds.sample_batch(8, torch.Generator().manual_seed(5), moved_share=0.5, change_bias=1.0)
+
+
+def test_moved_up_pairs_raise_a_class_loss(full):
+    """moved_direction "up": the moved share are de-optimisation pairs (some class loss RISES by > 1),
+    which "any" mostly is not (early-training pairs drop every loss at once)."""
+    ds = PairDataset(full)
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    up = ds.sample_batch(512, g(), moved_share=0.5, moved_direction="up")
+    rise = lambda b: (b["loss_star"] - b["loss"]).nan_to_num(0.0).amax(1) > 1.0   # noqa: E731  (B,)
+    u = ds.sample_batch(512, g())
+    base = float(rise(u).float().mean())
+    n_up = int(rise(up)[:256].sum())
+    assert base < 0.5 and (n_up == 256 or base < 0.05)
+    assert float(rise(up).float().mean()) > base
+    assert (up["step"] < up["step_star"]).all()
+    with pytest.raises(ValueError, match="moved_direction"):
+        ds.sample_batch(8, g(), moved_share=0.5, moved_direction="down")

@@ -12,6 +12,8 @@ import torch
 
 from .store import CheckpointStore
 
+MOVED_DIRECTIONS = ("any", "up")   # which loss moves make a pair "moved" (PairDataset.sample_batch)
+
 
 class PairDataset(torch.utils.data.Dataset):
     """Pairs from a CheckpointStore.
@@ -86,7 +88,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def sample_batch(self, batch_size: int, generator: torch.Generator | None = None, device=None,
                      change_bias: float = 0.0, part: slice = slice(None), moved_share: float = 0.0,
-                     moved_min: float = 1.0) -> dict:
+                     moved_min: float = 1.0, moved_direction: str = "any") -> dict:
         """part: the rows of the drawn batch to gather (a DDP rank's slice of the global batch; the
         random draws are those of the whole batch, so every rank follows the same stream).
         change_bias > 0: pairs whose losses move more are drawn more often. 4B candidate pairs
@@ -95,9 +97,14 @@ class PairDataset(torch.utils.data.Dataset):
         DiHyFo-1 few loss-raising (forgetting) pairs to learn from (~4% move a class by > 1.5).
         moved_share > 0: that share of the batch are pairs in which some class loss moves by more
         than moved_min (from 16B uniform candidates, in draw order; uniform pairs fill the rest when
-        too few qualify), the others uniform. Exclusive with change_bias."""
+        too few qualify), the others uniform. Exclusive with change_bias.
+        moved_direction: "any" (a loss rises or falls by more than moved_min) or "up" (a loss RISES
+        by more than moved_min: the de-optimisation pairs a forget prompt asks for; most pairs that
+        move by "any" are early-training drops of every class at once)."""
         if moved_share > 0 and change_bias > 0:
             raise ValueError("moved_share and change_bias are two ways to favour moving pairs; use one")
+        if moved_direction not in MOVED_DIRECTIONS:
+            raise ValueError(f"moved_direction must be one of {MOVED_DIRECTIONS}, got {moved_direction!r}")
         gdev = generator.device if generator is not None else torch.device("cpu")
         device = torch.device(device) if device is not None else (
             next(iter(self._dev.values())).device if self._dev is not None else torch.device("cpu"))
@@ -113,8 +120,9 @@ class PairDataset(torch.utils.data.Dataset):
             n_big = int(round(moved_share * batch_size))
             u2 = torch.rand(16 * batch_size, 3, generator=generator, device=gdev, dtype=torch.float64)
             ci, cj = self.pair_indices(u2)
-            dl = (self._gather("class_loss", cj, gdev) - self._gather("class_loss", ci, gdev)).abs()   # (16B, m)
-            big = (torch.nan_to_num(dl, nan=0.0).amax(1) > moved_min).nonzero().flatten()[:n_big]
+            dl = self._gather("class_loss", cj, gdev) - self._gather("class_loss", ci, gdev)   # (16B, m)
+            dl = torch.nan_to_num(dl if moved_direction == "up" else dl.abs(), nan=0.0)
+            big = (dl.amax(1) > moved_min).nonzero().flatten()[:n_big]
             n = len(big)
             i = torch.cat([ci[big], i[: batch_size - n]])
             j = torch.cat([cj[big], j[: batch_size - n]])

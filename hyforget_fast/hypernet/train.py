@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..collection.pairs import PairDataset
+from ..collection.pairs import MOVED_DIRECTIONS, PairDataset
 from ..collection.store import CheckpointStore, write_json_atomic
 from ..ops import reference as _ref
 from ..ops.functional import canonical_perms, class_losses, sample_perms, tokenize
@@ -82,6 +82,7 @@ class TrainConfig:
     loss_weighting: str = "piece"      # "piece": every weight / bias piece counts equally; "value": every value
     pair_change_bias: float = 0.0      # DiHyFo-1: > 0 draws pairs whose losses move more often (pairs.py)
     pair_moved_share: float = 0.0      # DiHyFo-1: this share of each batch moves some class loss by > 1 (pairs.py)
+    pair_moved_direction: str = "any"  # ... "any": up or down; "up": some class loss rises by > 1 (de-optimisation)
     unit_order: str | None = None      # "random": a fresh hidden-unit permutation per sample (augmentation);
                                        # "canonical": ops.canonical_perms (units by incoming-weight norm;
                                        # DiHyFo-1: θ's order for θ and θ*). None = the preset's; configs
@@ -112,6 +113,8 @@ class TrainConfig:
         if self.loss_match < 0 or self.loss_match_images <= 0:
             raise ValueError(f"need loss_match >= 0 and loss_match_images > 0, got {self.loss_match}, "
                              f"{self.loss_match_images}")
+        if self.pair_moved_direction not in MOVED_DIRECTIONS:
+            raise ValueError(f"pair_moved_direction must be one of {MOVED_DIRECTIONS}, got {self.pair_moved_direction!r}")
         if self.unit_order not in UNIT_ORDERS:
             raise ValueError(f"unit_order must be one of {UNIT_ORDERS}, got {self.unit_order!r}")
 
@@ -245,7 +248,8 @@ class _Step:
         pair = self.model.conditional_on_theta
         part = slice(lo, hi)                                                     # this rank's rows
         batch = self.ds.sample_batch(B, gen, change_bias=self.cfg.pair_change_bias, part=part,
-                                       moved_share=self.cfg.pair_moved_share) if pair else \
+                                       moved_share=self.cfg.pair_moved_share,
+                                       moved_direction=self.cfg.pair_moved_direction) if pair else \
             self.ds.sample_checkpoints(B, gen, part=part)
         perms = sample_perms(self.spec, B, generator=gen)[lo:hi]                 # (b, H) one per pair
         if self.cfg.unit_order == "canonical":   # same draws as "random", so both follow one stream
