@@ -8,7 +8,7 @@ are robust to CPU contention; the wall time is recorded beside them). Then, on i
   - R² and Pearson per free class: `evaluate_hypernet` with the package protocol (20 prompts over
     the held-out 2nd-98th percentile, 8 networks per prompt, DDIM-20, validation split);
   - conditioning controls, K candidates (DDIM-50, same seed), for each D_f: how many candidates
-    forget and keep (validation accuracy <= 0.01 on D_f and >= 0.95 on D_r) under
+    forget and keep (validation accuracy <= 0.01 on D_f and >= --retain-min on D_r, default 0.95) under
       forget   the forget prompt (`unlearn.forget.forget`, guidance 1),
       keep     the keep-every-class prompt (`forget(..., prompt="keep")`: every class at the low levels),
       uncond   the unconditional branch (`forget(..., guidance=0)`);
@@ -45,6 +45,8 @@ import time
 import numpy as np
 import torch
 
+from hyforget_fast.unlearn.forget import SWEEP_WEIGHTS
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine, markdown_table  # noqa: E402
 
@@ -61,7 +63,7 @@ VARIANTS = {
     "neuron-adaln-log": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron"),
     "neuron-tokens-log": dict(cond="tokens", target_repr="log", unit_order="random", tokens="neuron"),
 }
-OK_FORGET, OK_KEEP = 0.01, 0.95
+OK_FORGET = 0.01
 
 
 def train_variant(name: str, args, out_dir: str) -> dict:
@@ -84,11 +86,11 @@ def train_variant(name: str, args, out_dir: str) -> dict:
     return train(cfg, args.data, out_dir, device="cpu")
 
 
-def count_ok(f_acc: torch.Tensor, r_acc: torch.Tensor) -> int:
-    return int(((f_acc <= OK_FORGET) & (r_acc >= OK_KEEP)).sum())
+def count_ok(f_acc: torch.Tensor, r_acc: torch.Tensor, retain_min: float) -> int:
+    return int(((f_acc <= OK_FORGET) & (r_acc >= retain_min)).sum())
 
 
-def controls(hn, splits, forget_classes, k: int, steps: int, seed: int, grid=(1.0,)) -> dict:
+def controls(hn, splits, forget_classes, k: int, steps: int, seed: int, grid=(1.0,), retain_min: float = 0.95) -> dict:
     """Counts of forget-and-keep candidates under the forget prompt and the keep prompt, both with
     K spread over the guidance grid, and under guidance 0 (`unlearn.forget.forget`: same K,
     sampler, seed and starting model; validation split)."""
@@ -99,7 +101,7 @@ def controls(hn, splits, forget_classes, k: int, steps: int, seed: int, grid=(1.
     for name, kw in (("forget", dict(guidance=list(grid))), ("keep", dict(guidance=list(grid), prompt="keep")),
                      ("uncond", dict(guidance=0.0))):
         c = forget(hn, forget_classes, splits, k=k, steps=steps, seed=seed, keep_candidates=False, **kw).candidates
-        out[name] = count_ok(c["forget_acc"], c["retain_acc"])
+        out[name] = count_ok(c["forget_acc"], c["retain_acc"], retain_min)
         out[f"{name}_df_loss"] = float(c["class_loss"][:, fidx].mean())
         out[f"{name}_df_acc_median"] = float(c["forget_acc"].median())
     return out
@@ -125,12 +127,16 @@ def main(argv=None) -> None:
     ap.add_argument("--ddim", type=int, default=50, help="DDIM steps of the control sampling")
     ap.add_argument("--forget", default="2;2,3", help="forget sets, ';'-separated")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--retain-min", type=float, default=0.95,
+                    help="D_r validation accuracy a candidate must keep to count (MNIST-4 0.95, MNIST 0.85)")
     ap.add_argument("--pair-moved-share", type=float, default=0.0, help="DiHyFo-1 training: TrainConfig.pair_moved_share")
     ap.add_argument("--pair-moved-direction", default="any", choices=["any", "up"],
                     help="DiHyFo-1 training: TrainConfig.pair_moved_direction")
     ap.add_argument("--sweep", action="store_true",
-                    help="choose the guidance grid on validation (unlearn.forget.sweep_guidance, K candidates, "
-                         "weights 1-16, seed 100) and run the controls at it; default: guidance 1")
+                    help="choose the guidance grids on validation (unlearn.forget.sweep_guidance, K candidates, "
+                         "seed 100) and run each forget set's controls at the grid of its size; default: guidance 1")
+    ap.add_argument("--sweep-weights", default=",".join(f"{w:g}" for w in SWEEP_WEIGHTS),
+                    help="the weights --sweep tries (default: the package's)")
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -160,23 +166,25 @@ def main(argv=None) -> None:
         free_cls = [int(c) for c in store.classes if int(c) not in set(store.manifest.get("pivots", []))]
         ev = evaluate_hypernet(hn, args.data, classes=free_cls, seed=args.seed, splits=(splits.X_val, splits.y_val))
         free = ev["free_classes"]
-        sweep = sweep_guidance(hn, splits, forget_sets, k=args.k, steps=args.ddim) if args.sweep else None
-        grid = sweep["guidance_grid"] if sweep else [1.0]
-        ctl = {tuple(fs): controls(hn, splits, fs, args.k, args.ddim, args.seed, grid) for fs in forget_sets}
+        sweep = sweep_guidance(hn, splits, forget_sets, k=args.k, steps=args.ddim, retain_min=args.retain_min,
+                               weights=[float(w) for w in args.sweep_weights.split(",")]) if args.sweep else None
+        grids = {tuple(fs): sweep["guidance_by_size"][str(len(fs))] if sweep else [1.0] for fs in forget_sets}
+        ctl = {fs: controls(hn, splits, fs, args.k, args.ddim, args.seed, grids[fs], args.retain_min)
+               for fs in grids}
         rec = {"model": args.model, "variant": name, **VARIANTS[name], "steps": int(conf["step"]),
                "wall_time_s": float(conf["wall_time_s"]), "final_loss": final_loss(out_dir),
                "r2": {int(c): ev["r2"][c] for c in free}, "pearson": {int(c): ev["pearson"][c] for c in free},
                "r2_free_mean": ev["r2_free_mean"], "pearson_free_mean": ev["pearson_free_mean"],
-               "controls": {",".join(map(str, k)): v for k, v in ctl.items()}, "guidance_grid": grid,
+               "controls": {",".join(map(str, k)): v for k, v in ctl.items()}, "guidance_grid": {",".join(map(str, k)): v for k, v in grids.items()},
                "sweep": sweep, "eval_s": time.perf_counter() - t0,
                "pair_moved_share": args.pair_moved_share, "pair_moved_direction": args.pair_moved_direction,
-               "k": args.k, "ddim": args.ddim, "seed": args.seed}
+               "k": args.k, "ddim": args.ddim, "seed": args.seed, "retain_min": args.retain_min}
         with open(os.path.join(out_dir, "bench.json"), "w") as f:
             json.dump(rec, f, indent=1)
         rows.append(rec)
         print(json.dumps(rec), file=sys.stderr, flush=True)
 
-    header = ["model", "variant", "steps", "wall min", "diff. loss", "guidance grid"]
+    header = ["model", "variant", "steps", "wall min", "diff. loss", "guidance grid per set"]
     header += ["R² " + " / ".join(str(c) for c in free), "Pearson " + " / ".join(str(c) for c in free)]
     for fs in forget_sets:
         s = "{" + ",".join(map(str, fs)) + "}"
@@ -184,7 +192,7 @@ def main(argv=None) -> None:
     table = []
     for r in rows:
         line = [r["model"], r["variant"], r["steps"], f"{r['wall_time_s'] / 60:.1f}", f"{r['final_loss']:.4f}",
-                ", ".join(f"{w:g}" for w in r["guidance_grid"]),
+                "; ".join("{" + k + "}: " + ", ".join(f"{w:g}" for w in g) for k, g in r["guidance_grid"].items()),
                 " / ".join(f"{r['r2'][c]:.2f}" for c in free), " / ".join(f"{r['pearson'][c]:.2f}" for c in free)]
         for fs in forget_sets:
             c = r["controls"][",".join(map(str, fs))]

@@ -2,6 +2,7 @@
 
   python bench/retrain_pretrained.py --name mnist4-dihyfo2 --reason "adaLN-Zero conditioning" [--work DIR]
   python bench/retrain_pretrained.py --all --reason "..."
+  python bench/retrain_pretrained.py --name mnist4-dihyfo1 --remeasure --reason "guidance grid per request size"
 
 For each model: run the card's `collect` command (skipped when its collection exists), its `train`
 command (resumed when interrupted), then measure what the card records: prompt alignment on the
@@ -45,12 +46,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
 
 
-def commands_for(name: str) -> dict:
-    """The card's commands; the first-release recipe for a model without a card yet."""
-    try:
-        return P.model_card(name)["commands"]
-    except ValueError:
-        return recipe(*name.split("-", 1))
+def commands_for(name: str, use_recipe: bool = False) -> dict:
+    """The card's commands; the package's release recipe (`demo.recipe`) for a model without a
+    card yet, or when asked (a new release recipe)."""
+    if not use_recipe:
+        try:
+            return P.model_card(name)["commands"]
+        except ValueError:
+            pass
+    return recipe(*name.split("-", 1))
 
 
 def release_sweep(hn, setting: str, data: str, k: int = 256) -> dict:
@@ -77,40 +81,16 @@ def alignment(hn, data: str, grid) -> dict:
     return {**{k: v for k, v in first.items() if k != "settings"}, "guidance": float(grid[0]), "per_guidance": per}
 
 
-def resweep(name: str, work: str, k: int = 256) -> dict:
-    """Re-measure a shipped model's guidance grid and its alignment at it, without retraining:
-    rewrites the card's `sampling` and `prompt_alignment` (the weights stay)."""
-    setting = name.split("-", 1)[0]
-    cmds = commands_for(name)
-    data = os.path.join(work, f"{setting}-data")
-    if not os.path.exists(os.path.join(data, "manifest.json")):
-        run(cmds["collect"], data=data, run="")
-    hn = P.load_pretrained(name, device="cpu", data=data)
-    sampling = release_sweep(hn, setting, data, k=k)
-    hn.meta["sampling"] = sampling
-    t0 = time.perf_counter()
-    align = alignment(hn, data, sampling["guidance_grid"])
-    card = P.model_card(name)
-    card.update({"sampling": sampling, "prompt_alignment": {**align, "seconds": round(time.perf_counter() - t0, 1)}})
-    write_json_atomic(os.path.join(P.PRETRAINED_DIR, name, P.CARD), card)
-    print(json.dumps({"name": name, "sampling": {k_: sampling[k_] for k_ in ("guidance_grid", "worst")}}, indent=1))
-    return card
-
-
 def run(cmd: str, **where) -> None:
     subprocess.run(_cli(cmd, **where), check=True)
 
 
-def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256) -> dict:
+def measure(hn, name: str, data: str, seeds=(0, 1, 2), k: int = 256) -> dict:
+    """What a card records of a model's weights, on its collection `data`: the guidance grids
+    chosen on validation (`sampling`), prompt alignment at them, the forgetting table over 3 seeds
+    with its controls, and the small `check` request (with the start it used, for DiHyFo-1)."""
     setting, kind = name.split("-", 1)
     s = SETTINGS[setting]
-    cmds = commands_for(name)
-    data, run_dir = os.path.join(work, f"{setting}-data"), os.path.join(work, name)
-    if not os.path.exists(os.path.join(data, "manifest.json")):
-        run(cmds["collect"], data=data, run=run_dir)
-    train_cmd = cmds["train"] + (" --resume" if os.path.exists(os.path.join(run_dir, "config.json")) else "")
-    run(train_cmd, data=data, run=run_dir)
-    hn = load_hypernet(run_dir, device="cpu", data=data)
     torch.set_num_threads(int(os.environ.get("HYFORGET_THREADS", max(1, os.cpu_count() or 1))))
     sampling = release_sweep(hn, setting, data, k=k)
     hn.meta["sampling"] = sampling                      # what forget() spreads its candidates over
@@ -127,6 +107,50 @@ def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256) ->
     start, _ = best_checkpoint(data, hn.heldout_runs) if kind == "dihyfo1" else (None, None)
     check_kw = dict(k=32, sampler="ddim", steps=10, seed=0)
     res = forget(hn, fs, splits_of(CheckpointStore(data)), model=start, **check_kw)
+    card = {"sampling": sampling,
+            "prompt_alignment": {**align, "seconds": round(t_align, 1)},
+            "forgetting": {"k": k, "sampler": "ddim", "steps": 50, "seeds": list(seeds), "criterion": rep["criterion"],
+                           "heldout": list(s["heldout"]), "summary": table,
+                           "verdicts": [v for v in verdicts(rep) if "DiHyFo" in v or "held out" in v]},
+            "check": {"forget": fs, **check_kw, "guidance_grid": res.settings["guidance_grid"],
+                      "start": "best stored checkpoint" if start is not None else None,
+                      "chosen": res.chosen, "val_forget_acc": float(res.candidates["forget_acc"][res.chosen]),
+                      "val_retain_acc": float(res.candidates["retain_acc"][res.chosen]),
+                      "val_class_loss": [float(x) for x in res.candidates["class_loss"][res.chosen]],
+                      "forget_keep": res.candidates["forget_keep"]}}
+    return card, start
+
+
+def collection(name: str, work: str, use_recipe: bool = False) -> str:
+    """The model's collection under `work`, made by its collect command when missing."""
+    data = os.path.join(work, f"{name.split('-', 1)[0]}-data")
+    if not os.path.exists(os.path.join(data, "manifest.json")):
+        run(commands_for(name, use_recipe)["collect"], data=data, run="")
+    return data
+
+
+def remeasure(name: str, reason: str, work: str) -> dict:
+    """Keep a shipped model's weights; re-measure everything its card records of them (`measure`:
+    a changed sampling rule changes the grid, the tables and the check together)."""
+    data = collection(name, work)
+    hn = P.load_pretrained(name, device="cpu", data=data)
+    old = P.model_card(name)
+    new, _ = measure(hn, name, data)
+    card = {**old, **new, "remeasured": {"date": time.strftime("%Y-%m-%d"), "reason": reason}}
+    write_json_atomic(os.path.join(P.PRETRAINED_DIR, name, P.CARD), card)
+    print(json.dumps({"name": name, "sampling": {k_: new["sampling"][k_] for k_ in ("guidance_grid", "guidance_by_size")},
+                      "check": new["check"]}, indent=1))
+    return card
+
+
+def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256, use_recipe: bool = False) -> dict:
+    setting, kind = name.split("-", 1)
+    cmds = commands_for(name, use_recipe)
+    data, run_dir = collection(name, work, use_recipe), os.path.join(work, name)
+    train_cmd = cmds["train"] + (" --resume" if os.path.exists(os.path.join(run_dir, "config.json")) else "")
+    run(train_cmd, data=data, run=run_dir)
+    hn = load_hypernet(run_dir, device="cpu", data=data)
+    measured, start = measure(hn, name, data, seeds=seeds, k=k)
     conf = json.load(open(os.path.join(run_dir, "config.json")))
     card = {"name": name, "setting": setting, "kind": kind,
             "commands": cmds, "reason": reason, "date": time.strftime("%Y-%m-%d"),
@@ -134,17 +158,7 @@ def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256) ->
                                                                  "manifest_sha256", "split")},
             "training": {"steps": conf["step"], "wall_time_s": round(conf["wall_time_s"], 1), "machine": machine(),
                          "train_config": conf["train"], "model_config": conf["model"]},
-            "storage": {"dtype": "float32"},
-            "sampling": sampling,
-            "prompt_alignment": {**align, "seconds": round(t_align, 1)},
-            "forgetting": {"k": k, "sampler": "ddim", "steps": 50, "seeds": list(seeds), "criterion": rep["criterion"],
-                           "heldout": list(s["heldout"]), "summary": table,
-                           "verdicts": [v for v in verdicts(rep) if "DiHyFo" in v or "held out" in v]},
-            "check": {"forget": fs, **check_kw, "start": "best stored checkpoint" if start is not None else None,
-                      "chosen": res.chosen, "val_forget_acc": float(res.candidates["forget_acc"][res.chosen]),
-                      "val_retain_acc": float(res.candidates["retain_acc"][res.chosen]),
-                      "val_class_loss": [float(x) for x in res.candidates["class_loss"][res.chosen]],
-                      "forget_keep": res.candidates["forget_keep"]}}
+            "storage": {"dtype": "float32"}, **measured}
     P.export_pretrained(run_dir, os.path.join(P.PRETRAINED_DIR, name), card, start=start)
     print(json.dumps({k_: card[k_] for k_ in ("name", "training", "check")}, indent=1, default=str))
     return card
@@ -154,10 +168,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", action="append", help="a shipped model (repeatable); see hf.pretrained()")
     ap.add_argument("--all", action="store_true", help="every model of RECIPES")
-    ap.add_argument("--reason", help="why the weights change (recorded in the card; required unless --sweep-only)")
-    ap.add_argument("--sweep-only", action="store_true",
-                    help="keep the weights; re-measure the guidance grid and prompt alignment into the card")
+    ap.add_argument("--reason", required=True, help="why the weights or the card change (recorded in the card)")
+    ap.add_argument("--remeasure", action="store_true",
+                    help="keep the weights; re-measure what the card records of them (guidance grids, alignment, "
+                         "forgetting table, check)")
     ap.add_argument("--work", default="runs/pretrained", help="folder for the collections and training runs")
+    ap.add_argument("--recipe", action="store_true",
+                    help="train with the package's release recipe (hyforget_fast.demo.recipe), not the card's commands")
     a = ap.parse_args(argv)
     names = sorted(RECIPES) if a.all else (a.name or [])
     if not names:
@@ -165,12 +182,10 @@ def main(argv=None) -> int:
     for n in names:
         if n not in RECIPES:
             ap.error(f"unknown model {n!r}; known: {sorted(RECIPES)}")
-        if a.sweep_only:
-            resweep(n, a.work)
-        elif not a.reason:
-            ap.error("--reason is required when retraining")
+        if a.remeasure:
+            remeasure(n, a.reason, a.work)
         else:
-            retrain(n, a.reason, a.work)
+            retrain(n, a.reason, a.work, use_recipe=a.recipe)
     return 0
 
 

@@ -119,6 +119,16 @@ def test_train_exposes_the_results_knobs(root, tmp_path):
     assert len(conf["heldout_runs"]) == 2   # 0.25 of 8 runs
 
 
+def test_train_takes_the_moved_pair_knobs_and_refuses_two_biases(root, tmp_path, capsys):
+    out = str(tmp_path / "moved")
+    assert _train_cli(str(root / "data"), out, "dihyfo1", ["--pair-moved-share", "0.5", "--pair-moved-direction", "up"]) == 0
+    t = json.load(open(os.path.join(out, "config.json")))["train"]
+    assert (t["pair_moved_share"], t["pair_moved_direction"]) == (0.5, "up")
+    assert _train_cli(str(root / "data"), str(tmp_path / "both"), "dihyfo1",
+                      ["--pair-moved-share", "0.5", "--pair-change-bias", "1"]) == 2
+    assert "use one" in capsys.readouterr().err
+
+
 def test_resume_refuses_a_flag_that_would_change_the_run(root, tmp_path, capsys):
     out = str(tmp_path / "r")
     shutil.copytree(root / "dihyfo2", out)

@@ -447,6 +447,27 @@ def test_sweep_guidance_picks_weights_by_validation_counts(setup, monkeypatch):
     assert got["worst"]["1.0,2.0,4.0"] == pytest.approx(min(np.mean([170, 170, 90]), np.mean([200, 255, 256])))
     assert F.sweep_guidance(hn, splits, [[3]], weights=(1.0, 2.0, 4.0))["guidance_grid"] == [hn.default_guidance]
     assert F.sweep_guidance(hn, splits, [[2], [2, 3]], weights=(1.0, 4.0))["guidance_grid"] == [1.0]
+    # per request size: {2} alone wants 1-2, {2,3} alone 2-4 (both at 255-256 > 0.98 x best); {3} forgets at no weight
+    assert got["guidance_by_size"] == {"1": [1.0, 2.0], "2": [2.0, 4.0]}
+    assert F.sweep_guidance(hn, splits, [[3]], weights=(1.0, 2.0))["guidance_by_size"] == {"1": [hn.default_guidance]}
+
+
+def test_forget_uses_the_cards_grid_for_the_requests_size(setup):
+    data, hns, splits = setup
+    hn = hns["dihyfo2"]
+    saved = hn.meta.get("sampling")
+    try:
+        hn.meta["sampling"] = {"guidance_grid": [1.0, 2.0], "guidance_by_size": {"2": [3.0]}}
+        assert hn.guidance_grid_for(2) == [3.0] and hn.guidance_grid_for(1) == [1.0, 2.0]
+        one = F.forget(hn, [2], splits, k=4, steps=2, warn=False)
+        two = F.forget(hn, [2, 3], splits, k=4, steps=2, warn=False)
+        keep = F.forget(hn, [2, 3], splits, k=4, steps=2, warn=False, prompt="keep")
+        assert one.settings["guidance_grid"] == [1.0, 2.0] and sorted(set(one.candidates["guidance"].tolist())) == [1.0, 2.0]
+        assert two.settings["guidance_grid"] == [3.0] and set(two.candidates["guidance"].tolist()) == {3.0}
+        assert keep.settings["guidance_grid"] == [3.0]                  # the control samples the request's grid
+        assert F.forget(hn, [2, 3], splits, k=4, steps=2, warn=False, guidance=1.0).settings["guidance_grid"] == [1.0]
+    finally:
+        hn.meta["sampling"] = saved
 
 
 def test_report_rows_per_start_with_controls_at_the_same_grid(setup, tmp_path):

@@ -174,6 +174,13 @@ class Hypernet:
         grid = (self.meta.get("sampling") or {}).get("guidance_grid")
         return [float(x) for x in grid] if grid else [self.default_guidance]
 
+    def guidance_grid_for(self, n_forget: int) -> list[float]:
+        """The default grid of a request to forget `n_forget` classes: the card's grid for that
+        many classes (meta["sampling"]["guidance_by_size"], chosen on validation at release: a
+        larger edit wants a larger weight), else `guidance_grid`."""
+        grid = ((self.meta.get("sampling") or {}).get("guidance_by_size") or {}).get(str(int(n_forget)))
+        return [float(x) for x in grid] if grid else self.guidance_grid
+
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, target_losses, k: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,

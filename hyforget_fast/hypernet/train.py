@@ -113,6 +113,10 @@ class TrainConfig:
         if self.loss_match < 0 or self.loss_match_images <= 0:
             raise ValueError(f"need loss_match >= 0 and loss_match_images > 0, got {self.loss_match}, "
                              f"{self.loss_match_images}")
+        if self.pair_change_bias > 0 and self.pair_moved_share > 0:
+            raise ValueError("pair_change_bias and pair_moved_share are two ways to favour moving pairs; use one")
+        if not 0 <= self.pair_moved_share <= 1:
+            raise ValueError(f"pair_moved_share must be in [0, 1], got {self.pair_moved_share}")
         if self.pair_moved_direction not in MOVED_DIRECTIONS:
             raise ValueError(f"pair_moved_direction must be one of {MOVED_DIRECTIONS}, got {self.pair_moved_direction!r}")
         if self.unit_order not in UNIT_ORDERS:

@@ -199,12 +199,13 @@ def choose(cand: torch.Tensor, spec, data, fidx: Sequence[int], retain_min: floa
                                   "forget_keep": forget_keep_count(f_acc, r_acc, retain_min=retain_min)}
 
 
-def guidance_grid(hypernet, guidance=None) -> list[float]:
+def guidance_grid(hypernet, guidance=None, n_forget: int | None = None) -> list[float]:
     """The guidance weights a forget call spreads its K candidates over: None = the model's
-    default grid (`Hypernet.guidance_grid`, from its card), a number = that weight alone, a
-    sequence = that grid. Refuses an empty grid, repeats and weights that are negative or not finite."""
+    default grid for a request of n_forget classes (`Hypernet.guidance_grid_for`, from its card;
+    n_forget None: `Hypernet.guidance_grid`), a number = that weight alone, a sequence = that
+    grid. Refuses an empty grid, repeats and weights that are negative or not finite."""
     if guidance is None:
-        grid = list(hypernet.guidance_grid)
+        grid = list(hypernet.guidance_grid if n_forget is None else hypernet.guidance_grid_for(n_forget))
     elif isinstance(guidance, (int, float, np.integer, np.floating)) and not isinstance(guidance, bool):
         grid = [float(guidance)]
     else:
@@ -290,8 +291,8 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     data: the collection's DigitSplits (its validation split scores the candidates); a different
     split is refused (`check_split`).
     guidance: classifier-free guidance weight(s) the K candidates are spread over (`spread`):
-    None = the model's grid (its card's, chosen on validation), a number, or a sequence; 0 is the
-    unconditional branch. The chosen candidate's weight and level are `.chosen_guidance` /
+    None = the model's grid for a request of this many classes (its card's, chosen on
+    validation), a number, or a sequence; 0 is the unconditional branch. The chosen candidate's weight and level are `.chosen_guidance` /
     `.chosen_level`; `.per_guidance` counts the qualifying candidates of each weight.
     model / start (DiHyFo-1 only): the starting classifier. start "model" (the default when model
     is given: an nn.Module of the hypernetwork's spec, or flat (P,) params), "best" (the default
@@ -315,7 +316,7 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
         raise ValueError(f"k (number of candidates) must be a positive integer, got {k!r}")
     k = int(k)
-    grid = guidance_grid(hn, guidance)
+    grid = guidance_grid(hn, guidance, len(fidx))     # the keep control too: the request's grid
     dev = next(hn.model.parameters()).device
     Xv, yv = data.X_val.to(dev), data.y_val.to(dev)
     t0 = time.perf_counter()
@@ -370,33 +371,15 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     return res
 
 
-SWEEP_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
+# Geometric, ~sqrt(2) apart above 2: DiHyFo-1's candidates are nearly deterministic given (start,
+# prompt, weight), so a forget set works over a narrow band of weights that a factor of 2 can miss.
+SWEEP_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 
 
-def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 256, sampler: str = "ddim",
-                   steps: int = 50, seed: int = 100, tolerance: float = 0.02, **kw) -> dict:
-    """Choose a model's default guidance grid on the VALIDATION split (run at release; the grid
-    goes into the model card's `sampling`).
-
-    For each weight alone, K candidates for every forget set under the forget prompt and under the
-    keep-every-class control; a weight's net count for a set is its forget minus keep
-    forget-and-keep candidates. A grid (a run of consecutive weights) spreads K evenly, so its
-    expected net count for a set is the mean over its weights. The grid chosen maximises the
-    worst set's expected count (sets that no weight forgets are skipped); among grids within
-    `tolerance` of that best, the widest (robust to requests and starts the sweep did not see).
-    When nothing forgets, the model's single default weight. kw go to `forget` (e.g. start=).
-    -> {"guidance_grid", "weights", "counts": {set: {w: {"forget", "keep"}}}, "worst": {grid: count},
-        "k", "steps", "sampler", "seed", "rule", "split": "validation"}."""
-    counts: dict = {}
-    for fs in forget_sets:
-        key = ",".join(map(str, fs))
-        counts[key] = {}
-        for w in weights:
-            n = {p: forget(hypernet, list(fs), data, k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w),
-                           prompt=p, keep_candidates=False, warn=False, **kw).forget_keep for p in PROMPTS}
-            counts[key][str(float(w))] = n                       # {"forget": ..., "keep": ...}
-    ws = [str(float(w)) for w in weights]
-    nets = [{w: c[w]["forget"] - c[w]["keep"] for w in ws} for c in counts.values()]
+def _best_run(nets: list[dict], ws: list[str], tolerance: float) -> tuple[list[str] | None, dict]:
+    """The run of consecutive weights ws[i:j] maximising the worst set's mean net count over it
+    (nets: one {weight: net count} per set; sets no weight forgets are left out), the widest
+    within `tolerance` of the best -> (run or None when nothing forgets, {run: worst count})."""
     nets = [n for n in nets if max(n.values()) > 0]   # a set no weight forgets says nothing about the weights
     worst = {}
     for i in range(len(ws)):
@@ -405,11 +388,53 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 
             worst[",".join(g)] = min(float(np.mean([n[w] for w in g])) for n in nets) if nets else 0.0
     best = max(worst.values())
     if best <= 0:
-        grid = [float(hypernet.default_guidance)]
-    else:
-        near = [g for g, v in worst.items() if v >= (1 - tolerance) * best]
-        grid = [float(w) for w in max(near, key=lambda g: (len(g.split(",")), worst[g])).split(",")]
-    return {"guidance_grid": grid, "weights": [float(w) for w in weights], "counts": counts, "worst": worst,
+        return None, worst
+    near = [g for g, v in worst.items() if v >= (1 - tolerance) * best]
+    return max(near, key=lambda g: (len(g.split(",")), worst[g])).split(","), worst
+
+
+def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 256, sampler: str = "ddim",
+                   steps: int = 50, seed: int = 100, tolerance: float = 0.02, **kw) -> dict:
+    """Choose a model's default guidance grids on the VALIDATION split (run at release; they go
+    into the model card's `sampling`).
+
+    For each weight alone, K candidates for every forget set under the forget prompt and under the
+    keep-every-class control (skipped where the forget prompt yields none: its net count cannot
+    be positive); a weight's net count for a set is its forget minus keep forget-and-keep
+    candidates. A grid (a run of consecutive weights) spreads K evenly, so its expected net count
+    for a set is the mean over its weights. The grid chosen maximises the worst set's expected
+    count (sets that no weight forgets are skipped); among grids within `tolerance` of that best,
+    the widest (robust to requests and starts the sweep did not see). When nothing forgets, the
+    model's single default weight. The same rule over the sets of each size gives
+    `guidance_by_size` (a request to forget n classes uses the grid of size n: a larger edit wants
+    a larger weight); `guidance_grid` (over every set) serves the sizes not swept. kw go to
+    `forget` (e.g. start=).
+    -> {"guidance_grid", "guidance_by_size": {n: grid}, "weights", "counts": {set: {w: {"forget",
+        "keep"}}}, "worst": {grid: count}, "k", "steps", "sampler", "seed", "rule", "split": "validation"}."""
+    counts: dict = {}
+    for fs in forget_sets:
+        key = ",".join(map(str, fs))
+        counts[key] = {}
+        for w in weights:
+            run = dict(k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w), keep_candidates=False,
+                       warn=False, **kw)
+            n = {"forget": forget(hypernet, list(fs), data, prompt="forget", **run).forget_keep}
+            n["keep"] = forget(hypernet, list(fs), data, prompt="keep", **run).forget_keep if n["forget"] else 0
+            counts[key][str(float(w))] = n                       # {"forget": ..., "keep": ...}
+    ws = [str(float(w)) for w in weights]
+
+    def net(key):
+        return {w: counts[key][w]["forget"] - counts[key][w]["keep"] for w in ws}
+
+    run, worst = _best_run([net(key) for key in counts], ws, tolerance)
+    grid = [float(w) for w in run] if run else [float(hypernet.default_guidance)]
+    by_size = {}
+    for n in sorted({len(fs) for fs in forget_sets}):
+        r, _ = _best_run([net(",".join(map(str, fs))) for fs in forget_sets if len(fs) == n], ws, tolerance)
+        by_size[str(n)] = [float(w) for w in r] if r else grid
+    return {"guidance_grid": grid, "guidance_by_size": by_size, "weights": [float(w) for w in weights],
+            "counts": counts, "worst": worst,
             "k": int(k), "steps": int(steps), "sampler": sampler, "seed": int(seed), "split": "validation",
             "rule": "the run of consecutive weights maximising the worst forget set's expected (forget - keep-prompt) "
-                    f"forget-and-keep count (K spread evenly over the run); the widest within {tolerance:.0%} of it"}
+                    f"forget-and-keep count (K spread evenly over the run); the widest within {tolerance:.0%} of it; "
+                    "the same rule over the sets of each size for guidance_by_size"}

@@ -37,7 +37,7 @@ import torch
 from ..collection.store import CheckpointStore, write_json_atomic
 from . import baselines as B
 from . import metrics as M
-from .forget import best_checkpoint, choose, forget, forget_prompts, loss_quantile_table
+from .forget import best_checkpoint, choose, forget, forget_prompts, guidance_grid, loss_quantile_table
 from .mlp import batched_logits, check_flat, flat_params, module_spec
 from .selection import FORGET_MAX, RETAIN_MIN, class_indices, forget_keep_count, group_accuracy, select
 
@@ -273,7 +273,7 @@ def _sample_rows(hypernets, rows, fs, fidx, splits, seed, original, orig_kind, o
                  sampler, steps, guidance, retain_min) -> None:
     """Every hypernetwork row and its controls for one forget set and seed, into out = (params,
     seconds, extra, counts, start_of). The controls (keep-every-class prompt over the same guidance
-    grid; the unconditional branch, guidance 0) are sampled once per row and seed, rescored per set."""
+    grid; the unconditional branch, guidance 0) are sampled once per row, seed and grid, rescored per set."""
     params, seconds, extra, counts, start_of = out
     for name, kind, st in rows:
         hn = hypernets[kind]
@@ -298,9 +298,10 @@ def _sample_rows(hypernets, rows, fs, fidx, splits, seed, original, orig_kind, o
         for ctl in CONTROLS:
             if ctl == "uncond" and hn.cfg.cond_dropout <= 0:
                 continue                                      # no unconditional branch was trained
-            key = (name, seed, ctl)
+            # sampled once per grid (a model card's grid may depend on the request's size), rescored per set
+            key = (name, seed, ctl, () if ctl == "uncond" else tuple(guidance_grid(hn, guidance, len(fidx))))
             t0 = time.perf_counter()
-            if key not in control_cache:                      # sampled once, rescored per forget set
+            if key not in control_cache:
                 c = forget(hn, list(fs), splits, k=k, sampler=sampler, steps=steps, seed=seed,
                            guidance=0.0 if ctl == "uncond" else guidance,
                            prompt="keep" if ctl == "keep" else "forget", warn=False, **kw)
