@@ -29,6 +29,7 @@ from hyforget_fast.collection.store import CheckpointStore, write_json_atomic
 from hyforget_fast.demo import KINDS, SETTINGS, _cli, recipe
 from hyforget_fast.hypernet import pretrained as P
 from hyforget_fast.hypernet.api import load_hypernet
+from hyforget_fast.hypernet.checkpoint import manifest_sha256
 from hyforget_fast.hypernet.evaluate import evaluate_hypernet
 from hyforget_fast.unlearn.forget import best_checkpoint, forget, sweep_guidance
 from hyforget_fast.unlearn.report import evaluate_forgetting, splits_of, verdicts
@@ -69,12 +70,13 @@ def release_sweep(hn, setting: str, data: str, k: int = 256) -> dict:
     return out
 
 
-def alignment(hn, data: str, grid) -> dict:
+def alignment(hn, data: str, grid, heldout_runs=None) -> dict:
     """Prompt alignment (`evaluate_hypernet`) at guidance 1 (the plain conditional model) and at
-    each weight of the grid; the headline numbers are the grid's first weight's."""
+    each weight of the grid; the headline numbers are the grid's first weight's. heldout_runs:
+    given for a rebuild of the training collection (`remeasure`), else the model's own."""
     per = {}
     for w in sorted({1.0, *map(float, grid)}):
-        a = evaluate_hypernet(hn, data, guidance=w)
+        a = evaluate_hypernet(hn, data, heldout_runs, guidance=w)
         per[str(w)] = {"r2": a["r2"], "pearson": a["pearson"], "r2_free_mean": a["r2_free_mean"],
                        "pearson_free_mean": a["pearson_free_mean"], "settings": a["settings"]}
     first = per[str(float(grid[0]))]
@@ -85,7 +87,7 @@ def run(cmd: str, **where) -> None:
     subprocess.run(_cli(cmd, **where), check=True)
 
 
-def measure(hn, name: str, data: str, seeds=(0, 1, 2), k: int = 256) -> dict:
+def measure(hn, name: str, data: str, seeds=(0, 1, 2), k: int = 256, heldout_runs=None) -> dict:
     """What a card records of a model's weights, on its collection `data`: the guidance grids
     chosen on validation (`sampling`), prompt alignment at them, the forgetting table over 3 seeds
     with its controls, and the small `check` request (with the start it used, for DiHyFo-1)."""
@@ -95,7 +97,7 @@ def measure(hn, name: str, data: str, seeds=(0, 1, 2), k: int = 256) -> dict:
     sampling = release_sweep(hn, setting, data, k=k)
     hn.meta["sampling"] = sampling                      # what forget() spreads its candidates over
     t0 = time.perf_counter()
-    align = alignment(hn, data, sampling["guidance_grid"])
+    align = alignment(hn, data, sampling["guidance_grid"], heldout_runs)
     t_align = time.perf_counter() - t0
     rep = evaluate_forgetting(data, {kind: hn}, [list(f) for f in s["forget_sets"]], seeds=seeds, k=k, tune=False, memorization=False,
                               relearning=False, retain_min=s["retain_min"],
@@ -135,8 +137,19 @@ def remeasure(name: str, reason: str, work: str) -> dict:
     data = collection(name, work)
     hn = P.load_pretrained(name, device="cpu", data=data)
     old = P.model_card(name)
-    new, _ = measure(hn, name, data)
-    card = {**old, **new, "remeasured": {"date": time.strftime("%Y-%m-%d"), "reason": reason}}
+    # The card's collect command rebuilds the training collection run for run (same seeds, so the
+    # held-out run ids name the same runs), but on another CPU its floats, and so its manifest
+    # hash, may differ: then the held-out runs are passed by id, and the card says so.
+    want, got = old["dataset"]["manifest_sha256"], manifest_sha256(data)
+    n = CheckpointStore(data, verify="size").manifest["num_checkpoints"]
+    if got != want and n != old["dataset"]["num_checkpoints"]:
+        raise ValueError(f"{data} is not a rebuild of {name}'s collection: {n} checkpoints, the card's "
+                         f"{old['dataset']['num_checkpoints']}")
+    new, _ = measure(hn, name, data, heldout_runs=hn.heldout_runs if got != want else None)
+    card = {**old, **new, "remeasured": {"date": time.strftime("%Y-%m-%d"), "reason": reason, "machine": machine(),
+                                         "collection_manifest_sha256": got,
+                                         "collection": "the training collection" if got == want else
+                                         "a rebuild by the card's collect command (same runs; floats differ by CPU)"}}
     write_json_atomic(os.path.join(P.PRETRAINED_DIR, name, P.CARD), card)
     print(json.dumps({"name": name, "sampling": {k_: new["sampling"][k_] for k_ in ("guidance_grid", "guidance_by_size")},
                       "check": new["check"]}, indent=1))
