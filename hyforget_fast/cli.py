@@ -80,8 +80,8 @@ def forget_set(text: str) -> tuple[int, ...]:
 
 FORGET_HELP = "a forget set: class labels separated by commas, e.g. 3 or 2,3"
 GUIDANCE_HELP = ("classifier-free guidance weight(s) the K candidates are spread over, separated by commas, "
-                 "e.g. 8 or 4,8,16; 0 = unconditional (default: the model card's grid, chosen on validation; "
-                 "else the model's single default)")
+                 "e.g. 8 or 4,8,16; 0 = unconditional (default: the model card's grid for the request's size, "
+                 "chosen on validation; else the model's single default)")
 
 
 def guidance_list(text: str) -> list[float]:

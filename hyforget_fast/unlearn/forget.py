@@ -4,9 +4,10 @@
    quantiles of each class's loss in the hypernetwork's training data (its meta), so a prompt
    never asks for a loss the model has not seen; a small grid of (high, low) levels is spread
    over the K candidates, and so is a grid of classifier-free guidance weights (the model card's
-   `sampling.guidance_grid`, chosen on validation at release): guidance is a sampling setting
-   chosen like the levels, not a fixed number (DiHyFo-1 follows its prompt only at w of 4-16,
-   DiHyFo-2 prefers w of 1-2).
+   grid for the request's size, `sampling.guidance_by_size`, chosen on validation at release):
+   guidance is a sampling setting chosen like the levels, not a fixed number (DiHyFo-1 follows its
+   prompt only at w of 4-24, the more classes the higher; DiHyFo-2 prefers w of 1-4). DiHyFo-1's
+   candidates are nearly one network per (level, weight) cell: the grids are what vary them.
 2. Sample all K candidates in one batched call (DDIM by default).
 3. Score all K with the fused evaluator on the VALIDATION split.
 4. Select by the dissertation's rule (§3.5): lowest forget accuracy, then highest retain accuracy.
