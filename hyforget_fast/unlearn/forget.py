@@ -293,8 +293,9 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     split is refused (`check_split`).
     guidance: classifier-free guidance weight(s) the K candidates are spread over (`spread`):
     None = the model's grid for a request of this many classes (its card's, chosen on
-    validation), a number, or a sequence; 0 is the unconditional branch. The chosen candidate's weight and level are `.chosen_guidance` /
-    `.chosen_level`; `.per_guidance` counts the qualifying candidates of each weight.
+    validation), a number, or a sequence; 0 is the unconditional branch. The chosen candidate's
+    weight and level are `.chosen_guidance` / `.chosen_level`; `.per_guidance` counts the
+    qualifying candidates of each weight.
     model / start (DiHyFo-1 only): the starting classifier. start "model" (the default when model
     is given: an nn.Module of the hypernetwork's spec, or flat (P,) params), "best" (the default
     otherwise: `best_checkpoint` of the hypernetwork's dataset, named in `.start`) or "random"
