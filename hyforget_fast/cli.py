@@ -23,6 +23,12 @@ def _add_collect(sub):
     p.add_argument("--ckpts-per-run", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--schedule", choices=["uniform", "early_late"])
+    p.add_argument("--forget-prob", type=float, help="chance that a run has a forgetting phase (default 0.5)")
+    p.add_argument("--forget-max-classes", type=int,
+                   help="a forgetting phase removes 1..this many free classes (mnist4 2, mnist10 3)")
+    p.add_argument("--undersample-prob", type=float,
+                   help="chance that a free class is undersampled in a run (default 0.5; 0 = every run trains on "
+                        "all digits until it forgets)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a busy machine)")
     p.add_argument("--figures", action="store_true", help="write coverage.png into --out when done")
@@ -53,7 +59,9 @@ def cmd_collect(a) -> int:
         torch.set_num_threads(a.threads)
     over = {k: v for k, v in {"runs": a.runs, "block_runs": a.block_runs, "seed": a.seed, "split_seed": a.split_seed,
                               "epochs": a.epochs, "ckpts_per_run": a.ckpts_per_run, "batch_size": a.batch_size,
-                              "schedule": a.schedule}.items() if v is not None}
+                              "schedule": a.schedule, "forget_prob": a.forget_prob,
+                              "forget_max_classes": a.forget_max_classes,
+                              "undersample_prob": a.undersample_prob}.items() if v is not None}
     if a.holdout:
         over["holdout"] = tuple(_parse_holdout(r) for r in a.holdout)
     cfg = preset(a.preset, **over)

@@ -50,6 +50,21 @@ def test_bad_config_raises():
         preset("mnist4", schedule="sometimes")
     with pytest.raises(ValueError, match="unknown preset"):
         preset("cifar")
+    for bad in (dict(forget_prob=1.5), dict(undersample_prob=-0.1)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} is a probability"):
+            preset("mnist4", **bad)
+    with pytest.raises(ValueError, match="forget_max_classes must be positive"):
+        preset("mnist4", forget_max_classes=0)
+
+
+def test_every_run_forgets_from_full_data_when_asked(splits):
+    """forget_prob 1, undersample_prob 0: every run trains on all digits, then forgets 1..max free classes."""
+    bt = BlockTrainer(TINY.replace(forget_prob=1.0, undersample_prob=0.0, forget_max_classes=2), splits, 0)
+    assert (bt.keep == 1).all() and torch.isfinite(bt.forget_step).all()
+    n = bt.forget_mask.sum(1)
+    assert ((n >= 1) & (n <= 2)).all() and not bt.forget_mask[:, :2].any()    # never a pivot
+    none = BlockTrainer(TINY.replace(forget_prob=0.0), splits, 0)
+    assert not none.forget_mask.any() and torch.isinf(none.forget_step).all()
 
 
 def test_saved_checkpoints_obey_pivot_and_bin_rules(coll):
@@ -253,3 +268,14 @@ def test_scoring_from_the_engine_layout_equals_scoring_flat_params(splits):
     with pytest.raises(RuntimeError, match="head must be"):
         op.class_metrics_runs_csr(bt.W1T, bt.b[0], bt.head[:, 1:].contiguous(), rows, *bt._csr_val, bt.yv,
                                   bt._sizes, bt.m)
+
+
+def test_cli_passes_the_forgetting_mix_to_the_collection(tmp_path):
+    from hyforget_fast.cli import main
+    out = str(tmp_path / "c")
+    assert main(["collect", "--preset", "mnist4", "--runs", "2", "--block-runs", "2", "--epochs", "2",
+                 "--ckpts-per-run", "6", "--threads", "1", "--forget-prob", "1", "--undersample-prob", "0",
+                 "--forget-max-classes", "1", "--out", out, "--quiet"]) == 0
+    cfg = CheckpointStore(out).manifest["config"]
+    assert (cfg["forget_prob"], cfg["undersample_prob"], cfg["forget_max_classes"]) == (1.0, 0.0, 1)
+    assert (CheckpointStore(out).load("phase") == PHASE_FORGET).any()

@@ -102,9 +102,12 @@ class CollectConfig:
             raise ValueError(f"pivots {bad} are not among classes {self.classes}")
         if len(self.free_classes) == 0:
             raise ValueError("at least one class must be a non-pivot (free) class")
+        for name in ("forget_prob", "undersample_prob"):
+            if not 0 <= float(getattr(self, name)) <= 1:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma is an accuracy threshold in [0, 1], got {self.gamma}")
-        for name in ("ckpts_per_run", "runs", "block_runs", "epochs", "batch_size"):
+        for name in ("ckpts_per_run", "runs", "block_runs", "epochs", "batch_size", "forget_max_classes"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.schedule not in ("uniform", "early_late"):
