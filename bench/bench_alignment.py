@@ -90,18 +90,24 @@ def count_ok(f_acc: torch.Tensor, r_acc: torch.Tensor, retain_min: float) -> int
     return int(((f_acc <= OK_FORGET) & (r_acc >= retain_min)).sum())
 
 
-def controls(hn, splits, forget_classes, k: int, steps: int, seed: int, grid=(1.0,), retain_min: float = 0.95) -> dict:
+def controls(hn, splits, forget_classes, k: int, steps: int, seed: int, grid=(1.0,), retain_min: float = 0.95,
+             model=None) -> dict:
     """Counts of forget-and-keep candidates under the forget prompt and the keep prompt, both with
     K spread over the guidance grid, and under guidance 0 (`unlearn.forget.forget`: same K,
-    sampler, seed and starting model; validation split)."""
+    sampler, seed and starting model; validation split). model: DiHyFo-1's start (None: the best
+    stored checkpoint). `<prompt>_best_dr`: the highest D_r among candidates with D_f <= OK_FORGET
+    (NaN: none), how close a set came when nothing counts."""
     from hyforget_fast.unlearn.forget import forget
     classes = list(hn.meta["classes"])
     fidx = [classes.index(c) for c in forget_classes]
     out = {}
     for name, kw in (("forget", dict(guidance=list(grid))), ("keep", dict(guidance=list(grid), prompt="keep")),
                      ("uncond", dict(guidance=0.0))):
-        c = forget(hn, forget_classes, splits, k=k, steps=steps, seed=seed, keep_candidates=False, **kw).candidates
+        c = forget(hn, forget_classes, splits, k=k, steps=steps, seed=seed, keep_candidates=False, model=model,
+                   **kw).candidates
         out[name] = count_ok(c["forget_acc"], c["retain_acc"], retain_min)
+        gone = c["forget_acc"] <= OK_FORGET
+        out[f"{name}_best_dr"] = float(c["retain_acc"][gone].max()) if bool(gone.any()) else float("nan")
         out[f"{name}_df_loss"] = float(c["class_loss"][:, fidx].mean())
         out[f"{name}_df_acc_median"] = float(c["forget_acc"].median())
     return out
@@ -137,6 +143,9 @@ def main(argv=None) -> None:
                          "seed 100) and run each forget set's controls at the grid of its size; default: guidance 1")
     ap.add_argument("--sweep-weights", default=",".join(f"{w:g}" for w in SWEEP_WEIGHTS),
                     help="the weights --sweep tries (default: the package's)")
+    ap.add_argument("--start", choices=["best", "user"], default="best",
+                    help="DiHyFo-1's start for the sweep and the controls: the best stored checkpoint, or the "
+                         "demo's user model (demo.users_model: trained on every class, outside the store)")
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -148,6 +157,7 @@ def main(argv=None) -> None:
     from hyforget_fast.collection.store import CheckpointStore
     from hyforget_fast.hypernet.api import load_hypernet
     from hyforget_fast.hypernet.evaluate import evaluate_hypernet
+    from hyforget_fast.demo import users_model
     from hyforget_fast.unlearn.forget import sweep_guidance
     store = CheckpointStore(args.data, verify="size")
     splits = splits_from_manifest(store.manifest)
@@ -156,6 +166,10 @@ def main(argv=None) -> None:
     bad = [v for v in names if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variants {bad}; choose from {sorted(VARIANTS)}")
+
+    if args.start == "user" and args.model != "dihyfo1":
+        raise SystemExit("--start user: only DiHyFo-1 edits a given classifier")
+    user = users_model(args.data)[0] if args.start == "user" else None
 
     rows = []
     for name in names:
@@ -166,10 +180,11 @@ def main(argv=None) -> None:
         free_cls = [int(c) for c in store.classes if int(c) not in set(store.manifest.get("pivots", []))]
         ev = evaluate_hypernet(hn, args.data, classes=free_cls, seed=args.seed, splits=(splits.X_val, splits.y_val))
         free = ev["free_classes"]
+        start = {"model": user} if user is not None else {}
         sweep = sweep_guidance(hn, splits, forget_sets, k=args.k, steps=args.ddim, retain_min=args.retain_min,
-                               weights=[float(w) for w in args.sweep_weights.split(",")]) if args.sweep else None
+                               weights=[float(w) for w in args.sweep_weights.split(",")], **start) if args.sweep else None
         grids = {tuple(fs): sweep["guidance_by_size"][str(len(fs))] if sweep else [1.0] for fs in forget_sets}
-        ctl = {fs: controls(hn, splits, fs, args.k, args.ddim, args.seed, grids[fs], args.retain_min)
+        ctl = {fs: controls(hn, splits, fs, args.k, args.ddim, args.seed, grids[fs], args.retain_min, user)
                for fs in grids}
         rec = {"model": args.model, "variant": name, **VARIANTS[name], "steps": int(conf["step"]),
                "wall_time_s": float(conf["wall_time_s"]), "final_loss": final_loss(out_dir),
@@ -178,7 +193,7 @@ def main(argv=None) -> None:
                "controls": {",".join(map(str, k)): v for k, v in ctl.items()}, "guidance_grid": {",".join(map(str, k)): v for k, v in grids.items()},
                "sweep": sweep, "eval_s": time.perf_counter() - t0,
                "pair_moved_share": args.pair_moved_share, "pair_moved_direction": args.pair_moved_direction,
-               "k": args.k, "ddim": args.ddim, "seed": args.seed, "retain_min": args.retain_min}
+               "k": args.k, "ddim": args.ddim, "seed": args.seed, "retain_min": args.retain_min, "start": args.start}
         with open(os.path.join(out_dir, "bench.json"), "w") as f:
             json.dump(rec, f, indent=1)
         rows.append(rec)

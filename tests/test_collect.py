@@ -279,3 +279,28 @@ def test_cli_passes_the_forgetting_mix_to_the_collection(tmp_path):
     cfg = CheckpointStore(out).manifest["config"]
     assert (cfg["forget_prob"], cfg["undersample_prob"], cfg["forget_max_classes"]) == (1.0, 0.0, 1)
     assert (CheckpointStore(out).load("phase") == PHASE_FORGET).any()
+
+
+def test_forget_pair_counts_match_a_run_by_run_count(coll):
+    """bench/forget_pairs.py's vectorised count against a plain loop over runs, on thresholds
+    loose enough that the tiny collection has pair runs, forget-only runs and neither."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from forget_pairs import forget_pair_counts
+    _, st = coll
+    run, step, acc = st.load("run"), st.load("step"), st.load("class_acc")
+    for fs, known, gone, keep in (((2,), 0.5, 0.3, 0.5), ((3,), 0.5, 0.3, 0.5), ((2, 3), 0.4, 0.4, 0.4)):
+        fi = [st.classes.index(c) for c in fs]
+        ri = [i for i in range(len(st.classes)) if i not in fi]
+        pairs = forgets = 0
+        for r in np.unique(run):
+            rows = np.nonzero(run == r)[0]
+            rows = rows[np.argsort(step[rows])]
+            a = acc[rows]
+            knows = (a[:, fi] >= known).all(1)
+            forgot = (a[:, fi] <= gone).all(1) & (a[:, ri].mean(1) >= keep)
+            forgets += bool(forgot.any())
+            pairs += any(forgot[j] and knows[:j].any() for j in range(len(rows)))
+        got = forget_pair_counts(st, fs, known, gone, keep)
+        assert got == {"runs": len(np.unique(run)), "forget_and_keep_runs": forgets, "pair_runs": pairs}, fs
+    with pytest.raises(ValueError, match="not among the collection"):
+        forget_pair_counts(st, (7,))
