@@ -86,6 +86,9 @@ def test_demo_runs_the_ten_class_setting_end_to_end(tmp_path):
     manifest = json.load(open(os.path.join(out, "mnist10-data", "manifest.json")))
     assert manifest["config"]["holdout"] == [[[3, "acc_low", 0.2], [2, "acc_high", 0.3]],
                                              [[3, "acc_low", 0.2], [4, "acc_high", 0.3]]]
+    # the release's run mix: every run trains on all digits, then forgets 1-5 free classes
+    cfg = manifest["config"]
+    assert (cfg["forget_prob"], cfg["undersample_prob"], cfg["forget_max_classes"]) == (1.0, 0.0, 5)
     held = rep["summary"]["3"]["store"]["forget_keep"]
     assert held[0] == 0                                   # held out by construction: no acceptable checkpoint
     md = open(os.path.join(out, "report", "report.md")).read()
