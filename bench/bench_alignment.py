@@ -155,9 +155,9 @@ def main(argv=None) -> None:
 
     from hyforget_fast.collection.data import splits_from_manifest
     from hyforget_fast.collection.store import CheckpointStore
+    from hyforget_fast.demo import users_model
     from hyforget_fast.hypernet.api import load_hypernet
     from hyforget_fast.hypernet.evaluate import evaluate_hypernet
-    from hyforget_fast.demo import users_model
     from hyforget_fast.unlearn.forget import sweep_guidance
     store = CheckpointStore(args.data, verify="size")
     splits = splits_from_manifest(store.manifest)
