@@ -180,9 +180,8 @@ def main(argv=None) -> None:
         free_cls = [int(c) for c in store.classes if int(c) not in set(store.manifest.get("pivots", []))]
         ev = evaluate_hypernet(hn, args.data, classes=free_cls, seed=args.seed, splits=(splits.X_val, splits.y_val))
         free = ev["free_classes"]
-        start = {"model": user} if user is not None else {}
         sweep = sweep_guidance(hn, splits, forget_sets, k=args.k, steps=args.ddim, retain_min=args.retain_min,
-                               weights=[float(w) for w in args.sweep_weights.split(",")], **start) if args.sweep else None
+                               weights=[float(w) for w in args.sweep_weights.split(",")], model=user) if args.sweep else None
         grids = {tuple(fs): sweep["guidance_by_size"][str(len(fs))] if sweep else [1.0] for fs in forget_sets}
         ctl = {fs: controls(hn, splits, fs, args.k, args.ddim, args.seed, grids[fs], args.retain_min, user)
                for fs in grids}
