@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     from hyforget_fast.demo import users_model
     from hyforget_fast.hypernet.api import load_hypernet
     from hyforget_fast.hypernet.evaluate import evaluate_hypernet
-    from hyforget_fast.unlearn.forget import sweep_guidance
+    from hyforget_fast.unlearn.forget import LOW_LEVELS, sweep_guidance
     store = CheckpointStore(args.data, verify="size")
     splits = splits_from_manifest(store.manifest)
     forget_sets = [[int(c) for c in s.split(",")] for s in args.forget.split(";")]
@@ -182,6 +182,8 @@ def main(argv=None) -> None:
         free = ev["free_classes"]
         sweep = sweep_guidance(hn, splits, forget_sets, k=args.k, steps=args.ddim, retain_min=args.retain_min,
                                weights=[float(w) for w in args.sweep_weights.split(",")], model=user) if args.sweep else None
+        if sweep:
+            hn.meta["sampling"] = sweep     # the controls sample at the levels chosen for each size, like a release
         grids = {tuple(fs): sweep["guidance_by_size"][str(len(fs))] if sweep else [1.0] for fs in forget_sets}
         ctl = {fs: controls(hn, splits, fs, args.k, args.ddim, args.seed, grids[fs], args.retain_min, user)
                for fs in grids}
@@ -190,6 +192,7 @@ def main(argv=None) -> None:
                "r2": {int(c): ev["r2"][c] for c in free}, "pearson": {int(c): ev["pearson"][c] for c in free},
                "r2_free_mean": ev["r2_free_mean"], "pearson_free_mean": ev["pearson_free_mean"],
                "controls": {",".join(map(str, k)): v for k, v in ctl.items()}, "guidance_grid": {",".join(map(str, k)): v for k, v in grids.items()},
+               "low_levels": {",".join(map(str, fs)): hn.low_levels_for(len(fs)) or list(LOW_LEVELS) for fs in forget_sets},
                "sweep": sweep, "eval_s": time.perf_counter() - t0,
                "pair_moved_share": args.pair_moved_share, "pair_moved_direction": args.pair_moved_direction,
                "k": args.k, "ddim": args.ddim, "seed": args.seed, "retain_min": args.retain_min, "start": args.start}
@@ -198,7 +201,7 @@ def main(argv=None) -> None:
         rows.append(rec)
         print(json.dumps(rec), file=sys.stderr, flush=True)
 
-    header = ["model", "variant", "steps", "wall min", "diff. loss", "guidance grid per set"]
+    header = ["model", "variant", "steps", "wall min", "diff. loss", "guidance grid; low levels per set"]
     header += ["R² " + " / ".join(str(c) for c in free), "Pearson " + " / ".join(str(c) for c in free)]
     for fs in forget_sets:
         s = "{" + ",".join(map(str, fs)) + "}"
@@ -206,7 +209,8 @@ def main(argv=None) -> None:
     table = []
     for r in rows:
         line = [r["model"], r["variant"], r["steps"], f"{r['wall_time_s'] / 60:.1f}", f"{r['final_loss']:.4f}",
-                "; ".join("{" + k + "}: " + ", ".join(f"{w:g}" for w in g) for k, g in r["guidance_grid"].items()),
+                "; ".join("{" + k + "}: " + ", ".join(f"{w:g}" for w in g) + " (low " + ", ".join(f"{q:g}" for q in r["low_levels"][k]) + ")"
+                          for k, g in r["guidance_grid"].items()),
                 " / ".join(f"{r['r2'][c]:.2f}" for c in free), " / ".join(f"{r['pearson'][c]:.2f}" for c in free)]
         for fs in forget_sets:
             c = r["controls"][",".join(map(str, fs))]

@@ -151,7 +151,7 @@ def remeasure(name: str, reason: str, work: str) -> dict:
                                          "collection": "the training collection" if got == want else
                                          "a rebuild by the card's collect command (same runs; floats differ by CPU)"}}
     write_json_atomic(os.path.join(P.PRETRAINED_DIR, name, P.CARD), card)
-    print(json.dumps({"name": name, "sampling": {k_: new["sampling"][k_] for k_ in ("guidance_grid", "guidance_by_size")},
+    print(json.dumps({"name": name, "sampling": {k_: new["sampling"][k_] for k_ in ("guidance_grid", "guidance_by_size", "low_levels_by_size")},
                       "check": new["check"]}, indent=1))
     return card
 

@@ -423,33 +423,76 @@ def test_dihyfo1_starts(setup):
         F.forget(hns["dihyfo2"], [2], splits, k=4, steps=2, start="best")
 
 
+class _SweptResult:
+    """What sweep_guidance reads of a forget call, made up: the first round(share x n) candidates
+    of each low level meet the criterion."""
+
+    def __init__(self, shares: dict, k: int, low, prompt: str):
+        cells = [{"high": h, "low": q} for h in (F.HIGH_LEVELS if prompt == "forget" else (None,)) for q in low]
+        cell = torch.arange(k) % len(cells)
+        low_of = torch.tensor([cells[i]["low"] for i in cell.tolist()])
+        ok = torch.zeros(k, dtype=torch.bool)
+        for q in low:
+            idx = (low_of == q).nonzero().flatten()
+            ok[idx[:round(shares.get(q, 0.0) * len(idx))]] = True
+        self.candidates = {"forget_acc": torch.where(ok, 0.0, 1.0), "retain_acc": torch.ones(k), "cell": cell}
+        self.prompt_levels = {"cells": cells}
+        self.settings = {"retain_min": 0.95}
+        self.forget_keep = int(ok.sum())
+
+
 def test_sweep_guidance_picks_weights_by_validation_counts(setup, monkeypatch):
     data, hns, splits = setup
     hn = hns["dihyfo2"]
     out = F.sweep_guidance(hn, splits, [[2], [3]], weights=(1.0, 2.0), k=6, steps=2)
     for s_ in ("2", "3"):                     # the counts are those of single-weight forget calls
         for w in (1.0, 2.0):
-            f = F.forget(hn, [int(s_)], splits, k=6, steps=2, seed=100, guidance=w, warn=False)
+            f = F.forget(hn, [int(s_)], splits, k=6, steps=2, seed=100, guidance=w, low=F.SWEEP_LOW_LEVELS, warn=False)
             assert out["counts"][s_][str(w)]["forget"] == f.forget_keep
-    # the rule, on made-up counts: the run of weights with the best worst-set mean count, the widest near it
+            assert sum(v["forget"][0] for v in out["counts"][s_][str(w)]["by_low"].values()) == f.forget_keep
+            assert sum(v["forget"][1] for v in out["counts"][s_][str(w)]["by_low"].values()) == 6
+    # the rule, on made-up counts at one low level: the run of weights with the best worst-set mean count, the widest near it
     fake = {("2", 1.0): 170, ("2", 2.0): 170, ("2", 4.0): 90, ("2,3", 1.0): 200, ("2,3", 2.0): 255, ("2,3", 4.0): 256,
             ("3", 1.0): 0, ("3", 2.0): 0, ("3", 4.0): 0}
 
-    class Res:
-        def __init__(self, n):
-            self.forget_keep = n
-
-    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, **kw):
-        return Res(0 if prompt == "keep" else fake[(",".join(map(str, fs)), guidance)])
+    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, **kw):
+        n = 0 if prompt == "keep" else fake[(",".join(map(str, fs)), guidance)]
+        return _SweptResult({q: n / k for q in low}, k, low, prompt)
     monkeypatch.setattr(F, "forget", fake_forget)
-    got = F.sweep_guidance(hn, splits, [[2], [2, 3], [3]], weights=(1.0, 2.0, 4.0))
+    one = dict(weights=(1.0, 2.0, 4.0), lows=(0.1,))
+    got = F.sweep_guidance(hn, splits, [[2], [2, 3], [3]], **one)
     assert got["guidance_grid"] == [1.0, 2.0]      # worst-set means: [1] 170, [1,2] 170, [1,2,4] 143; {3} skipped
-    assert got["worst"]["1.0,2.0,4.0"] == pytest.approx(min(np.mean([170, 170, 90]), np.mean([200, 255, 256])))
-    assert F.sweep_guidance(hn, splits, [[3]], weights=(1.0, 2.0, 4.0))["guidance_grid"] == [hn.default_guidance]
-    assert F.sweep_guidance(hn, splits, [[2], [2, 3]], weights=(1.0, 4.0))["guidance_grid"] == [1.0]
+    assert got["worst"]["1.0,2.0,4.0|0.1"] == pytest.approx(min(np.mean([170, 170, 90]), np.mean([200, 255, 256])))
+    assert F.sweep_guidance(hn, splits, [[3]], **one)["guidance_grid"] == [hn.default_guidance]
+    assert F.sweep_guidance(hn, splits, [[3]], **one)["low_levels"] == list(F.LOW_LEVELS)   # nothing forgets: defaults
+    assert F.sweep_guidance(hn, splits, [[2], [2, 3]], weights=(1.0, 4.0), lows=(0.1,))["guidance_grid"] == [1.0]
     # per request size: {2} alone wants 1-2, {2,3} alone 2-4 (both at 255-256 > 0.98 x best); {3} forgets at no weight
     assert got["guidance_by_size"] == {"1": [1.0, 2.0], "2": [2.0, 4.0]}
-    assert F.sweep_guidance(hn, splits, [[3]], weights=(1.0, 2.0))["guidance_by_size"] == {"1": [hn.default_guidance]}
+    assert F.sweep_guidance(hn, splits, [[3]], weights=(1.0, 2.0), lows=(0.1,))["guidance_by_size"] == {"1": [hn.default_guidance]}
+
+
+def test_sweep_guidance_chooses_low_levels_with_the_weights(setup, monkeypatch):
+    _, hns, splits = setup
+    hn = hns["dihyfo2"]
+    # made-up forget-and-keep shares per (set, weight) and low level 0.02 / 0.1 / 0.3; the keep prompt never counts
+    share = {("2", 1.0): (0.0, 0.5, 1.0), ("2", 2.0): (0.0, 0.6, 0.9),
+             ("2,3", 1.0): (0.2, 0.9, 0.9), ("2,3", 2.0): (0.1, 0.95, 0.95)}
+
+    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, **kw):
+        sh = dict(zip(low, share[(",".join(map(str, fs)), guidance)])) if prompt == "forget" else {}
+        return _SweptResult(sh, k, low, prompt)
+    monkeypatch.setattr(F, "forget", fake_forget)
+    # k = 300: 100 candidates per low level under both prompts, so the shares are exact
+    got = F.sweep_guidance(hn, splits, [[2], [2, 3]], weights=(1.0, 2.0), lows=(0.02, 0.1, 0.3), k=300)
+    # over both sets, the worst set's mean over the grid's cells: [1,2] x [0.3] gives min(0.95, 0.925) x K, the best
+    assert (got["guidance_grid"], got["low_levels"]) == ([1.0, 2.0], [0.3])
+    assert got["worst"]["1.0,2.0|0.3"] == pytest.approx(300 * 0.925)
+    assert got["worst"]["1.0,2.0|0.1,0.3"] == pytest.approx(300 * np.mean([0.5, 1.0, 0.6, 0.9]))
+    # {2} alone: weight 1 at 0.3 (1.0); {2,3} alone: 0.95 at weight 2 over 0.1 and 0.3 (the largest such grid)
+    assert (got["guidance_by_size"], got["low_levels_by_size"]) == ({"1": [1.0], "2": [2.0]}, {"1": [0.3], "2": [0.1, 0.3]})
+    assert got["counts"]["2"]["1.0"]["by_low"]["0.1"]["forget"] == [50, 100]
+    with pytest.raises(ValueError, match="low levels must be distinct quantiles"):
+        F.sweep_guidance(hn, splits, [[2]], lows=(0.1, 1.5))
 
 
 def test_forget_uses_the_cards_grid_for_the_requests_size(setup):
@@ -466,6 +509,16 @@ def test_forget_uses_the_cards_grid_for_the_requests_size(setup):
         assert two.settings["guidance_grid"] == [3.0] and set(two.candidates["guidance"].tolist()) == {3.0}
         assert keep.settings["guidance_grid"] == [3.0]                  # the control samples the request's grid
         assert F.forget(hn, [2, 3], splits, k=4, steps=2, warn=False, guidance=1.0).settings["guidance_grid"] == [1.0]
+        assert one.settings["low_levels"] == list(F.LOW_LEVELS)          # a card without levels: the defaults
+        hn.meta["sampling"]["low_levels_by_size"] = {"2": [0.1, 0.3]}
+        two = F.forget(hn, [2, 3], splits, k=4, steps=2, warn=False)
+        keep = F.forget(hn, [2, 3], splits, k=4, steps=2, warn=False, prompt="keep")
+        assert two.settings["low_levels"] == keep.settings["low_levels"] == [0.1, 0.3]   # the control: same levels
+        assert {c["low"] for c in two.prompt_levels["cells"]} == {0.1, 0.3}
+        assert F.forget(hn, [2], splits, k=4, steps=2, warn=False).settings["low_levels"] == list(F.LOW_LEVELS)
+        assert F.forget(hn, [2, 3], splits, k=4, steps=2, warn=False, low=(0.05,)).settings["low_levels"] == [0.05]
+        with pytest.raises(ValueError, match="low levels must be distinct"):
+            F.forget(hn, [2], splits, k=4, steps=2, low=(0.1, 0.1))
     finally:
         hn.meta["sampling"] = saved
 

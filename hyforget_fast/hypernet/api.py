@@ -181,6 +181,15 @@ class Hypernet:
         grid = ((self.meta.get("sampling") or {}).get("guidance_by_size") or {}).get(str(int(n_forget)))
         return [float(x) for x in grid] if grid else self.guidance_grid
 
+    def low_levels_for(self, n_forget: int) -> list[float] | None:
+        """The low prompt levels (quantiles of each retained class's training loss) of a request to
+        forget `n_forget` classes: the card's (meta["sampling"]["low_levels_by_size"], else its
+        "low_levels", chosen on validation at release), None when the card has none (`forget`
+        then uses its defaults)."""
+        s = self.meta.get("sampling") or {}
+        lows = (s.get("low_levels_by_size") or {}).get(str(int(n_forget))) or s.get("low_levels")
+        return [float(x) for x in lows] if lows else None
+
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, target_losses, k: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,

@@ -6,7 +6,10 @@
    over the K candidates, and so is a grid of classifier-free guidance weights (the model card's
    grid for the request's size, `sampling.guidance_by_size`, chosen on validation at release):
    guidance is a sampling setting chosen like the levels, not a fixed number (DiHyFo-1 follows its
-   prompt only at w of 4-24, the more classes the higher; DiHyFo-2 prefers w of 1-4). DiHyFo-1's
+   prompt only at w of 2-24, the more classes the higher; DiHyFo-2 prefers w of 1-4). The low
+   levels are chosen on validation the same way (`sampling.low_levels_by_size`): how low to ask
+   the retained classes to stay is a property of the model (MNIST-4's DiHyFo-1 forgets only when
+   they are asked very low, the ten-class one keeps D_r only when they are not). DiHyFo-1's
    candidates are nearly one network per (level, weight) cell: the grids are what vary them.
 2. Sample all K candidates in one batched call (DDIM by default).
 3. Score all K with the fused evaluator on the VALIDATION split.
@@ -41,7 +44,8 @@ from .selection import FORGET_MAX, RETAIN_MIN, class_indices, forget_keep_count,
 
 # Quantiles of the training data's per-class loss used as prompt levels (high for D_f, low for D_r).
 HIGH_LEVELS = (0.9, 0.97, 0.995)
-LOW_LEVELS = (0.02, 0.1)
+LOW_LEVELS = (0.02, 0.1)              # a model card without low_levels_by_size (released before the sweep chose them)
+SWEEP_LOW_LEVELS = (0.02, 0.1, 0.3)   # the low levels sweep_guidance chooses among
 PROMPTS = ("forget", "keep")   # "keep": the keep-every-class control prompt (every class low)
 STARTS = ("model", "best", "random")   # DiHyFo-1's starting classifier: the user's, best stored, random init
 
@@ -235,6 +239,18 @@ def spread(k: int, grid: Sequence[float], n_cells: int) -> tuple[torch.Tensor, t
     return w, cell
 
 
+def check_levels(levels, name: str) -> tuple[float, ...]:
+    """A grid of prompt levels (quantiles) -> tuple of floats; refuses an empty grid, repeats
+    and levels outside [0, 1]."""
+    try:
+        out = tuple(float(q) for q in levels)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} levels must be a sequence of quantiles, got {levels!r}") from None
+    if not out or len(set(out)) != len(out) or any(not 0.0 <= q <= 1.0 for q in out):
+        raise ValueError(f"{name} levels must be distinct quantiles in [0, 1], at least one; got {levels!r}")
+    return out
+
+
 def random_start(spec, seed: int = 0) -> torch.Tensor:
     """A freshly initialised classifier of `spec` (PyTorch's default nn.Linear init, as the
     collection's runs start), seeded -> (P,) float32. DiHyFo-1's random start."""
@@ -283,7 +299,7 @@ def _dihyfo1_start(hn, spec, model, start: str, seed: int) -> tuple[torch.Tensor
 
 
 def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", steps: int = 50,
-           model: nn.Module | torch.Tensor | None = None, seed: int = 0, high=HIGH_LEVELS, low=LOW_LEVELS,
+           model: nn.Module | torch.Tensor | None = None, seed: int = 0, high=HIGH_LEVELS, low=None,
            keep_candidates: bool = True, guidance=None, prompt: str = "forget",
            retain_min: float = RETAIN_MIN, start: str | None = None, progress: bool = False,
            warn: bool = True) -> ForgetResult:
@@ -301,8 +317,11 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     otherwise: `best_checkpoint` of the hypernetwork's dataset, named in `.start`) or "random"
     (`random_start(spec, seed)`, the dissertation's protocol). DiHyFo-1's retained-class targets
     never exceed the start's current validation loss: the prompt never asks it to get worse on D_r.
+    high / low: the prompt levels (quantiles of each class's training loss) for the forget and
+    the retained classes; low None = the model's levels for a request of this size (its card's,
+    chosen on validation: `Hypernet.low_levels_for`), else LOW_LEVELS.
     prompt: "forget" (the request) or "keep" (the keep-every-class control: same K, guidance
-    grid, sampler, seed and selection rule, every class prompted low). retain_min: the D_r
+    grid, levels, sampler, seed and selection rule, every class prompted low). retain_min: the D_r
     threshold of the forget-and-keep count (it does not change the choice).
     progress: a progress bar over the sampling steps (stderr). warn: a UserWarning when the
     chosen candidate does not meet the forget-and-keep criterion (`.forgot` False).
@@ -319,6 +338,9 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
         raise ValueError(f"k (number of candidates) must be a positive integer, got {k!r}")
     k = int(k)
     grid = guidance_grid(hn, guidance, len(fidx))     # the keep control too: the request's grid
+    if low is None:                                   # ... and the request's levels
+        low = hn.low_levels_for(len(fidx)) or LOW_LEVELS
+    high, low = check_levels(high, "high"), check_levels(low, "low")
     dev = next(hn.model.parameters()).device
     Xv, yv = data.X_val.to(dev), data.y_val.to(dev)
     t0 = time.perf_counter()
@@ -378,65 +400,101 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
 SWEEP_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 
 
-def _best_run(nets: list[dict], ws: list[str], tolerance: float) -> tuple[list[str] | None, dict]:
-    """The run of consecutive weights ws[i:j] maximising the worst set's mean net count over it
-    (nets: one {weight: net count} per set; sets no weight forgets are left out), the widest
-    within `tolerance` of the best -> (run or None when nothing forgets, {run: worst count})."""
-    nets = [n for n in nets if max(n.values()) > 0]   # a set no weight forgets says nothing about the weights
+def _best_grid(nets: list[dict], ws: list[str], ls: list[str], tolerance: float) -> tuple[tuple | None, dict]:
+    """The run of consecutive weights ws[i:j] and of consecutive low levels ls[a:b] maximising the
+    worst set's mean net count over the grid they span (nets: one {(weight, level): net count} per
+    set; sets that nothing forgets are left out), the largest grid within `tolerance` of the best
+    -> ((weights, levels) or None when nothing forgets, {"w,w|l,l": worst count})."""
+    nets = [n for n in nets if max(n.values()) > 0]   # a set nothing forgets says nothing about the grid
     worst = {}
     for i in range(len(ws)):
         for j in range(i + 1, len(ws) + 1):
-            g = ws[i:j]
-            worst[",".join(g)] = min(float(np.mean([n[w] for w in g])) for n in nets) if nets else 0.0
+            for a in range(len(ls)):
+                for b in range(a + 1, len(ls) + 1):
+                    cells = [(w, q) for w in ws[i:j] for q in ls[a:b]]
+                    worst[",".join(ws[i:j]) + "|" + ",".join(ls[a:b])] = (
+                        min(float(np.mean([n[c] for c in cells])) for n in nets) if nets else 0.0)
     best = max(worst.values())
     if best <= 0:
         return None, worst
     near = [g for g, v in worst.items() if v >= (1 - tolerance) * best]
-    return max(near, key=lambda g: (len(g.split(",")), worst[g])).split(","), worst
+    g = max(near, key=lambda g: (len(g.split("|")[0].split(",")) * len(g.split("|")[1].split(",")), worst[g]))
+    w_run, l_run = g.split("|")
+    return (w_run.split(","), l_run.split(",")), worst
 
 
-def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, k: int = 256, sampler: str = "ddim",
-                   steps: int = 50, seed: int = 100, tolerance: float = 0.02, **kw) -> dict:
-    """Choose a model's default guidance grids on the VALIDATION split (run at release; they go
-    into the model card's `sampling`).
+def _count_by_low(res, lows: Sequence[float]) -> dict:
+    """{low level: [forget-and-keep candidates, candidates]} of one forget call, by each
+    candidate's prompt cell."""
+    c = res.candidates
+    ok = (c["forget_acc"] <= FORGET_MAX) & (c["retain_acc"] >= res.settings["retain_min"])   # (K,)
+    low_of = torch.tensor([cell["low"] for cell in res.prompt_levels["cells"]], dtype=torch.float64)[c["cell"]]
+    return {str(float(q)): [int(ok[low_of == q].sum()), int((low_of == q).sum())] for q in lows}
+
+
+def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEEP_LOW_LEVELS, k: int = 256,
+                   sampler: str = "ddim", steps: int = 50, seed: int = 100, tolerance: float = 0.02, **kw) -> dict:
+    """Choose a model's default guidance grids and low prompt levels on the VALIDATION split (run at
+    release; they go into the model card's `sampling`).
 
     For each weight alone, K candidates for every forget set under the forget prompt and under the
     keep-every-class control (skipped where the forget prompt yields none: its net count cannot
-    be positive); a weight's net count for a set is its forget minus keep forget-and-keep
-    candidates. A grid (a run of consecutive weights) spreads K evenly, so its expected net count
-    for a set is the mean over its weights. The grid chosen maximises the worst set's expected
-    count (sets that no weight forgets are skipped); among grids within `tolerance` of that best,
-    the widest (robust to requests and starts the sweep did not see). When nothing forgets, the
-    model's single default weight. The same rule over the sets of each size gives
-    `guidance_by_size` (a request to forget n classes uses the grid of size n: a larger edit wants
-    a larger weight); `guidance_grid` (over every set) serves the sizes not swept. kw go to
-    `forget` (e.g. start=).
-    -> {"guidance_grid", "guidance_by_size": {n: grid}, "weights", "counts": {set: {w: {"forget",
-        "keep"}}}, "worst": {grid: count}, "k", "steps", "sampler", "seed", "rule", "split": "validation"}."""
+    be positive), spread over the prompt cells of every low level in `lows`. A (weight, low level)
+    cell's net count for a set is its forget minus keep share of forget-and-keep candidates, times
+    K. A grid (a run of consecutive weights and a run of consecutive low levels) spreads K evenly,
+    so its expected net count for a set is the mean over its cells. The grid chosen maximises the
+    worst set's expected count (sets that nothing forgets are skipped); among grids within
+    `tolerance` of that best, the largest (robust to requests and starts the sweep did not see).
+    When nothing forgets, the model's single default weight and LOW_LEVELS. The same rule over the
+    sets of each size gives `guidance_by_size` and `low_levels_by_size` (a request to forget n
+    classes uses those of size n: a larger edit wants a larger weight); `guidance_grid` and
+    `low_levels` (over every set) serve the sizes not swept. kw go to `forget` (e.g. start=).
+    -> {"guidance_grid", "guidance_by_size": {n: grid}, "low_levels", "low_levels_by_size",
+        "weights", "lows", "counts": {set: {w: {"forget", "keep", "by_low": {level: {"forget":
+        [ok, n], "keep": [ok, n]}}}}}, "worst": {"w,..|l,..": count}, "k", "steps", "sampler",
+        "seed", "rule", "split": "validation"}."""
+    lows = check_levels(lows, "low")
     counts: dict = {}
     for fs in forget_sets:
         key = ",".join(map(str, fs))
         counts[key] = {}
         for w in weights:
-            run = dict(k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w), keep_candidates=False,
+            run = dict(k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w), low=lows, keep_candidates=False,
                        warn=False, **kw)
-            n = {"forget": forget(hypernet, list(fs), data, prompt="forget", **run).forget_keep}
-            n["keep"] = forget(hypernet, list(fs), data, prompt="keep", **run).forget_keep if n["forget"] else 0
-            counts[key][str(float(w))] = n                       # {"forget": ..., "keep": ...}
-    ws = [str(float(w)) for w in weights]
+            f = forget(hypernet, list(fs), data, prompt="forget", **run)
+            kp = forget(hypernet, list(fs), data, prompt="keep", **run) if f.forget_keep else None
+            by_f = _count_by_low(f, lows)
+            by_k = _count_by_low(kp, lows) if kp is not None else {q: [0, 1] for q in by_f}
+            counts[key][str(float(w))] = {"forget": f.forget_keep, "keep": kp.forget_keep if kp is not None else 0,
+                                          "by_low": {q: {"forget": by_f[q], "keep": by_k[q]} for q in by_f}}
+    ws, ls = [str(float(w)) for w in weights], [str(float(q)) for q in lows]
 
-    def net(key):
-        return {w: counts[key][w]["forget"] - counts[key][w]["keep"] for w in ws}
+    def net(key):   # {(w, q): K x (forget share - keep share)} of one set
+        out = {}
+        for w in ws:
+            for q in ls:
+                (fo, fn), (ko, kn) = (counts[key][w]["by_low"][q][p] for p in ("forget", "keep"))
+                out[(w, q)] = k * (fo / max(fn, 1) - ko / max(kn, 1))
+        return out
 
-    run, worst = _best_run([net(key) for key in counts], ws, tolerance)
-    grid = [float(w) for w in run] if run else [float(hypernet.default_guidance)]
-    by_size = {}
+    def chosen(keys):
+        g, worst = _best_grid([net(key) for key in keys], ws, ls, tolerance)
+        if g is None:
+            return None, None, worst
+        return [float(w) for w in g[0]], [float(q) for q in g[1]], worst
+
+    grid, low, worst = chosen(list(counts))
+    grid = grid or [float(hypernet.default_guidance)]
+    low = low or [float(q) for q in LOW_LEVELS]
+    by_size, low_by_size = {}, {}
     for n in sorted({len(fs) for fs in forget_sets}):
-        r, _ = _best_run([net(",".join(map(str, fs))) for fs in forget_sets if len(fs) == n], ws, tolerance)
-        by_size[str(n)] = [float(w) for w in r] if r else grid
-    return {"guidance_grid": grid, "guidance_by_size": by_size, "weights": [float(w) for w in weights],
+        g, q, _ = chosen([",".join(map(str, fs)) for fs in forget_sets if len(fs) == n])
+        by_size[str(n)], low_by_size[str(n)] = g or grid, q or low
+    return {"guidance_grid": grid, "guidance_by_size": by_size, "low_levels": low, "low_levels_by_size": low_by_size,
+            "weights": [float(w) for w in weights], "lows": [float(q) for q in lows],
             "counts": counts, "worst": worst,
             "k": int(k), "steps": int(steps), "sampler": sampler, "seed": int(seed), "split": "validation",
-            "rule": "the run of consecutive weights maximising the worst forget set's expected (forget - keep-prompt) "
-                    f"forget-and-keep count (K spread evenly over the run); the widest within {tolerance:.0%} of it; "
-                    "the same rule over the sets of each size for guidance_by_size"}
+            "rule": "the run of consecutive weights and of consecutive low levels maximising the worst forget set's "
+                    "expected (forget - keep-prompt) forget-and-keep count (K spread evenly over the grid they span); "
+                    f"the largest within {tolerance:.0%} of it; the same rule over the sets of each size for "
+                    "guidance_by_size and low_levels_by_size"}
