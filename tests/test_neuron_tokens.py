@@ -2,6 +2,7 @@
 hyforget_fast/ops/spec.py): permuting the hidden units permutes the prediction, for DiHyFo-1 and
 DiHyFo-2, both conditioning designs, with and without the target (guidance's two branches); the
 config field, and a tiny training run + sampling end to end."""
+import copy
 import json
 import os
 
@@ -61,11 +62,19 @@ def test_permuting_hidden_units_permutes_the_prediction(spec, kind, cond, seed):
     assert torch.equal(hf.tokenize(hf.permute(params, spec, perms), m.layout),
                        _permute_units(hf.tokenize(params, m.layout), perms))
     px, pth = _permute_units(x, perms), (None if theta is None else _permute_units(theta, perms))
+    m64 = copy.deepcopy(m).double()
+    d = lambda v: None if v is None else v.double()  # noqa: E731
     with torch.no_grad():
         for drop in (None, torch.ones(b, dtype=torch.bool), torch.tensor([True, False, True, False])):
             out = m(x, t, tgt, theta, cur, drop_target=drop)                          # (b, T, C)
             got = m(px, t, tgt, pth, cur, drop_target=drop)
-            torch.testing.assert_close(got, _permute_units(out, perms), rtol=1e-4, atol=1e-5)
+            # exact in float64 (only the order of sums differs) ...
+            out64 = m64(d(x), t, d(tgt), d(theta), d(cur), drop_target=drop)
+            got64 = m64(d(px), t, d(tgt), d(pth), d(cur), drop_target=drop)
+            torch.testing.assert_close(got64, _permute_units(out64, perms), rtol=1e-9, atol=1e-10)
+            # ... and in float32 within a small multiple of float32's own error against float64
+            err32 = (out.double() - out64).abs().max().item()
+            assert (got.double() - _permute_units(out64, perms)).abs().max().item() <= 4 * err32 + 1e-6
             if spec.hidden_sizes[0] > 1:   # the units' predictions differ: the check is not vacuous
                 assert not torch.allclose(out[:, 0], out[:, 1], atol=1e-3)
         # classifier-free guidance (Hypernet's batched conditional + unconditional forward)
