@@ -523,6 +523,26 @@ def test_forget_uses_the_cards_grid_for_the_requests_size(setup):
         hn.meta["sampling"] = saved
 
 
+def test_report_controls_use_each_request_sizes_levels(setup):
+    """Two request sizes with the same guidance grid but different levels: the keep control is
+    sampled at each size's levels, not reused from the other size."""
+    from hyforget_fast.unlearn.report import evaluate_forgetting
+    data, hns, _ = setup
+    hn = hns["dihyfo2"]
+    saved = hn.meta.get("sampling")
+    try:
+        hn.meta["sampling"] = {"guidance_grid": [1.0], "guidance_by_size": {"1": [1.0], "2": [1.0]},
+                               "low_levels_by_size": {"1": [0.1], "2": [0.02]}}
+        rep = evaluate_forgetting(data, {"dihyfo2": hn}, [[2], [2, 3]], seeds=(0,), k=4, steps=2, retrain_seeds=2,
+                                  log=QUIET, tune=False, relearning=False, memorization=False)
+        got = {tuple(r["forget"]): r["extra"] for r in rep["runs"]}
+        for fs, lows in (((2,), [0.1]), ((2, 3), [0.02])):
+            assert got[fs]["dihyfo2"]["settings"]["low_levels"] == lows
+            assert got[fs]["dihyfo2:keep"]["low_levels"] == lows
+    finally:
+        hn.meta["sampling"] = saved
+
+
 def test_report_rows_per_start_with_controls_at_the_same_grid(setup, tmp_path):
     from hyforget_fast.unlearn.report import evaluate_forgetting, markdown_tables
     data, hns, splits = setup
@@ -536,6 +556,7 @@ def test_report_rows_per_start_with_controls_at_the_same_grid(setup, tmp_path):
         assert {name, f"{name}:keep", f"{name}:uncond"} <= set(rows)
         assert extra[name]["settings"]["guidance_grid"] == [1.0, 2.0]
         assert extra[f"{name}:keep"]["guidance_grid"] == [1.0, 2.0]            # the control at the same grid
+        assert extra[f"{name}:keep"]["low_levels"] == extra[name]["settings"]["low_levels"]   # ... and levels
         assert rows[name]["forget_keep@1"] + rows[name]["forget_keep@2"] == rows[name]["forget_keep"]
     assert extra["dihyfo1"]["start"]["kind"] == "model" and extra["dihyfo1@random"]["start"]["kind"] == "random"
     # edit locality against each row's own start; none for the random start

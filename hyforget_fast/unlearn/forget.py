@@ -239,6 +239,14 @@ def spread(k: int, grid: Sequence[float], n_cells: int) -> tuple[torch.Tensor, t
     return w, cell
 
 
+def low_levels(hypernet, low=None, n_forget: int | None = None) -> tuple[float, ...]:
+    """The low prompt levels a forget call uses: `low` when given, else the model card's for a
+    request of n_forget classes (`Hypernet.low_levels_for`), else LOW_LEVELS; checked."""
+    if low is None and n_forget is not None:
+        low = hypernet.low_levels_for(n_forget)
+    return check_levels(LOW_LEVELS if low is None else low, "low")
+
+
 def check_levels(levels, name: str) -> tuple[float, ...]:
     """A grid of prompt levels (quantiles) -> tuple of floats; refuses an empty grid, repeats
     and levels outside [0, 1]."""
@@ -338,9 +346,7 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
         raise ValueError(f"k (number of candidates) must be a positive integer, got {k!r}")
     k = int(k)
     grid = guidance_grid(hn, guidance, len(fidx))     # the keep control too: the request's grid
-    if low is None:                                   # ... and the request's levels
-        low = hn.low_levels_for(len(fidx)) or LOW_LEVELS
-    high, low = check_levels(high, "high"), check_levels(low, "low")
+    high, low = check_levels(high, "high"), low_levels(hn, low, len(fidx))   # ... and the request's levels
     dev = next(hn.model.parameters()).device
     Xv, yv = data.X_val.to(dev), data.y_val.to(dev)
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ import torch
 from ..collection.store import CheckpointStore, write_json_atomic
 from . import baselines as B
 from . import metrics as M
-from .forget import best_checkpoint, choose, forget, forget_prompts, guidance_grid, loss_quantile_table
+from .forget import best_checkpoint, choose, forget, forget_prompts, guidance_grid, loss_quantile_table, low_levels
 from .mlp import batched_logits, check_flat, flat_params, module_spec
 from .selection import FORGET_MAX, RETAIN_MIN, class_indices, forget_keep_count, group_accuracy, select
 
@@ -298,22 +298,24 @@ def _sample_rows(hypernets, rows, fs, fidx, splits, seed, original, orig_kind, o
         for ctl in CONTROLS:
             if ctl == "uncond" and hn.cfg.cond_dropout <= 0:
                 continue                                      # no unconditional branch was trained
-            # sampled once per grid (a model card's grid may depend on the request's size), rescored per set
-            key = (name, seed, ctl, () if ctl == "uncond" else tuple(guidance_grid(hn, guidance, len(fidx))))
+            # sampled once per grid and levels (a model card's depend on the request's size), rescored per set
+            key = (name, seed, ctl, () if ctl == "uncond" else (tuple(guidance_grid(hn, guidance, len(fidx))),
+                                                                 low_levels(hn, None, len(fidx))))
             t0 = time.perf_counter()
             if key not in control_cache:
                 c = forget(hn, list(fs), splits, k=k, sampler=sampler, steps=steps, seed=seed,
                            guidance=0.0 if ctl == "uncond" else guidance,
                            prompt="keep" if ctl == "keep" else "forget", warn=False, **kw)
                 control_cache[key] = (c.candidate_params, c.timing["total"], c.candidates["guidance"],
-                                      c.settings["guidance_grid"])
-            cand, t_sample, w, grid = control_cache[key]
+                                      c.settings["guidance_grid"], c.settings["low_levels"])
+            cand, t_sample, w, grid, lows = control_cache[key]
             i, cm = choose(cand, hn.spec, splits, fidx, retain_min)
             ok = (cm["forget_acc"] <= FORGET_MAX) & (cm["retain_acc"] >= retain_min)
             cname = f"{name}:{ctl}"
             params[cname], seconds[cname], counts[cname] = cand[i].clone(), t_sample + time.perf_counter() - t0, \
                 cm["forget_keep"]
-            extra[cname] = {"chosen": i, "prompt": ctl, "guidance_grid": grid, "chosen_guidance": float(w[i]),
+            extra[cname] = {"chosen": i, "prompt": ctl, "guidance_grid": grid, "low_levels": lows,
+                            "chosen_guidance": float(w[i]),
                             "per_guidance": [{"guidance": g, "k": int((w == g).sum()),
                                               "forget_keep": int(ok[w == g].sum())} for g in grid]}
 
