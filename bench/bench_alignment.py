@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     from hyforget_fast.demo import users_model
     from hyforget_fast.hypernet.api import load_hypernet
     from hyforget_fast.hypernet.evaluate import evaluate_hypernet
-    from hyforget_fast.unlearn.forget import LOW_LEVELS, sweep_guidance
+    from hyforget_fast.unlearn.forget import low_levels, sweep_guidance
     store = CheckpointStore(args.data, verify="size")
     splits = splits_from_manifest(store.manifest)
     forget_sets = [[int(c) for c in s.split(",")] for s in args.forget.split(";")]
@@ -192,7 +192,7 @@ def main(argv=None) -> None:
                "r2": {int(c): ev["r2"][c] for c in free}, "pearson": {int(c): ev["pearson"][c] for c in free},
                "r2_free_mean": ev["r2_free_mean"], "pearson_free_mean": ev["pearson_free_mean"],
                "controls": {",".join(map(str, k)): v for k, v in ctl.items()}, "guidance_grid": {",".join(map(str, k)): v for k, v in grids.items()},
-               "low_levels": {",".join(map(str, fs)): hn.low_levels_for(len(fs)) or list(LOW_LEVELS) for fs in forget_sets},
+               "low_levels": {",".join(map(str, fs)): list(low_levels(hn, None, len(fs))) for fs in forget_sets},
                "sweep": sweep, "eval_s": time.perf_counter() - t0,
                "pair_moved_share": args.pair_moved_share, "pair_moved_direction": args.pair_moved_direction,
                "k": args.k, "ddim": args.ddim, "seed": args.seed, "retain_min": args.retain_min, "start": args.start}
