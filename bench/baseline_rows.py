@@ -6,7 +6,7 @@ the MNIST-4 collection, from the demo's starting model, over 3 seeds, through th
         --holdout 3:acc_low:0.2,0:acc_high:0.8,1:acc_high:0.8,2:acc_high:0.8 --out DATA --threads 1 --quiet
     OMP_NUM_THREADS=1 python bench/baseline_rows.py --data DATA --out OUT
 
-The starting model is the demo's: the stored checkpoint with the lowest mean validation loss
+The starting model is the demo's: the most accurate stored checkpoint on validation (ties: lowest loss)
 outside the runs the shipped hypernetworks hold out (their model cards). Prints one markdown row
 per (forget set, method) with mean ± std over the seeds; writes OUT/report.json and report.md.
 """

@@ -146,6 +146,9 @@ def main(argv=None) -> None:
     ap.add_argument("--start", choices=["best", "user"], default="best",
                     help="DiHyFo-1's start for the sweep and the controls: the best stored checkpoint, or the "
                          "demo's user model (demo.users_model: trained on every class, outside the store)")
+    ap.add_argument("--sweep-release-starts", action="store_true",
+                    help="DiHyFo-1: the sweep counts both of a release's starts (demo.sweep_starts: best stored and "
+                         "a freshly trained classifier) instead of --start alone; the controls stay at --start")
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -155,7 +158,7 @@ def main(argv=None) -> None:
 
     from hyforget_fast.collection.data import splits_from_manifest
     from hyforget_fast.collection.store import CheckpointStore
-    from hyforget_fast.demo import users_model
+    from hyforget_fast.demo import sweep_starts, users_model
     from hyforget_fast.hypernet.api import load_hypernet
     from hyforget_fast.hypernet.evaluate import evaluate_hypernet
     from hyforget_fast.unlearn.forget import low_levels, sweep_guidance
@@ -170,6 +173,9 @@ def main(argv=None) -> None:
     if args.start == "user" and args.model != "dihyfo1":
         raise SystemExit("--start user: only DiHyFo-1 edits a given classifier")
     user = users_model(args.data)[0] if args.start == "user" else None
+    if args.sweep_release_starts and args.model != "dihyfo1":
+        raise SystemExit("--sweep-release-starts: only DiHyFo-1 has starts")
+    sweep_kw = {"starts": sweep_starts(args.data)} if args.sweep_release_starts else {"model": user}
 
     rows = []
     for name in names:
@@ -181,7 +187,7 @@ def main(argv=None) -> None:
         ev = evaluate_hypernet(hn, args.data, classes=free_cls, seed=args.seed, splits=(splits.X_val, splits.y_val))
         free = ev["free_classes"]
         sweep = sweep_guidance(hn, splits, forget_sets, k=args.k, steps=args.ddim, retain_min=args.retain_min,
-                               weights=[float(w) for w in args.sweep_weights.split(",")], model=user) if args.sweep else None
+                               weights=[float(w) for w in args.sweep_weights.split(",")], **sweep_kw) if args.sweep else None
         if sweep:
             hn.meta["sampling"] = sweep     # the controls sample at the levels chosen for each size, like a release
         grids = {tuple(fs): sweep["guidance_by_size"][str(len(fs))] if sweep else [1.0] for fs in forget_sets}
@@ -195,7 +201,8 @@ def main(argv=None) -> None:
                "low_levels": {",".join(map(str, fs)): list(low_levels(hn, None, len(fs))) for fs in forget_sets},
                "sweep": sweep, "eval_s": time.perf_counter() - t0,
                "pair_moved_share": args.pair_moved_share, "pair_moved_direction": args.pair_moved_direction,
-               "k": args.k, "ddim": args.ddim, "seed": args.seed, "retain_min": args.retain_min, "start": args.start}
+               "k": args.k, "ddim": args.ddim, "seed": args.seed, "retain_min": args.retain_min, "start": args.start,
+               "sweep_release_starts": bool(args.sweep_release_starts)}
         with open(os.path.join(out_dir, "bench.json"), "w") as f:
             json.dump(rec, f, indent=1)
         rows.append(rec)

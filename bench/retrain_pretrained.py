@@ -26,7 +26,7 @@ import time
 import torch
 
 from hyforget_fast.collection.store import CheckpointStore, write_json_atomic
-from hyforget_fast.demo import KINDS, SETTINGS, _cli, recipe
+from hyforget_fast.demo import KINDS, SETTINGS, _cli, recipe, sweep_starts
 from hyforget_fast.hypernet import pretrained as P
 from hyforget_fast.hypernet.api import load_hypernet
 from hyforget_fast.hypernet.checkpoint import manifest_sha256
@@ -60,10 +60,11 @@ def commands_for(name: str, use_recipe: bool = False) -> dict:
 
 def release_sweep(hn, setting: str, data: str, k: int = 256) -> dict:
     """The model's default guidance grid, chosen on VALIDATION over the setting's forget sets that
-    are not held out (`sweep_guidance`; DiHyFo-1 from the best stored checkpoint)."""
+    are not held out (`sweep_guidance`; DiHyFo-1 from both of `demo.sweep_starts`: the best stored
+    checkpoint and a freshly trained classifier)."""
     s = SETTINGS[setting]
     sets = [list(f) for f in s["forget_sets"] if tuple(f) != tuple(s["heldout"])]
-    kw = {"start": "best"} if hn.kind == "dihyfo1" else {}
+    kw = {"starts": sweep_starts(data)} if hn.kind == "dihyfo1" else {}
     t0 = time.perf_counter()
     out = sweep_guidance(hn, splits_of(CheckpointStore(data)), sets, k=k, retain_min=s["retain_min"], **kw)
     out["seconds"] = round(time.perf_counter() - t0, 1)

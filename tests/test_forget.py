@@ -397,6 +397,35 @@ def test_guidance_grid_rows_match_single_weight_calls(setup):
     assert F.forget(hn, [2], splits, k=4, steps=2, warn=False).settings["guidance_grid"] == [hn.default_guidance]
 
 
+def test_best_checkpoint_is_the_most_accurate_then_lowest_loss(setup, tmp_path):
+    """The best stored start is chosen by validation accuracy first, loss second, outside the
+    excluded runs: three checkpoints rigged so that the lowest loss, the highest accuracy and the
+    tie-break each pick a different one."""
+    import shutil
+    data = str(tmp_path / "data")
+    shutil.copytree(setup[0], data)
+    st_ = CheckpointStore(data, verify="size")
+    shard = os.path.join(data, "shards", st_.manifest["shards"][0]["name"])
+    acc, loss = np.load(os.path.join(shard, "class_acc.npy")), np.load(os.path.join(shard, "class_loss.npy"))
+    run = np.load(os.path.join(shard, "run.npy"))
+    acc[:], loss[:] = 0.5, 1.0
+    assert len(st_.manifest["shards"]) == 1
+    i, j = 0, int(np.flatnonzero(run != run[0])[0])
+    t = int(np.flatnonzero((run != run[0]) & (run != run[j]))[0])
+    loss[i] = 0.01                                    # lowest loss, not the most accurate
+    acc[j], loss[j] = 0.9, 0.5                        # most accurate, tied with t ...
+    acc[t], loss[t] = 0.9, 0.4                        # ... which has the lower loss
+    for name, a in (("class_acc", acc), ("class_loss", loss)):   # same shape and dtype: same size
+        with open(os.path.join(shard, name + ".npy"), "wb") as f:
+            np.save(f, a)
+    assert F.best_checkpoint(data)[1]["index"] == t
+    info = F.best_checkpoint(data, [int(run[t])])[1]
+    assert info["index"] == j and info["val_class_acc"] == pytest.approx([0.9] * acc.shape[1])
+    assert F.best_checkpoint(data, [int(run[t]), int(run[j])])[1]["index"] == i   # ties at 0.5: lowest loss
+    with pytest.raises(ValueError, match="no stored checkpoint"):
+        F.best_checkpoint(data, np.unique(st_.load("run")).tolist())
+
+
 def test_dihyfo1_starts(setup):
     data, hns, splits = setup
     hn = hns["dihyfo1"]
@@ -493,6 +522,37 @@ def test_sweep_guidance_chooses_low_levels_with_the_weights(setup, monkeypatch):
     assert got["counts"]["2"]["1.0"]["by_low"]["0.1"]["forget"] == [50, 100]
     with pytest.raises(ValueError, match="low levels must be distinct quantiles"):
         F.sweep_guidance(hn, splits, [[2]], lows=(0.1, 1.5))
+
+
+def test_sweep_guidance_serves_every_start(setup, monkeypatch):
+    _, hns, splits = setup
+    hn = hns["dihyfo1"]
+    # made-up forget-and-keep shares per (set, start, weight): the stored start forgets {2} at weight 2 alone,
+    # a fresh classifier at weight 3 alone; {2,3} from the fresh classifier forgets at no weight
+    share = {("2", "best", 2.0): 0.8, ("2", "fresh", 3.0): 0.5, ("2,3", "best", 3.0): 0.9}
+    seen = []
+
+    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, start=None, model=None, **kw):
+        label = "best" if start == "best" else "fresh"
+        assert (start == "best") != (model is not None)       # each start's own forget kwargs reach forget
+        seen.append(label)
+        sh = share.get((",".join(map(str, fs)), label, guidance), 0.0) if prompt == "forget" else 0.0
+        return _SweptResult({q: sh for q in low}, k, low, prompt)
+    monkeypatch.setattr(F, "forget", fake_forget)
+    one = dict(weights=(1.0, 2.0, 3.0), lows=(0.1,), k=300)
+    alone = F.sweep_guidance(hn, splits, [[2], [2, 3]], start="best", **one)
+    assert alone["guidance_by_size"]["1"] == [2.0] and alone["starts"] == [] and "2" in alone["counts"]
+    starts = {"best": {"start": "best"}, "fresh": {"model": F.random_start(hn.spec, 3)}}
+    both = F.sweep_guidance(hn, splits, [[2], [2, 3]], starts=starts, **one)
+    assert set(seen) == {"best", "fresh"} and both["starts"] == ["best", "fresh"]
+    assert sorted(both["counts"]) == ["2 from best", "2 from fresh", "2,3 from best", "2,3 from fresh"]
+    # size 1: over [2, 3] the worst of {2} from either start is 0.25 x K, above any single weight (0)
+    assert both["guidance_by_size"]["1"] == [2.0, 3.0]
+    assert both["worst"]["2.0,3.0|0.1"] == pytest.approx(300 * 0.25)
+    # size 2: {2,3} from the fresh classifier forgets at no weight and is left out; from best, weight 3
+    assert both["guidance_by_size"]["2"] == [3.0]
+    with pytest.raises(ValueError, match="starts must be a non-empty dict"):
+        F.sweep_guidance(hn, splits, [[2]], starts={}, **one)
 
 
 def test_forget_uses_the_cards_grid_for_the_requests_size(setup):

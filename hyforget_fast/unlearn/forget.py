@@ -149,18 +149,27 @@ def loss_quantile_table(loss_ranges: dict, classes: Sequence[int]) -> dict:
 
 
 def best_checkpoint(data_dir: str, exclude_runs: Sequence[int] = ()) -> tuple[torch.Tensor, dict]:
-    """The stored checkpoint with the lowest mean VALIDATION loss outside `exclude_runs` (a well
-    trained classifier: the usual thing one is asked to make forget). -> (P,) params, info."""
+    """The most accurate stored checkpoint on VALIDATION (mean per-class accuracy; ties, which
+    accuracy on a few hundred digits makes common, go to the lowest mean validation loss) outside
+    `exclude_runs`: a well trained classifier, the usual thing one is asked to make forget. Accuracy
+    first, as the dissertation selects and reports by accuracy (§3.5); the lowest loss alone can
+    pick a less accurate network. -> (P,) params, info."""
     from ..collection.store import CheckpointStore
     st = CheckpointStore(data_dir, verify="size")
     loss = torch.from_numpy(st.load("class_loss")).double()                 # (n, m) validation losses
+    acc = torch.from_numpy(st.load("class_acc")).double()                   # (n, m) validation accuracies
     run = st.load("run")
-    score = torch.nan_to_num(loss.mean(1), nan=float("inf"))
-    score[torch.from_numpy(np.isin(run, np.asarray(list(exclude_runs), dtype=run.dtype)))] = float("inf")
-    i = int(score.argmin())
+    excluded = torch.from_numpy(np.isin(run, np.asarray(list(exclude_runs), dtype=run.dtype)))
+    acc_score = torch.nan_to_num(acc.mean(1), nan=-1.0).masked_fill(excluded, -1.0)
+    loss_score = torch.nan_to_num(loss.mean(1), nan=float("inf")).masked_fill(excluded, float("inf"))
+    if bool((acc_score < 0).all()):
+        raise ValueError(f"no stored checkpoint outside the {len(set(exclude_runs))} excluded runs of {data_dir}")
+    top = torch.nonzero(acc_score == acc_score.max()).flatten()             # the most accurate, then
+    i = int(top[loss_score[top].argmin()])                                  # the lowest loss among them
     params = torch.from_numpy(st.take("params", np.array([i]))[0].copy())
-    return params, {"source": "stored checkpoint (lowest mean validation loss)", "index": i, "run": int(run[i]),
-                    "step": int(st.load("step")[i]), "val_class_loss": [float(x) for x in loss[i]]}
+    return params, {"source": "stored checkpoint (most accurate on validation, then lowest loss)", "index": i,
+                    "run": int(run[i]), "step": int(st.load("step")[i]),
+                    "val_class_acc": [float(x) for x in acc[i]], "val_class_loss": [float(x) for x in loss[i]]}
 
 
 def check_split(hypernet, data) -> None:
@@ -439,7 +448,8 @@ def _count_by_low(res, lows: Sequence[float]) -> dict:
 
 
 def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEEP_LOW_LEVELS, k: int = 256,
-                   sampler: str = "ddim", steps: int = 50, seed: int = 100, tolerance: float = 0.02, **kw) -> dict:
+                   sampler: str = "ddim", steps: int = 50, seed: int = 100, tolerance: float = 0.02,
+                   starts: dict | None = None, **kw) -> dict:
     """Choose a model's default guidance grids and low prompt levels on the VALIDATION split (run at
     release; they go into the model card's `sampling`).
 
@@ -455,18 +465,27 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEE
     sets of each size gives `guidance_by_size` and `low_levels_by_size` (a request to forget n
     classes uses those of size n: a larger edit wants a larger weight); `guidance_grid` and
     `low_levels` (over every set) serve the sizes not swept. kw go to `forget` (e.g. start=).
+
+    starts (DiHyFo-1): {label: forget kwargs} of several starting classifiers, e.g. {"best":
+    {"start": "best"}, "fresh": {"model": params}}. Every (set, start) then counts as a set of its
+    own in the rule, so the grid serves each kind of start, not only the one a release has at hand.
     -> {"guidance_grid", "guidance_by_size": {n: grid}, "low_levels", "low_levels_by_size",
-        "weights", "lows", "counts": {set: {w: {"forget", "keep", "by_low": {level: {"forget":
-        [ok, n], "keep": [ok, n]}}}}}, "worst": {"w,..|l,..": count}, "k", "steps", "sampler",
-        "seed", "rule", "split": "validation"}."""
+        "weights", "lows", "starts", "counts": {key: {w: {"forget", "keep", "by_low": {level:
+        {"forget": [ok, n], "keep": [ok, n]}}}}}, "worst": {"w,..|l,..": count}, "k", "steps",
+        "sampler", "seed", "rule", "split": "validation"}; a count's key is the set ("2,3"), or
+        with several starts the set and start ("2,3 from best")."""
     lows = check_levels(lows, "low")
+    if starts is not None and (not isinstance(starts, dict) or not starts):
+        raise ValueError(f"starts must be a non-empty dict {{label: forget kwargs}}, got {type(starts).__name__}")
+    starts = starts if starts is not None else {"": {}}
     counts: dict = {}
-    for fs in forget_sets:
-        key = ",".join(map(str, fs))
-        counts[key] = {}
+    size_of: dict = {}                                   # count key -> its forget set's size
+    for fs, (label, start_kw) in ((fs, st) for fs in forget_sets for st in starts.items()):
+        key = ",".join(map(str, fs)) + (f" from {label}" if len(starts) > 1 else "")
+        counts[key], size_of[key] = {}, len(fs)
         for w in weights:
             run = dict(k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w), low=lows, keep_candidates=False,
-                       warn=False, **kw)
+                       warn=False, **kw, **start_kw)
             f = forget(hypernet, list(fs), data, prompt="forget", **run)
             kp = forget(hypernet, list(fs), data, prompt="keep", **run) if f.forget_keep else None
             by_f = _count_by_low(f, lows)
@@ -494,13 +513,14 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEE
     low = low or [float(q) for q in LOW_LEVELS]
     by_size, low_by_size = {}, {}
     for n in sorted({len(fs) for fs in forget_sets}):
-        g, q, _ = chosen([",".join(map(str, fs)) for fs in forget_sets if len(fs) == n])
+        g, q, _ = chosen([key for key in counts if size_of[key] == n])
         by_size[str(n)], low_by_size[str(n)] = g or grid, q or low
     return {"guidance_grid": grid, "guidance_by_size": by_size, "low_levels": low, "low_levels_by_size": low_by_size,
             "weights": [float(w) for w in weights], "lows": [float(q) for q in lows],
-            "counts": counts, "worst": worst,
+            "starts": [label for label in starts if label], "counts": counts, "worst": worst,
             "k": int(k), "steps": int(steps), "sampler": sampler, "seed": int(seed), "split": "validation",
             "rule": "the run of consecutive weights and of consecutive low levels maximising the worst forget set's "
+                    + ("(each set from each start) " if len(starts) > 1 else "") +
                     "expected (forget - keep-prompt) forget-and-keep count (K spread evenly over the grid they span); "
                     f"the largest within {tolerance:.0%} of it; the same rule over the sets of each size for "
                     "guidance_by_size and low_levels_by_size"}

@@ -3,8 +3,8 @@ dissertation's Tables 3.1-3.4, with the controls and fair baselines that make th
 plus edit locality, memorization and relearning.
 
 For each forget set and seed, on one collection (its split, its store):
-  original     the starting classifier: the user's (`model=`) or the stored checkpoint with the
-               lowest mean validation loss
+  original     the starting classifier: the user's (`model=`) or the most accurate stored checkpoint
+               on validation (`forget.best_checkpoint`)
   DiHyFo-1/2   forget() with K candidates chosen on VALIDATION (DiHyFo-1 edits `original`)
   controls     the same model, K, sampler, seed and selection rule, NOT asked to forget: the
                keep-every-class prompt (`:keep`), and the unconditional branch (`:uncond`, guidance 0)
