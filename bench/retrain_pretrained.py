@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from hyforget_fast.collection.store import CheckpointStore, write_json_atomic
+from hyforget_fast.collection.store import CheckpointStore
 from hyforget_fast.demo import KINDS, SETTINGS, _cli, recipe, sweep_starts
 from hyforget_fast.hypernet import pretrained as P
 from hyforget_fast.hypernet.api import load_hypernet
@@ -146,12 +146,12 @@ def remeasure(name: str, reason: str, work: str) -> dict:
     if got != want and n != old["dataset"]["num_checkpoints"]:
         raise ValueError(f"{data} is not a rebuild of {name}'s collection: {n} checkpoints, the card's "
                          f"{old['dataset']['num_checkpoints']}")
-    new, _ = measure(hn, name, data, heldout_runs=hn.heldout_runs if got != want else None)
+    new, start = measure(hn, name, data, heldout_runs=hn.heldout_runs if got != want else None)
     card = {**old, **new, "remeasured": {"date": time.strftime("%Y-%m-%d"), "reason": reason, "machine": machine(),
                                          "collection_manifest_sha256": got,
                                          "collection": "the training collection" if got == want else
                                          "a rebuild by the card's collect command (same runs; floats differ by CPU)"}}
-    write_json_atomic(os.path.join(P.PRETRAINED_DIR, name, P.CARD), card)
+    card = P.write_card(os.path.join(P.PRETRAINED_DIR, name), card, start)   # the check's start with it
     print(json.dumps({"name": name, "sampling": {k_: new["sampling"][k_] for k_ in ("guidance_grid", "guidance_by_size", "low_levels_by_size")},
                       "check": new["check"]}, indent=1))
     return card

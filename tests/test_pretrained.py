@@ -130,3 +130,24 @@ def test_export_load_and_match_by_split(tiny_run, monkeypatch):
         P.load_pretrained("toy", device="cpu", data=other)
     with pytest.raises(ValueError, match="no pretrained hypernetwork named 'nope'; shipped: \\['toy', 'toy-bf16'\\]"):
         P.load_pretrained("nope")
+
+
+def test_write_card_ships_the_start_its_check_used(tiny_run, monkeypatch):
+    """A re-measured card and the start its check used are written together: the start loads back
+    exactly, and the card's hashes cover it (a stale start fails verification)."""
+    root, _, run = tiny_run
+    monkeypatch.setattr(P, "PRETRAINED_DIR", str(root / "shipped2"))
+    folder = str(root / "shipped2" / "toy1")
+    first, second = torch.randn(11), torch.randn(11)
+    P.export_pretrained(run, folder, {"name": "toy1", "kind": "dihyfo1"}, start=first)
+    assert torch.equal(P.load_start("toy1"), first)
+    card = P.write_card(folder, {**P.model_card("toy1"), "remeasured": {"reason": "test"}}, second)
+    assert P.model_card("toy1") == card and card["remeasured"] == {"reason": "test"}
+    assert torch.equal(P.load_start("toy1"), second)
+    assert set(card["storage"]["sha256"]) == {P.CKPT, P.START}
+    P.write_card(folder, card)                                     # no start given: the shipped one stays
+    assert torch.equal(P.load_start("toy1"), second)
+    from safetensors.torch import save_file
+    save_file({"params": first}, os.path.join(folder, P.START))  # a start the card does not record
+    with pytest.raises(ValueError, match="start.safetensors"):
+        P.load_start("toy1")

@@ -134,10 +134,17 @@ def export_pretrained(run_dir: str, out_dir: str, card: dict, dtype: torch.dtype
     os.makedirs(out_dir, exist_ok=True)
     cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     save_safetensors_atomic(os.path.join(out_dir, CKPT), cast, {"format": FORMAT, "config": json.dumps(conf, sort_keys=True)})
+    write_card(out_dir, card, start)
+    return out_dir
+
+
+def write_card(out_dir: str, card: dict, start: torch.Tensor | None = None) -> dict:
+    """Write a shipped model's card (and DiHyFo-1's start of its recorded request, when given) into
+    its folder, with the sha256 of the weights and start files it ships. -> the card written."""
     if start is not None:
         save_safetensors_atomic(os.path.join(out_dir, START), {"params": start.detach().float().cpu().contiguous()}, {})
-    files = [CKPT] + ([START] if start is not None else [])
+    files = [f for f in (CKPT, START) if os.path.exists(os.path.join(out_dir, f))]
     card = {**card, "storage": {**(card.get("storage") or {}),
                                 "sha256": {f: sha256_file(os.path.join(out_dir, f)) for f in files}}}
     write_json_atomic(os.path.join(out_dir, CARD), card)
-    return out_dir
+    return card
