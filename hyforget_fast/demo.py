@@ -57,7 +57,7 @@ TRAIN_EXTRA = {"dihyfo1": " --pair-moved-share 0.5", "dihyfo2": ""}
 STEPS = {"mnist4": {"dihyfo1": 20000, "dihyfo2": 20000}, "mnist10": {"dihyfo1": 6000, "dihyfo2": 24000}}
 DEFAULT_SETTINGS = ("mnist4",)   # `--settings mnist4 mnist10` adds the ten-class tables
 USER_SEED = 12345        # the user's classifier: trained outside the store (collections use seed 0)
-SWEEP_USER_SEED = 54321  # a classifier trained like the user's, for the release sweep: never the demo's own
+SWEEP_USER_SEEDS = (54321, 54322, 54323)   # classifiers trained like the user's, for the release sweep: never the demo's own
 DIHYFO1_STARTS = ("model", "best", "random")
 
 
@@ -181,10 +181,11 @@ def users_model(data: str, seed: int = USER_SEED, inits: int = 5):
 
 def sweep_starts(data: str) -> dict:
     """DiHyFo-1's starts for a release's guidance sweep (`sweep_guidance(starts=)`): the best stored
-    checkpoint, and a classifier trained like a user's outside the store (`users_model` at
-    SWEEP_USER_SEED, so the demo's own start is never tuned on). A grid chosen from stored starts
-    alone can miss the band of weights that edits a freshly trained network."""
-    return {"best": {"start": "best"}, "fresh": {"model": users_model(data, seed=SWEEP_USER_SEED)[0]}}
+    checkpoint, and classifiers trained like a user's outside the store (`users_model` at each of
+    SWEEP_USER_SEEDS, never the demo's own start). The band of weights that edits a network moves
+    from one start to the next; a grid chosen on one start (stored or fresh) can miss another's."""
+    return {"best": {"start": "best"},
+            **{f"fresh {seed}": {"model": users_model(data, seed=seed)[0]} for seed in SWEEP_USER_SEEDS}}
 
 
 def _trained(out, setting, cmds, data, stages, done, log, train_args, align_kw, load_hypernet, evaluate_hypernet,
