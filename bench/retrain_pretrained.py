@@ -31,7 +31,8 @@ from hyforget_fast.hypernet import pretrained as P
 from hyforget_fast.hypernet.api import load_hypernet
 from hyforget_fast.hypernet.checkpoint import manifest_sha256
 from hyforget_fast.hypernet.evaluate import evaluate_hypernet
-from hyforget_fast.unlearn.forget import best_checkpoint, forget, sweep_guidance
+from hyforget_fast.unlearn.forget import (SWEEP_LOW_LEVELS, SWEEP_WEIGHTS, best_checkpoint, choose_sampling, forget,
+                                         sweep_guidance)
 from hyforget_fast.unlearn.report import evaluate_forgetting, splits_of, verdicts
 
 RECIPES = {f"{s}-{k}": {"setting": s, "kind": k} for s in SETTINGS for k in KINDS}
@@ -58,15 +59,27 @@ def commands_for(name: str, use_recipe: bool = False) -> dict:
     return recipe(*name.split("-", 1))
 
 
-def release_sweep(hn, setting: str, data: str, k: int = 256) -> dict:
+def release_sweep(hn, setting: str, data: str, k: int = 256, reuse: dict | None = None) -> dict:
     """The model's default guidance grid, chosen on VALIDATION over the setting's forget sets that
-    are not held out (`sweep_guidance`; DiHyFo-1 from both of `demo.sweep_starts`: the best stored
-    checkpoint and a freshly trained classifier)."""
+    are not held out (`sweep_guidance`; DiHyFo-1 from each of `demo.sweep_starts`: the best stored
+    checkpoint and freshly trained classifiers)."""
     s = SETTINGS[setting]
     sets = [list(f) for f in s["forget_sets"] if tuple(f) != tuple(s["heldout"])]
-    kw = {"starts": sweep_starts(data)} if hn.kind == "dihyfo1" else {}
+    starts = sweep_starts(data) if hn.kind == "dihyfo1" else None
+    same = reuse and (reuse.get("k"), reuse.get("weights"), reuse.get("lows"), reuse.get("starts") or [],
+                      sorted(reuse.get("counts") or [])) == (
+        k, list(SWEEP_WEIGHTS), list(SWEEP_LOW_LEVELS), list(starts or []),
+        sorted(",".join(map(str, f)) + (f" from {label}" if starts else "") for f in sets for label in (starts or [""])))
+    if same:   # the stored counts of the same sweep: only the rule is applied again
+        out = choose_sampling({k_: reuse[k_] for k_ in ("weights", "lows", "starts", "counts", "k", "steps", "sampler",
+                                                      "seed", "split")}, hn.default_guidance)
+        return {**out, "seconds": reuse.get("seconds"), "counts_reused": True}
+    if reuse:
+        raise ValueError("the card's stored sweep is not the one this release runs (weights, levels, starts or sets "
+                         "differ): re-measure without --reuse-sweep")
     t0 = time.perf_counter()
-    out = sweep_guidance(hn, splits_of(CheckpointStore(data)), sets, k=k, retain_min=s["retain_min"], **kw)
+    out = sweep_guidance(hn, splits_of(CheckpointStore(data)), sets, k=k, retain_min=s["retain_min"],
+                         **({"starts": starts} if starts else {}))
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -88,14 +101,15 @@ def run(cmd: str, **where) -> None:
     subprocess.run(_cli(cmd, **where), check=True)
 
 
-def measure(hn, name: str, data: str, seeds=(0, 1, 2), k: int = 256, heldout_runs=None) -> dict:
+def measure(hn, name: str, data: str, seeds=(0, 1, 2), k: int = 256, heldout_runs=None,
+            reuse_sweep: dict | None = None) -> dict:
     """What a card records of a model's weights, on its collection `data`: the guidance grids
     chosen on validation (`sampling`), prompt alignment at them, the forgetting table over 3 seeds
     with its controls, and the small `check` request (with the start it used, for DiHyFo-1)."""
     setting, kind = name.split("-", 1)
     s = SETTINGS[setting]
     torch.set_num_threads(int(os.environ.get("HYFORGET_THREADS", max(1, os.cpu_count() or 1))))
-    sampling = release_sweep(hn, setting, data, k=k)
+    sampling = release_sweep(hn, setting, data, k=k, reuse=reuse_sweep)
     hn.meta["sampling"] = sampling                      # what forget() spreads its candidates over
     t0 = time.perf_counter()
     align = alignment(hn, data, sampling["guidance_grid"], heldout_runs)
@@ -132,7 +146,7 @@ def collection(name: str, work: str, use_recipe: bool = False) -> str:
     return data
 
 
-def remeasure(name: str, reason: str, work: str) -> dict:
+def remeasure(name: str, reason: str, work: str, reuse_sweep: bool = False) -> dict:
     """Keep a shipped model's weights; re-measure everything its card records of them (`measure`:
     a changed sampling rule changes the grid, the tables and the check together)."""
     data = collection(name, work)
@@ -146,7 +160,8 @@ def remeasure(name: str, reason: str, work: str) -> dict:
     if got != want and n != old["dataset"]["num_checkpoints"]:
         raise ValueError(f"{data} is not a rebuild of {name}'s collection: {n} checkpoints, the card's "
                          f"{old['dataset']['num_checkpoints']}")
-    new, start = measure(hn, name, data, heldout_runs=hn.heldout_runs if got != want else None)
+    new, start = measure(hn, name, data, heldout_runs=hn.heldout_runs if got != want else None,
+                         reuse_sweep=old.get("sampling") if reuse_sweep else None)
     card = {**old, **new, "remeasured": {"date": time.strftime("%Y-%m-%d"), "reason": reason, "machine": machine(),
                                          "collection_manifest_sha256": got,
                                          "collection": "the training collection" if got == want else
@@ -186,6 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--remeasure", action="store_true",
                     help="keep the weights; re-measure what the card records of them (guidance grids, alignment, "
                          "forgetting table, check)")
+    ap.add_argument("--reuse-sweep", action="store_true",
+                    help="with --remeasure: apply the sampling rule again to the counts the card's sweep stored (the "
+                         "same weights, levels, starts and sets) instead of sampling them again")
     ap.add_argument("--work", default="runs/pretrained", help="folder for the collections and training runs")
     ap.add_argument("--recipe", action="store_true",
                     help="train with the package's release recipe (hyforget_fast.demo.recipe), not the card's commands")
@@ -197,7 +215,7 @@ def main(argv=None) -> int:
         if n not in RECIPES:
             ap.error(f"unknown model {n!r}; known: {sorted(RECIPES)}")
         if a.remeasure:
-            remeasure(n, a.reason, a.work)
+            remeasure(n, a.reason, a.work, reuse_sweep=a.reuse_sweep)
         else:
             retrain(n, a.reason, a.work, use_recipe=a.recipe)
     return 0

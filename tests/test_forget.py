@@ -527,30 +527,37 @@ def test_sweep_guidance_chooses_low_levels_with_the_weights(setup, monkeypatch):
 def test_sweep_guidance_serves_every_start(setup, monkeypatch):
     _, hns, splits = setup
     hn = hns["dihyfo1"]
-    # made-up forget-and-keep shares per (set, start, weight): the stored start forgets {2} at weight 2 alone,
-    # a fresh classifier at weight 3 alone; {2,3} from the fresh classifier forgets at no weight
-    share = {("2", "best", 2.0): 0.8, ("2", "fresh", 3.0): 0.5, ("2,3", "best", 3.0): 0.9}
+    # made-up forget-and-keep shares per (set, start, weight) under the forget and the keep prompt: from the
+    # stored start {2} works best at weight 2, from a fresh classifier only at 3; from the fresh one {2,3}
+    # forgets nowhere and at weight 4 its keep prompt passes more often than its forget prompt
+    share = {("forget", "2", "best", 2.0): 0.8, ("forget", "2", "best", 3.0): 0.6, ("forget", "2", "fresh", 3.0): 0.5,
+             ("forget", "2,3", "best", 3.0): 0.9, ("forget", "2,3", "fresh", 4.0): 0.2, ("keep", "2,3", "fresh", 4.0): 0.6}
     seen = []
 
     def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, start=None, model=None, **kw):
         label = "best" if start == "best" else "fresh"
         assert (start == "best") != (model is not None)       # each start's own forget kwargs reach forget
         seen.append(label)
-        sh = share.get((",".join(map(str, fs)), label, guidance), 0.0) if prompt == "forget" else 0.0
+        sh = share.get((prompt, ",".join(map(str, fs)), label, guidance), 0.0)
         return _SweptResult({q: sh for q in low}, k, low, prompt)
     monkeypatch.setattr(F, "forget", fake_forget)
-    one = dict(weights=(1.0, 2.0, 3.0), lows=(0.1,), k=300)
+    one = dict(weights=(1.0, 2.0, 3.0, 4.0), lows=(0.1,), k=300)
     alone = F.sweep_guidance(hn, splits, [[2], [2, 3]], start="best", **one)
     assert alone["guidance_by_size"]["1"] == [2.0] and alone["starts"] == [] and "2" in alone["counts"]
     starts = {"best": {"start": "best"}, "fresh": {"model": F.random_start(hn.spec, 3)}}
     both = F.sweep_guidance(hn, splits, [[2], [2, 3]], starts=starts, **one)
     assert set(seen) == {"best", "fresh"} and both["starts"] == ["best", "fresh"]
     assert sorted(both["counts"]) == ["2 from best", "2 from fresh", "2,3 from best", "2,3 from fresh"]
-    # size 1: over [2, 3] the worst of {2} from either start is 0.25 x K, above any single weight (0)
-    assert both["guidance_by_size"]["1"] == [2.0, 3.0]
-    assert both["worst"]["2.0,3.0|0.1"] == pytest.approx(300 * 0.25)
-    # size 2: {2,3} from the fresh classifier forgets at no weight and is left out; from best, weight 3
+    assert both["counts"]["2,3 from fresh"]["4.0"]["keep"] == 180
+    # size 1, the mean over starts: weight 2 gives 0.4 K, weight 3 0.55 K, [2, 3] 0.475 K
+    assert both["guidance_by_size"]["1"] == [3.0]
+    # size 2: weight 3 (0.45 K); weight 4's net is negative (the fresh start's keep prompt beats its forget prompt)
     assert both["guidance_by_size"]["2"] == [3.0]
+    assert both["worst"]["3.0|0.1"] == pytest.approx(300 * min(0.55, 0.45))          # over both sets
+    assert both["worst"]["3.0,4.0|0.1"] == pytest.approx(300 * min(0.275, (0.45 + (0.2 - 0.6) / 2) / 2))
+    # the rule is a function of the stored counts alone: re-choosing the sweep returns it
+    assert F.choose_sampling({k_: v for k_, v in both.items() if k_ not in ("worst", "rule")},
+                             hn.default_guidance) == both
     with pytest.raises(ValueError, match="starts must be a non-empty dict"):
         F.sweep_guidance(hn, splits, [[2]], starts={}, **one)
 

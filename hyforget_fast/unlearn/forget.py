@@ -455,20 +455,12 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEE
 
     For each weight alone, K candidates for every forget set under the forget prompt and under the
     keep-every-class control (skipped where the forget prompt yields none: its net count cannot
-    be positive), spread over the prompt cells of every low level in `lows`. A (weight, low level)
-    cell's net count for a set is its forget minus keep share of forget-and-keep candidates, times
-    K. A grid (a run of consecutive weights and a run of consecutive low levels) spreads K evenly,
-    so its expected net count for a set is the mean over its cells. The grid chosen maximises the
-    worst set's expected count (sets that nothing forgets are skipped); among grids within
-    `tolerance` of that best, the largest (robust to requests and starts the sweep did not see).
-    When nothing forgets, the model's single default weight and LOW_LEVELS. The same rule over the
-    sets of each size gives `guidance_by_size` and `low_levels_by_size` (a request to forget n
-    classes uses those of size n: a larger edit wants a larger weight); `guidance_grid` and
-    `low_levels` (over every set) serve the sizes not swept. kw go to `forget` (e.g. start=).
+    be positive), spread over the prompt cells of every low level in `lows`; then `choose_sampling`
+    picks the grids from those counts. kw go to `forget` (e.g. start=).
 
     starts (DiHyFo-1): {label: forget kwargs} of several starting classifiers, e.g. {"best":
-    {"start": "best"}, "fresh": {"model": params}}. Every (set, start) then counts as a set of its
-    own in the rule, so the grid serves each kind of start, not only the one a release has at hand.
+    {"start": "best"}, "fresh": {"model": params}}: each set is counted from each start, and the
+    rule takes a set's count as its mean over the starts (what a start not seen here can expect).
     -> {"guidance_grid", "guidance_by_size": {n: grid}, "low_levels", "low_levels_by_size",
         "weights", "lows", "starts", "counts": {key: {w: {"forget", "keep", "by_low": {level:
         {"forget": [ok, n], "keep": [ok, n]}}}}}, "worst": {"w,..|l,..": count}, "k", "steps",
@@ -479,10 +471,9 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEE
         raise ValueError(f"starts must be a non-empty dict {{label: forget kwargs}}, got {type(starts).__name__}")
     starts = starts if starts is not None else {"": {}}
     counts: dict = {}
-    size_of: dict = {}                                   # count key -> its forget set's size
     for fs, (label, start_kw) in ((fs, st) for fs in forget_sets for st in starts.items()):
         key = ",".join(map(str, fs)) + (f" from {label}" if len(starts) > 1 else "")
-        counts[key], size_of[key] = {}, len(fs)
+        counts[key] = {}
         for w in weights:
             run = dict(k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w), low=lows, keep_candidates=False,
                        warn=False, **kw, **start_kw)
@@ -492,9 +483,32 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEE
             by_k = _count_by_low(kp, lows) if kp is not None else {q: [0, 1] for q in by_f}
             counts[key][str(float(w))] = {"forget": f.forget_keep, "keep": kp.forget_keep if kp is not None else 0,
                                           "by_low": {q: {"forget": by_f[q], "keep": by_k[q]} for q in by_f}}
-    ws, ls = [str(float(w)) for w in weights], [str(float(q)) for q in lows]
+    sweep = {"weights": [float(w) for w in weights], "lows": [float(q) for q in lows],
+             "starts": [label for label in starts if label], "counts": counts,
+             "k": int(k), "steps": int(steps), "sampler": sampler, "seed": int(seed), "split": "validation"}
+    return choose_sampling(sweep, hypernet.default_guidance, tolerance)
 
-    def net(key):   # {(w, q): K x (forget share - keep share)} of one set
+
+def choose_sampling(sweep: dict, default_guidance: float, tolerance: float = 0.02) -> dict:
+    """The grids a sweep's counts choose (pure: re-choosing a stored sweep needs no sampling).
+
+    A (weight, low level) cell's net count for a set is its forget minus keep share of
+    forget-and-keep candidates, times K; with several starts, its mean over them. A grid (a run of
+    consecutive weights and a run of consecutive low levels) spreads K evenly, so its expected net
+    count for a set is the mean over its cells. The grid chosen maximises the worst set's expected
+    count (sets that nothing forgets are skipped); among grids within `tolerance` of that best, the
+    largest (robust to requests and starts the sweep did not see). When nothing forgets, the
+    model's single default weight and LOW_LEVELS. The same rule over the sets of each size gives
+    `guidance_by_size` and `low_levels_by_size` (a request to forget n classes uses those of size
+    n: a larger edit wants a larger weight); `guidance_grid` and `low_levels` (over every set)
+    serve the sizes not swept. -> `sweep` with those keys, "worst" and "rule" added."""
+    counts, k = sweep["counts"], sweep["k"]
+    ws, ls = [str(float(w)) for w in sweep["weights"]], [str(float(q)) for q in sweep["lows"]]
+    by_set: dict = {}                                   # set "2,3" -> its count keys, one per start
+    for key in counts:
+        by_set.setdefault(key.split(" from ")[0], []).append(key)
+
+    def net(key):   # {(w, q): K x (forget share - keep share)} of one set from one start
         out = {}
         for w in ws:
             for q in ls:
@@ -502,25 +516,28 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEE
                 out[(w, q)] = k * (fo / max(fn, 1) - ko / max(kn, 1))
         return out
 
-    def chosen(keys):
-        g, worst = _best_grid([net(key) for key in keys], ws, ls, tolerance)
+    def over_starts(fs):   # a set's net count per cell, the mean over its starts
+        nets = [net(key) for key in by_set[fs]]
+        return {c: float(np.mean([n[c] for n in nets])) for c in nets[0]}
+
+    def chosen(sets):
+        g, worst = _best_grid([over_starts(fs) for fs in sets], ws, ls, tolerance)
         if g is None:
             return None, None, worst
         return [float(w) for w in g[0]], [float(q) for q in g[1]], worst
 
-    grid, low, worst = chosen(list(counts))
-    grid = grid or [float(hypernet.default_guidance)]
+    grid, low, worst = chosen(list(by_set))
+    grid = grid or [float(default_guidance)]
     low = low or [float(q) for q in LOW_LEVELS]
     by_size, low_by_size = {}, {}
-    for n in sorted({len(fs) for fs in forget_sets}):
-        g, q, _ = chosen([key for key in counts if size_of[key] == n])
+    for n in sorted({len(fs.split(",")) for fs in by_set}):
+        g, q, _ = chosen([fs for fs in by_set if len(fs.split(",")) == n])
         by_size[str(n)], low_by_size[str(n)] = g or grid, q or low
-    return {"guidance_grid": grid, "guidance_by_size": by_size, "low_levels": low, "low_levels_by_size": low_by_size,
-            "weights": [float(w) for w in weights], "lows": [float(q) for q in lows],
-            "starts": [label for label in starts if label], "counts": counts, "worst": worst,
-            "k": int(k), "steps": int(steps), "sampler": sampler, "seed": int(seed), "split": "validation",
+    several = len(sweep.get("starts") or []) > 1
+    return {**sweep, "guidance_grid": grid, "guidance_by_size": by_size, "low_levels": low,
+            "low_levels_by_size": low_by_size, "worst": worst,
             "rule": "the run of consecutive weights and of consecutive low levels maximising the worst forget set's "
-                    + ("(each set from each start) " if len(starts) > 1 else "") +
+                    + ("(its mean over the starts) " if several else "") +
                     "expected (forget - keep-prompt) forget-and-keep count (K spread evenly over the grid they span); "
                     f"the largest within {tolerance:.0%} of it; the same rule over the sets of each size for "
                     "guidance_by_size and low_levels_by_size"}
