@@ -147,8 +147,9 @@ def main(argv=None) -> None:
                     help="DiHyFo-1's start for the sweep and the controls: the best stored checkpoint, or the "
                          "demo's user model (demo.users_model: trained on every class, outside the store)")
     ap.add_argument("--sweep-release-starts", action="store_true",
-                    help="DiHyFo-1: the sweep counts both of a release's starts (demo.sweep_starts: best stored and "
-                         "a freshly trained classifier) instead of --start alone; the controls stay at --start")
+                    help="DiHyFo-1: the sweep counts each of a release's starts (demo.sweep_starts: the best stored "
+                         "checkpoint and three freshly trained classifiers) instead of --start alone; the controls "
+                         "stay at --start")
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
