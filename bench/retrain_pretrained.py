@@ -71,9 +71,7 @@ def release_sweep(hn, setting: str, data: str, k: int = 256, reuse: dict | None 
         k, list(SWEEP_WEIGHTS), list(SWEEP_LOW_LEVELS), list(starts or []),
         sorted(",".join(map(str, f)) + (f" from {label}" if starts else "") for f in sets for label in (starts or [""])))
     if same:   # the stored counts of the same sweep: only the rule is applied again
-        out = choose_sampling({k_: reuse[k_] for k_ in ("weights", "lows", "starts", "counts", "k", "steps", "sampler",
-                                                      "seed", "split")}, hn.default_guidance)
-        return {**out, "seconds": reuse.get("seconds"), "counts_reused": True}
+        return {**choose_sampling(reuse, hn.default_guidance), "counts_reused": True}
     if reuse:
         raise ValueError("the card's stored sweep is not the one this release runs (weights, levels, starts or sets "
                          "differ): re-measure without --reuse-sweep")
