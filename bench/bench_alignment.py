@@ -62,6 +62,8 @@ VARIANTS = {
     # neuron tokens (one per hidden unit, an equivariant DiT): unit order is moot, training skips it
     "neuron-adaln-log": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron"),
     "neuron-tokens-log": dict(cond="tokens", target_repr="log", unit_order="random", tokens="neuron"),
+    # DiHyFo-2: x0 = sqrt(ab) x_t + sqrt(1 - ab) decoder (the schedule's skip connection)
+    "neuron-adaln-log-skip": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron", skip="vp"),
 }
 OK_FORGET = 0.01
 
@@ -82,7 +84,7 @@ def train_variant(name: str, args, out_dir: str) -> dict:
                       loss_match=v.get("loss_match", 0.0), pair_moved_share=args.pair_moved_share,
                       pair_moved_direction=args.pair_moved_direction,
                       overrides={"cond": v["cond"], "target_repr": v["target_repr"],
-                                 "tokens": v.get("tokens", "layer")})
+                                 "tokens": v.get("tokens", "layer"), **({"skip": v["skip"]} if "skip" in v else {})})
     return train(cfg, args.data, out_dir, device="cpu")
 
 

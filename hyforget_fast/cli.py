@@ -163,6 +163,9 @@ def _add_train(sub):
                    help="target losses as given (raw) or standardised log(L*) at low frequencies (log; tiny preset)")
     p.add_argument("--target-max-freq-log2", type=float,
                    help="with --target-repr log: top encoding frequency 2^F of the losses (default 3)")
+    p.add_argument("--skip", choices=["none", "vp"],
+                   help="DiHyFo-2's output: x0 from the decoder (none, default) or sqrt(ab) x_t + sqrt(1 - ab) "
+                        "decoder (vp: the schedule's skip connection, full rank at low noise)")
     p.add_argument("--unit-order", choices=["random", "canonical"],
                    help="hidden units: random permutation per sample, or canonical (sorted by incoming-weight "
                         "norm; DiHyFo-1 pairs in θ's order)")
@@ -190,7 +193,7 @@ def cmd_train(a) -> int:
                               "tokens": a.tokens,
                               "cond_dropout": a.cond_dropout, "max_freq_log2": a.max_freq_log2,
                               "cond": a.cond, "target_repr": a.target_repr,
-                              "target_max_freq_log2": a.target_max_freq_log2}.items()
+                              "target_max_freq_log2": a.target_max_freq_log2, "skip": a.skip}.items()
             if v is not None}
     kw = {k: v for k, v in {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
                             "seed": a.seed, "ckpt_every": a.ckpt_every, "log_every": a.log_every,
@@ -243,7 +246,8 @@ def cmd_evaluate_hypernet(a) -> int:
                             steps=a.steps, seed=a.seed, start=a.start, guidance=a.guidance)
     paths = save_evaluation(res, a.dir)
     r2 = ", ".join(f"{c}: {v:.3f}" for c, v in res["r2"].items())
-    print(f"R² {{{r2}}}; free-class mean {res['r2_free_mean']:.3f}; non-finite {res['nonfinite_total']}; "
+    print(f"R² {{{r2}}}; free-class mean {res['r2_free_mean']:.3f} (retrieval from the store: "
+          f"{res['r2_retrieval_free_mean']:.3f}); non-finite {res['nonfinite_total']}; "
           f"{res['seconds']:.1f} s -> {paths['json']}")
     return 0
 

@@ -56,6 +56,10 @@ class FakeHN:
         self.calls.append(dict(target=tgt, k=k, sampler=sampler, steps=steps, seed=seed, theta=theta, losses=losses))
         if self.mode == "nearest":
             idx = ((self.loss[None] - tgt[:, None]) ** 2).sum(-1).argmin(1)
+        elif self.mode == "lookup":   # what the retrieval control does: training runs only, log space
+            train = np.flatnonzero(~np.isin(self.store.load("run"), HELDOUT))
+            d = ((np.log(self.loss[train][None] + 1e-3) - np.log(tgt[:, None] + 1e-3)) ** 2).sum(-1)
+            idx = train[d.argmin(1)]
         else:
             idx = np.random.default_rng(seed).integers(0, len(self.loss), k)
         return torch.from_numpy(self.params[idx].copy())
@@ -127,6 +131,21 @@ def test_nearest_beats_random_and_prompts_span_range(store):
     mm = ev.evaluate_hypernet(FakeHN(store, "nearest"), store.root, HELDOUT, classes=[2], per_prompt=1,
                               percentiles=(0, 100))
     assert mm["prompts"][2][0] == pytest.approx(held[:, 2].min()) and mm["prompts"][2][-1] == pytest.approx(held[:, 2].max())
+
+
+def test_retrieval_control_is_a_lookup_among_training_runs(store):
+    """A stand-in that returns the training-run checkpoint nearest each prompt in log-loss space
+    aligns exactly as the retrieval control says; better stand-ins can beat it, a random one cannot."""
+    kw = dict(num_prompts=20, per_prompt=3, seed=4)
+    look = ev.evaluate_hypernet(FakeHN(store, "lookup"), store.root, HELDOUT, **kw)
+    bad = ev.evaluate_hypernet(FakeHN(store, "random"), store.root, HELDOUT, **kw)
+    for c in store.classes:   # observed losses recomputed on validation == the stored ones
+        assert look["r2"][c] == pytest.approx(look["r2_retrieval"][c], abs=1e-4)
+        assert look["pearson"][c] == pytest.approx(look["pearson_retrieval"][c], abs=1e-4)
+        assert bad["r2_retrieval"][c] == look["r2_retrieval"][c]      # the control does not depend on the model
+        assert bad["r2"][c] < look["r2_retrieval"][c]
+    assert look["r2_retrieval_free_mean"] == pytest.approx(
+        np.mean([look["r2_retrieval"][c] for c in look["free_classes"]]))
 
 
 def test_other_classes_prompted_as_in_data_and_measured_on_validation(store, monkeypatch):
@@ -220,6 +239,7 @@ def test_save_evaluation_writes_strict_json_and_figures(store, tmp_path):
 
 def test_cli_evaluate_hypernet(store, tmp_path, monkeypatch):
     fake = FakeHN(store, "nearest")
+    import hyforget_fast.hypernet.pretrained  # noqa: F401  bound to the real api before it is stubbed
     api = types.ModuleType("hyforget_fast.hypernet.api")
     api.load_hypernet = lambda d, device=None, data=None: fake
     monkeypatch.setitem(sys.modules, "hyforget_fast.hypernet.api", api)

@@ -26,11 +26,12 @@ QUIET = lambda *_: None  # noqa: E731
 SMALL = dict(width=32, depth=2, heads=2)
 
 
-def _model(kind: str, spec: hf.MLPSpec, cond: str, seed: int) -> DiHyFo:
+def _model(kind: str, spec: hf.MLPSpec, cond: str, seed: int, skip: str = "none") -> DiHyFo:
     """A neuron-token model with EVERY parameter random: zero-initialised decoders and adaLN-Zero
     maps would make the prediction trivially equivariant (θ or 0)."""
     torch.manual_seed(seed)
-    m = DiHyFo(HypernetConfig.preset(kind, spec, "tiny", **SMALL, cond=cond, tokens="neuron", cond_dropout=0.1))
+    m = DiHyFo(HypernetConfig.preset(kind, spec, "tiny", **SMALL, cond=cond, tokens="neuron", cond_dropout=0.1,
+                                     skip=skip))
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed)
         for p in m.parameters():
@@ -46,9 +47,9 @@ def _permute_units(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 @settings(max_examples=8)
 @given(spec=mlp_specs(max_hidden_layers=1, max_in=13), kind=st.sampled_from(["dihyfo1", "dihyfo2"]),
-       cond=st.sampled_from(["adaln", "tokens"]), seed=st.integers(0, 2**16))
-def test_permuting_hidden_units_permutes_the_prediction(spec, kind, cond, seed):
-    m = _model(kind, spec, cond, seed)
+       cond=st.sampled_from(["adaln", "tokens"]), seed=st.integers(0, 2**16), skip=st.booleans())
+def test_permuting_hidden_units_permutes_the_prediction(spec, kind, cond, seed, skip):
+    m = _model(kind, spec, cond, seed, "vp" if skip and kind == "dihyfo2" else "none")
     b, g = 4, torch.Generator().manual_seed(seed)
     T, C, mcls = m.layout.num_tokens, m.layout.token_width, spec.num_classes
     x = torch.randn(b, T, C, generator=g) * m.token_mask
@@ -108,6 +109,29 @@ def test_unit_tokens_share_their_maps_and_embedding_and_start_at_theta_or_zero()
         # zero decoder: DiHyFo-1 predicts θ (the residual on θ), DiHyFo-2 the normalized mean 0
         torch.testing.assert_close(out, theta if kind == "dihyfo1" else torch.zeros_like(out), rtol=0, atol=0)
         assert not out[:, -1, 3:].any()                                    # the output-bias token's padding
+
+
+def test_skip_connection_starts_at_the_posterior_mean_scale_and_reads_old_configs():
+    spec = hf.MLPSpec([11, 5, 3])
+    torch.manual_seed(0)
+    cfg = HypernetConfig.preset("dihyfo2", spec, "tiny", **SMALL, skip="vp")
+    m = DiHyFo(cfg)
+    d = GaussianDiffusion()
+    x, t = torch.randn(3, 6, 15) * m.token_mask, torch.tensor([0, 400, 999])
+    # zero decoder: x0 = sqrt(ab_t) x_t, the linear denoiser of unit-variance data
+    torch.testing.assert_close(m(x, t, torch.rand(3, 3)), d.sqrt_ab[t].view(-1, 1, 1) * x, rtol=0, atol=0)
+    with torch.no_grad():
+        m.out.weight.normal_()
+    out = m(x, t, torch.rand(3, 3))
+    assert not out[:, -1, 3:].any()                                     # padding stays 0
+    assert not torch.allclose(out, d.sqrt_ab[t].view(-1, 1, 1) * x)     # the decoder now contributes
+    assert HypernetConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["skip"] == "vp"
+    plain = HypernetConfig.preset("dihyfo2", spec, "tiny", **SMALL)
+    assert "skip" not in plain.to_dict() and HypernetConfig.from_dict(plain.to_dict()).skip == "none"
+    with pytest.raises(ValueError, match="skip must be one of"):
+        HypernetConfig.preset("dihyfo2", spec, "tiny", skip="eps")
+    with pytest.raises(ValueError, match="DiHyFo-1 already predicts theta"):
+        HypernetConfig.preset("dihyfo1", spec, "tiny", skip="vp")
 
 
 def test_config_field_defaults_to_layer_and_refuses_what_it_cannot_build():

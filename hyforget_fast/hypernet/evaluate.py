@@ -23,6 +23,13 @@ For each evaluated class c:
             (up to ε, when no loss is non-finite). Pearson r of observed vs target, pooled. Non-finite observed losses (NaN parameters) are left
             out of both and counted in `nonfinite`; dead networks have finite losses and count.
 
+  retrieval the control: for each (prompt, item) target vector, the stored checkpoint of a
+            TRAINING run (never a held-out one) nearest to it in log-loss space (Euclidean over
+            every class of log(L + 1e-3), the hypernetworks' own loss representation up to scale),
+            scored by its stored validation losses: `r2_retrieval` / `pearson_retrieval`. It is
+            what a lookup in the store achieves on the same prompts; a hypernetwork that does not
+            beat it has not learned more than its training data holds. It ignores DiHyFo-1's start.
+
 Nothing here reads the test split.
 """
 from __future__ import annotations
@@ -110,6 +117,27 @@ def _heldout_rows(store: CheckpointStore, heldout_runs) -> tuple[dict, np.ndarra
     return per_run, rows
 
 
+def _training_lookup(store: CheckpointStore, per_run: dict):
+    """The retrieval control's index: (log(L + LOG_EPS) of every stored checkpoint of a training run
+    with finite losses (n, m) float64 tensor, their stored validation losses (n, m) float64)."""
+    from .models import LOG_EPS   # here, not at import: the package's __init__ imports this module first
+    loss = store.load("class_loss").astype(np.float64)                          # (N, m)
+    train = ~np.isin(store.load("run"), np.fromiter(per_run, np.int64)) & np.isfinite(loss).all(1)
+    if not train.any():
+        raise ValueError("the store has no checkpoint of a training run with finite losses to retrieve from")
+    loss = loss[train]                                                          # (n, m)
+    return torch.from_numpy(np.log(loss + LOG_EPS)), loss
+
+
+def _retrieve(lookup, target: np.ndarray, ci: int) -> np.ndarray:
+    """Class ci's stored validation loss (k,) of the training checkpoint nearest each target row."""
+    from .models import LOG_EPS
+    log_loss, loss = lookup
+    q = torch.from_numpy(np.log(np.maximum(target.astype(np.float64), 0) + LOG_EPS))   # (k, m)
+    nearest = torch.cdist(q, log_loss).argmin(1).numpy()                                # (k,)
+    return loss[nearest, ci]
+
+
 def _draw_items(rng, n: int, kind: str, start: str, per_run: dict, rows: np.ndarray, phase: np.ndarray):
     """n items -> (star rows (n,), start rows (n,) or None). DiHyFo-2: checkpoints uniformly
     among held-out rows. DiHyFo-1: a run uniformly, then (θ, θ*) with θ earlier in that run."""
@@ -193,12 +221,12 @@ def _sample_items(hn, tgt: torch.Tensor, kw: dict, sampler: str, steps: int, see
 
 
 def _evaluate_class(hn, store: CheckpointStore, c: int, ci: int, held_loss: np.ndarray, per_run: dict,
-                    rows: np.ndarray, phase: np.ndarray, X_val, y_val, *, num_prompts: int, per_prompt: int,
-                    percentiles, start: str, sampler: str, steps: int, seed: int, bs: int, guidance,
-                    eps: float) -> dict:
+                    rows: np.ndarray, phase: np.ndarray, X_val, y_val, lookup, *, num_prompts: int,
+                    per_prompt: int, percentiles, start: str, sampler: str, steps: int, seed: int, bs: int,
+                    guidance, eps: float) -> dict:
     """Class c (column ci): its prompt grid, the items (others prompted as in the data), one sampled
     network per item, its validation loss -> {r2, pearson, nonfinite, prompts, target, observed,
-    range, reference}."""
+    range, reference, r2_retrieval, pearson_retrieval}."""
     kind = hn.cfg.kind
     k = num_prompts * per_prompt
     grid = prompt_grid(held_loss[:, ci], num_prompts, percentiles)       # (num_prompts,)
@@ -215,7 +243,9 @@ def _evaluate_class(hn, store: CheckpointStore, c: int, ci: int, held_loss: np.n
     tc = target[:, ci].astype(np.float64)
     ok = np.isfinite(obs)
     fin = held_loss[:, ci][np.isfinite(held_loss[:, ci])]
+    looked_up = _retrieve(lookup, target, ci)                              # (k,) the retrieval control
     return {"r2": prompt_alignment_r2(obs[ok], tc[ok], eps), "pearson": pearson(obs[ok], tc[ok]),
+            "r2_retrieval": prompt_alignment_r2(looked_up, tc, eps), "pearson_retrieval": pearson(looked_up, tc),
             "nonfinite": int((~ok).sum()), "prompts": grid.tolist(), "target": tc.tolist(),
             "observed": [float(v) if math.isfinite(v) else float("nan") for v in obs.tolist()],
             "range": [float(fin.min()), float(fin.max())], "reference": float(np.median(fin))}
@@ -243,7 +273,8 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
     rebuilding the validation split (e.g. every evaluation of a training run).
     Returns a JSON-able dict (int class keys): r2, pearson, nonfinite,
     r2_mean, r2_free_mean, pearson_mean, pearson_free_mean, prompts / target / observed / range /
-    reference (median held-out loss) per class, and `settings`.
+    reference (median held-out loss) per class, r2_retrieval / pearson_retrieval per class and
+    r2_retrieval_free_mean (the retrieval control, module docstring), and `settings`.
     """
     t0 = time.perf_counter()
     meta = getattr(hn, "meta", None) or {}
@@ -279,11 +310,13 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
     if bs < 1:
         raise ValueError(f"sample_batch must be positive, got {sample_batch}")
 
-    keys = ("r2", "pearson", "nonfinite", "prompts", "target", "observed", "range", "reference")
+    lookup = _training_lookup(store, per_run)
+    keys = ("r2", "pearson", "nonfinite", "prompts", "target", "observed", "range", "reference",
+            "r2_retrieval", "pearson_retrieval")
     res = {k_: {} for k_ in keys}
     for c in classes:
         one = _evaluate_class(hn, store, c, all_classes.index(c), held_loss, per_run, rows, phase, X_val, y_val,
-                              num_prompts=num_prompts, per_prompt=per_prompt, percentiles=percentiles, start=start,
+                              lookup, num_prompts=num_prompts, per_prompt=per_prompt, percentiles=percentiles, start=start,
                               sampler=sampler, steps=steps, seed=seed, bs=bs, guidance=guidance, eps=eps)
         for k_ in keys:
             res[k_][c] = one[k_]
@@ -294,12 +327,15 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
         "kind": kind, "classes": all_classes, "pivots": pivots, "evaluated_classes": classes, "free_classes": free,
         "r2_mean": _mean(res["r2"], classes), "r2_free_mean": _mean(res["r2"], free),
         "pearson_mean": _mean(res["pearson"], classes), "pearson_free_mean": _mean(res["pearson"], free),
+        "r2_retrieval_free_mean": _mean(res["r2_retrieval"], free),
         "nonfinite_total": int(sum(res["nonfinite"].values())),
         "settings": {"sampler": sampler, "steps": int(steps), "num_prompts": num_prompts, "per_prompt": per_prompt,
                      "seed": int(seed), "start": start if kind == "dihyfo1" else None,
                      "guidance": guidance if guidance is not None else getattr(hn, "default_guidance", None),
                      "percentiles": [float(lo_q), float(hi_q)], "eps": float(eps),
                      "r2": "pooled over all (prompt, item) pairs of the class (= mean per-set R²)",
+                     "retrieval": "the training-run checkpoint nearest each target in log(L + 1e-3), its stored "
+                                  "validation losses",
                      "measured_on": "validation split", "heldout_runs": sorted(int(r) for r in per_run),
                      "heldout_checkpoints": int(len(rows)), "data_dir": str(store.root)},
         "seconds": time.perf_counter() - t0,

@@ -48,6 +48,13 @@ Target representation (`target_repr`): "raw" feeds L* as is (frequencies up to 2
 the training checkpoints' class losses (pooled over classes) and stored in the config, at low
 frequencies up to 2^target_max_freq_log2. DiHyFo-1's current losses L get the same transform and
 its difference input becomes z* - z. The transform lives in the model: callers always pass raw losses.
+Output parametrisation (`skip`): "none" returns the decoder's output as x0 (G.pt). "vp" (DiHyFo-2)
+returns x0 = sqrt(ab_t) x_t + sqrt(1 - ab_t) F, the diffusion schedule's own skip connection
+(EDM's c_skip / c_out for unit-variance data, Karras et al. 2022; equivalently v-prediction, Salimans
+& Ho 2022). A linear decoder maps the width W to a token of C values, so without the skip every
+predicted token lies in a W-dimensional affine subspace: a neuron token of MNIST's 784-7-10 has
+C = 795 values against W = 128. The skip passes x_t through at full rank, which is what the
+prediction needs at low noise; the decoder supplies the rest.
 """
 from __future__ import annotations
 
@@ -66,6 +73,7 @@ KINDS = ("dihyfo1", "dihyfo2")
 TOKENS = TOKEN_KINDS    # "layer" (G.pt chunks) or "neuron" (one token per hidden unit)
 CONDS = ("tokens", "adaln")
 TARGET_REPRS = ("raw", "log")
+SKIPS = ("none", "vp")
 LOG_EPS = 1e-3      # log(L + LOG_EPS): losses of well-trained classes go down to ~1e-4
 
 # Presets: width, depth, heads, chunk. `tiny` trains on a 2-core CPU in minutes; `paper` is the
@@ -102,6 +110,8 @@ class HypernetConfig:
     target_max_freq_log2: float = 3.0  # "log": encoding frequencies 2**linspace(0, this)
     tokens: str = "layer"              # "layer" (chunks of `chunk` values) or "neuron" (one token per hidden
                                        # unit; `chunk` unused); configs saved before the field: "layer"
+    skip: str = "none"                 # x0 = decoder output ("none") or sqrt(ab) x_t + sqrt(1 - ab) output
+                                       # ("vp", DiHyFo-2 only); configs saved before the field: "none"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -110,6 +120,10 @@ class HypernetConfig:
             raise ValueError(f"cond must be one of {CONDS}, got {self.cond!r}")
         if self.tokens not in TOKENS:
             raise ValueError(f"tokens must be one of {TOKENS}, got {self.tokens!r}")
+        if self.skip not in SKIPS:
+            raise ValueError(f"skip must be one of {SKIPS}, got {self.skip!r}")
+        if self.skip != "none" and self.kind == "dihyfo1":
+            raise ValueError("skip 'vp' is for DiHyFo-2: DiHyFo-1 already predicts theta + delta")
         if self.target_repr not in TARGET_REPRS:
             raise ValueError(f"target_repr must be one of {TARGET_REPRS}, got {self.target_repr!r}")
         if not (math.isfinite(self.target_log_mean) and math.isfinite(self.target_log_std) and self.target_log_std > 0):
@@ -140,13 +154,15 @@ class HypernetConfig:
         return TokenLayout(self.spec, self.chunk)
 
     def to_dict(self) -> dict:
-        """JSON-able fields. `tokens` is written only when not "layer": a layer-wise config reads
-        exactly as before the field existed (shipped model cards, saved runs), and from_dict
-        reads a config without it as layer-wise."""
+        """JSON-able fields. `tokens` is written only when not "layer" and `skip` only when not
+        "none": a config without them reads exactly as before the fields existed (shipped model
+        cards, saved runs), and from_dict reads their absence as those defaults."""
         d = dataclasses.asdict(self)
         d["layer_sizes"] = list(self.layer_sizes)
         if d["tokens"] == "layer":
             del d["tokens"]
+        if d["skip"] == "none":
+            del d["skip"]
         return d
 
     @classmethod
@@ -328,6 +344,11 @@ class DiHyFo(nn.Module):
             self.ln_f = nn.LayerNorm(W)
         self.out = per_token(W, C, zero=True)                               # zero-initialised decoder
         self.register_buffer("token_mask", self.layout.token_mask(), persistent=False)  # (T, C) 1 = real value
+        if cfg.skip == "vp":   # the schedule's signal / noise scales, from the one definition of it
+            from .diffusion import GaussianDiffusion
+            sched = GaussianDiffusion(self.num_steps)
+            self.register_buffer("skip_x", sched.sqrt_ab.clone(), persistent=False)     # (num_steps,)
+            self.register_buffer("skip_out", sched.sqrt_1mab.clone(), persistent=False)  # (num_steps,)
 
     def _pos(self) -> torch.Tensor:
         """(1, N, W) embedding of every sequence position (neuron tokens: the unit type repeated)."""
@@ -383,8 +404,18 @@ class DiHyFo(nn.Module):
                 h = blk(h)
             T = self.layout.num_tokens
             delta = self.out(self.ln_f(h[:, -T:])).float()                  # (B, T, C) param positions
+        return self._x0(x_t, t, delta, theta)
+
+    def _x0(self, x_t, t, delta, theta) -> torch.Tensor:
+        """The decoder's output (B, T, C) -> the x0 prediction: theta + delta (DiHyFo-1), delta
+        (DiHyFo-2) or, with skip "vp", sqrt(ab_t) x_t + sqrt(1 - ab_t) delta; padding is 0."""
         delta = delta * self.token_mask
-        return theta.float() * self.token_mask + delta if self.conditional_on_theta else delta
+        if self.conditional_on_theta:
+            return theta.float() * self.token_mask + delta
+        if self.cfg.skip == "vp":
+            a, b = self.skip_x[t].view(-1, 1, 1), self.skip_out[t].view(-1, 1, 1)     # (B, 1, 1)
+            return a * x_t.float() * self.token_mask + b * delta
+        return delta
 
     def loss_repr(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """Raw per-class losses -> the model's representation of them (cfg.target_repr)."""
@@ -418,8 +449,7 @@ class DiHyFo(nn.Module):
                 h = blk(h, c)
             shift, scale = self.ada_f(F.silu(c)).chunk(2, dim=1)
             delta = self.out(_modulate(self.ln_f(h), shift, scale)).float()  # (B, T, C)
-        delta = delta * self.token_mask
-        return theta.float() * self.token_mask + delta if self.conditional_on_theta else delta
+        return self._x0(x_t, t, delta, theta)
 
     def num_flops_per_sample(self) -> int:
         """Model FLOPs of one forward (matmuls only, 2 per multiply-add), for MFU reporting."""
