@@ -89,8 +89,8 @@ def alignment(hn, data: str, grid, heldout_runs=None) -> dict:
     per = {}
     for w in sorted({1.0, *map(float, grid)}):
         a = evaluate_hypernet(hn, data, heldout_runs, guidance=w)
-        per[str(w)] = {"r2": a["r2"], "pearson": a["pearson"], "r2_free_mean": a["r2_free_mean"],
-                       "pearson_free_mean": a["pearson_free_mean"], "settings": a["settings"]}
+        per[str(w)] = {k: a[k] for k in ("r2", "pearson", "r2_free_mean", "pearson_free_mean", "r2_retrieval",
+                                         "pearson_retrieval", "r2_retrieval_free_mean", "settings")}
     first = per[str(float(grid[0]))]
     return {**{k: v for k, v in first.items() if k != "settings"}, "guidance": float(grid[0]), "per_guidance": per}
 

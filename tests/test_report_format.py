@@ -54,3 +54,5 @@ def test_prompt_alignment_is_a_table_with_three_decimals():
     assert "| model | R² class 0 | R² class 2 | R² free-class mean | Pearson class 0 | Pearson class 2 |" in lines
     assert "| dihyfo2 | -0.174 | 0.727 | 0.566 | 0.613 | 0.862 |" in lines
     assert alignment_table({"dihyfo1": None}) == []
+    a["dihyfo2"].update(r2_retrieval={"0": 0.5, "2": 0.9}, r2_retrieval_free_mean=0.7, pearson_retrieval={"0": 0.8})
+    assert alignment_table(a)[-2] == "| retrieval from the store (dihyfo2's prompts) | 0.500 | 0.900 | 0.700 | 0.800 | n/a |"
