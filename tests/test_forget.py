@@ -239,6 +239,9 @@ def test_report_wiring_against_independent_computation(setup):
     run = rep["runs"][0]
     rows = run["methods"]
     assert got["seen_forget"] == [2]
+    from hyforget_fast.unlearn.report import markdown_tables
+    md = markdown_tables(rep)   # untuned baselines are not labelled tuned
+    assert "NegGrad+ (defaults)" in md and "(tuned)" not in md
     # a method equal to the retrained model scores phi = 1 and overlap 1 in both conventions
     c = rows["copy_of_retrain"]
     assert c["phi"] == 1.0 and c["phi_bt"] == 1.0 and c["overlap_all"] == 1.0 and c["activation_distance"] == 0.0

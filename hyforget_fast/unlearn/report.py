@@ -257,8 +257,11 @@ def generated_rows(hypernets: dict, starts: Sequence[str], model_given: bool) ->
     return rows
 
 
-def row_label(name: str) -> str:
-    """Readable label of a report row, with DiHyFo-1's start and the controls spelled out."""
+def row_label(name: str, report: dict | None = None) -> str:
+    """Readable label of a report row, with DiHyFo-1's start and the controls spelled out. A
+    report made without tuning (its tuning_grids None) labels the post-hoc baselines "(defaults)"."""
+    if name in POST_HOC and report is not None and "tuning_grids" in report and report["tuning_grids"] is None:
+        return LABELS[name].replace("(tuned)", "(defaults)")
     if name in LABELS:
         return LABELS[name]
     meth, _, ctl = name.partition(":")
@@ -544,7 +547,7 @@ def _count_table(report: dict, key: str, meths: dict) -> list[str]:
     for g in gens:
         cells = [_fmt(meths[m]["forget_keep"], True) + f" / {k}" if m in meths else "not trained"
                  for m in (g, f"{g}:keep", f"{g}:uncond")]
-        lines.append(f"| {row_label(g)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_label(g, report)} | " + " | ".join(cells) + " |")
     if "retrieval" in meths:
         lines.append(f"| Retrieval: K nearest stored checkpoints | {_fmt(meths['retrieval']['forget_keep'], True)} / {k} | | |")
     if "store" in meths:
@@ -568,7 +571,7 @@ def _guidance_table(report: dict, key: str, meths: dict) -> list[str]:
                  f"{_fmt(keep[f'forget_keep@{w:g}'], True) if f'forget_keep@{w:g}' in keep else '-'}" for w in ws]
         chosen = [f"{r['extra'][m]['chosen_guidance']:g}" for r in report["runs"]
                   if ",".join(map(str, r["forget"])) == key and m in r["extra"]]
-        lines.append(f"| {row_label(m)} | " + "; ".join(cells) + f" | {', '.join(chosen)} |")
+        lines.append(f"| {row_label(m, report)} | " + "; ".join(cells) + f" | {', '.join(chosen)} |")
     return lines + [""]
 
 
@@ -589,17 +592,17 @@ def markdown_tables(report: dict) -> str:
                       "|---|" + "---|" * len(cols)]
             flagged: dict = {}
             for m in rows:
-                lines.append(f"| {row_label(m)} | " + " | ".join(
+                lines.append(f"| {row_label(m, report)} | " + " | ".join(
                     _fmt(meths[m][c], c in COUNTS) + _range_flag(report, key, m, c, flagged) if c in meths[m] else ""
                     for c, _ in cols) + " |")
-            lines += [f"{RANGE_MARK} {row_label(m)}, {h}: {why}" for (m, h), why in flagged.items()] + [""]
+            lines += [f"{RANGE_MARK} {row_label(m, report)}, {h}: {why}" for (m, h), why in flagged.items()] + [""]
         gen = [m for m in _gen_rows(meths) if "nearest_stored_distance" in meths[m]]
         if gen and report.get("neighbour_distance"):
             lines += [f"### D_f = {{{key}}}: memorization", "",
                       "| model | distance to nearest stored checkpoint (up to permutation) | typical stored neighbour distance |",
                       "|---|---|---|"]
             for m in gen:
-                lines.append(f"| {row_label(m)} | {_fmt(meths[m]['nearest_stored_distance'])} | "
+                lines.append(f"| {row_label(m, report)} | {_fmt(meths[m]['nearest_stored_distance'])} | "
                              f"{report['neighbour_distance']['median']:.3f} |")
             lines.append("")
         ref = DISSERTATION.get(tuple(report["classes"]), {}).get(key)
@@ -613,7 +616,7 @@ def markdown_tables(report: dict) -> str:
             for m in [*_gen_rows(meths), "retrain"]:
                 r_ = ref.get(base_method(m))
                 if m in meths and r_:
-                    lines.append(f"| {row_label(m)} | " + " | ".join(
+                    lines.append(f"| {row_label(m, report)} | " + " | ".join(
                         (f"{meths[m][c][0]:.3f} / {r_[c]:.3f}" if c in r_ else f"{meths[m][c][0]:.3f} / -")
                         if c in meths[m] else "" for c, _ in cols) + " |")
             lines.append("")
@@ -728,14 +731,14 @@ def verdicts(report: dict) -> list[str]:
                       ("phi >= 0.95", r["phi"][0] >= 0.95),
                       ("MIA within 0.1 of retrained", abs(r["mia"][0] - rt["mia"][0]) <= 0.1)]
             failed = [c for c, ok in checks if not ok]
-            out.append(f"D_f={{{key}}} {row_label(g)}: " + ("meets all targets" if not failed else
+            out.append(f"D_f={{{key}}} {row_label(g, report)}: " + ("meets all targets" if not failed else
                                                           "MISSES " + ", ".join(failed)) +
                        f" (acc D_r {r['acc_retain'][0]:.3f} vs retrained {rt['acc_retain'][0]:.3f}, acc D_f "
                        f"{r['acc_forget'][0]:.3f}, φ {r['phi'][0]:.3f} (bad-teacher {r['phi_bt'][0]:.4f}), MIA "
                        f"{r['mia'][0]:.3f} vs {rt['mia'][0]:.3f}).")
             if key == hold_key:
                 ok = r["acc_forget"][0] <= 0.01 and r["acc_retain"][0] >= rt["acc_retain"][0] - 0.02
-                out.append(f"D_f={{{key}}} (held out) {row_label(g)} " + ("FORGETS it" if ok else "does NOT forget it")
+                out.append(f"D_f={{{key}}} (held out) {row_label(g, report)} " + ("FORGETS it" if ok else "does NOT forget it")
                            + f": test acc D_f {r['acc_forget'][0]:.3f} (target <= 0.01), D_r {r['acc_retain'][0]:.3f} "
                              f"vs retrained {rt['acc_retain'][0]:.3f} (target within 0.02).")
             if "forget_keep" in r:
@@ -752,29 +755,29 @@ def verdicts(report: dict) -> list[str]:
                 else:
                     why = ("the prompt does NOT raise the count beyond the controls' spread; the choice among K, "
                            "not the prompt, does the forgetting.")
-                out.append(f"D_f={{{key}}} {row_label(g)} controls: {_fmt(r['forget_keep'], True)} "
+                out.append(f"D_f={{{key}}} {row_label(g, report)} controls: {_fmt(r['forget_keep'], True)} "
                            f"of {report['k']} candidates forget and keep when asked, vs {desc}: " + why)
             for b in ("retrieval", "store", *POST_HOC,
                       *[m for m in meths if m not in LABELS and base_method(m) not in GENERATED]):
                 if b not in meths or meths[b]["acc_forget"][0] > 0.01:
                     continue
                 if not _known(meths[b]["phi"], r["phi"]):
-                    out.append(f"D_f={{{key}}} {row_label(g)} and {row_label(b)}: φ {r['phi'][0]:.3f} vs "
+                    out.append(f"D_f={{{key}}} {row_label(g, report)} and {row_label(b, report)}: φ {r['phi'][0]:.3f} vs "
                                f"{meths[b]['phi'][0]:.3f}; one seed, so the seed spread is unknown (no verdict).")
                 elif _beyond(meths[b]["phi"], r["phi"]):
-                    out.append(f"D_f={{{key}}} {row_label(g)} LOSES on φ to {row_label(b)} ({meths[b]['phi'][0]:.3f} vs "
+                    out.append(f"D_f={{{key}}} {row_label(g, report)} LOSES on φ to {row_label(b, report)} ({meths[b]['phi'][0]:.3f} vs "
                                f"{r['phi'][0]:.3f}, beyond the seed spread; it also forgets).")
                 elif _beyond(r["phi"], meths[b]["phi"]):
-                    out.append(f"D_f={{{key}}} {row_label(g)} wins on φ over {row_label(b)} ({r['phi'][0]:.3f} vs "
+                    out.append(f"D_f={{{key}}} {row_label(g, report)} wins on φ over {row_label(b, report)} ({r['phi'][0]:.3f} vs "
                                f"{meths[b]['phi'][0]:.3f}, beyond the seed spread).")
                 else:
-                    out.append(f"D_f={{{key}}} {row_label(g)} and {row_label(b)}: φ {r['phi'][0]:.3f} vs "
+                    out.append(f"D_f={{{key}}} {row_label(g, report)} and {row_label(b, report)}: φ {r['phi'][0]:.3f} vs "
                                f"{meths[b]['phi'][0]:.3f}, within the seed spread (no winner).")
         nd = (report.get("neighbour_distance") or {}).get("median")
         for g in _gen_rows(meths):
             if nd and "nearest_stored_distance" in meths[g]:
                 d = meths[g]["nearest_stored_distance"][0]
-                out.append(f"D_f={{{key}}} {row_label(g)} memorization: nearest stored checkpoint at {d:.3f}, typical "
+                out.append(f"D_f={{{key}}} {row_label(g, report)} memorization: nearest stored checkpoint at {d:.3f}, typical "
                            f"distance between stored neighbours {nd:.3f}: "
                            + ("closer than stored checkpoints are to each other, i.e. near a training checkpoint."
                               if d < nd else "not a copy of a stored checkpoint."))
