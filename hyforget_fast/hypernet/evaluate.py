@@ -45,6 +45,7 @@ from ..collection.data import load_splits
 from ..collection.store import CheckpointStore
 from ..ops.functional import class_metrics
 from .checkpoint import manifest_sha256
+from .models import LOG_EPS
 
 R2_EPS = 1e-8
 
@@ -120,7 +121,6 @@ def _heldout_rows(store: CheckpointStore, heldout_runs) -> tuple[dict, np.ndarra
 def _training_lookup(store: CheckpointStore, per_run: dict):
     """The retrieval control's index: (log(L + LOG_EPS) of every stored checkpoint of a training run
     with finite losses (n, m) float64 tensor, their stored validation losses (n, m) float64)."""
-    from .models import LOG_EPS   # here, not at import: the package's __init__ imports this module first
     loss = store.load("class_loss").astype(np.float64)                          # (N, m)
     train = ~np.isin(store.load("run"), np.fromiter(per_run, np.int64)) & np.isfinite(loss).all(1)
     if not train.any():
@@ -131,7 +131,6 @@ def _training_lookup(store: CheckpointStore, per_run: dict):
 
 def _retrieve(lookup, target: np.ndarray, ci: int) -> np.ndarray:
     """Class ci's stored validation loss (k,) of the training checkpoint nearest each target row."""
-    from .models import LOG_EPS
     log_loss, loss = lookup
     q = torch.from_numpy(np.log(np.maximum(target.astype(np.float64), 0) + LOG_EPS))   # (k, m)
     nearest = torch.cdist(q, log_loss).argmin(1).numpy()                                # (k,)
