@@ -212,8 +212,9 @@ def _trained(out, setting, cmds, data, stages, done, log, train_args, align_kw, 
             log(f"[demo {setting} 2/3] prompt alignment of {kind} on its held-out runs")
             res = evaluate_hypernet(hn, data, None, **(align_kw or {}))
             save_evaluation(res, os.path.join(out, f"{setting}-{kind}"))
-            done(f"align_{setting}_{kind}", {k: res[k] for k in ("r2", "r2_free_mean", "pearson", "r2_retrieval",
-                                                                  "r2_retrieval_free_mean", "pearson_retrieval")})
+            done(f"align_{setting}_{kind}", {**{k: res[k] for k in ("r2", "r2_free_mean", "pearson", "r2_retrieval",
+                                                                     "r2_retrieval_free_mean", "pearson_retrieval")},
+                                              "guidance": res["settings"]["guidance"]})
     return hns
 
 
@@ -229,7 +230,8 @@ def alignment_table(alignment: dict) -> list[str]:
     """Markdown lines: prompt alignment on held-out runs ({kind: {"r2": {class: v}, "pearson": {class:
     v}, "r2_free_mean": v, ...}}) as one table, a row per model and a column per class, 3 decimals.
     A model's record with "r2_retrieval" (the retrieval control of `evaluate_hypernet`) adds a row
-    beneath it: the nearest stored training checkpoint on the same prompts."""
+    beneath it: the nearest stored training checkpoint on the same prompts. A record's "guidance"
+    (the weight it was sampled at) is named in its row."""
     rows = {kind: a for kind, a in alignment.items() if a}
     if not rows:
         return []
@@ -240,7 +242,9 @@ def alignment_table(alignment: dict) -> list[str]:
            "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for kind, a in rows.items():
         r2, pe = a.get("r2") or {}, a.get("pearson") or {}
-        out.append("| " + " | ".join([kind, *(_num(r2.get(c)) for c in classes), _num(a.get("r2_free_mean")),
+        g = a.get("guidance")
+        label = kind if g is None else f"{kind} (guidance {float(g):g})"
+        out.append("| " + " | ".join([label, *(_num(r2.get(c)) for c in classes), _num(a.get("r2_free_mean")),
                                       *(_num(pe.get(c)) for c in classes)]) + " |")
         if a.get("r2_retrieval"):
             r2, pe = a["r2_retrieval"], a.get("pearson_retrieval") or {}

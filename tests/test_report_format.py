@@ -56,3 +56,5 @@ def test_prompt_alignment_is_a_table_with_three_decimals():
     assert alignment_table({"dihyfo1": None}) == []
     a["dihyfo2"].update(r2_retrieval={"0": 0.5, "2": 0.9}, r2_retrieval_free_mean=0.7, pearson_retrieval={"0": 0.8})
     assert alignment_table(a)[-2] == "| retrieval from the store (dihyfo2's prompts) | 0.500 | 0.900 | 0.700 | 0.800 | n/a |"
+    a["dihyfo2"]["guidance"] = 12.0   # the weight the record was sampled at is named
+    assert alignment_table(a)[-3].startswith("| dihyfo2 (guidance 12) | -0.174 |")
