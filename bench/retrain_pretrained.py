@@ -32,7 +32,7 @@ from hyforget_fast.hypernet.api import load_hypernet
 from hyforget_fast.hypernet.checkpoint import manifest_sha256
 from hyforget_fast.hypernet.evaluate import evaluate_hypernet
 from hyforget_fast.unlearn.forget import (SWEEP_LOW_LEVELS, SWEEP_WEIGHTS, best_checkpoint, choose_sampling, forget,
-                                         sweep_guidance)
+                                         sweep_count_key, sweep_guidance)
 from hyforget_fast.unlearn.report import evaluate_forgetting, splits_of, verdicts
 
 RECIPES = {f"{s}-{k}": {"setting": s, "kind": k} for s in SETTINGS for k in KINDS}
@@ -69,7 +69,7 @@ def release_sweep(hn, setting: str, data: str, k: int = 256, reuse: dict | None 
     same = reuse and (reuse.get("k"), reuse.get("weights"), reuse.get("lows"), reuse.get("starts") or [],
                       sorted(reuse.get("counts") or [])) == (
         k, list(SWEEP_WEIGHTS), list(SWEEP_LOW_LEVELS), list(starts or []),
-        sorted(",".join(map(str, f)) + (f" from {label}" if starts else "") for f in sets for label in (starts or [""])))
+        sorted(sweep_count_key(f, label) for f in sets for label in (starts or [""])))
     if same:   # the stored counts of the same sweep: only the rule is applied again
         return {**choose_sampling(reuse, hn.default_guidance), "counts_reused": True}
     if reuse:

@@ -240,17 +240,18 @@ def alignment_table(alignment: dict) -> list[str]:
         [f"Pearson class {c}" for c in classes]
     out = ["Prompt alignment on held-out runs (target loss vs the sampled network's loss, per class):", "",
            "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    def row(label, r2, free, pe):
+        r2, pe = r2 or {}, pe or {}
+        return "| " + " | ".join([label, *(_num(r2.get(c)) for c in classes), _num(free),
+                                  *(_num(pe.get(c)) for c in classes)]) + " |"
+
     for kind, a in rows.items():
-        r2, pe = a.get("r2") or {}, a.get("pearson") or {}
         g = a.get("guidance")
-        label = kind if g is None else f"{kind} (guidance {float(g):g})"
-        out.append("| " + " | ".join([label, *(_num(r2.get(c)) for c in classes), _num(a.get("r2_free_mean")),
-                                      *(_num(pe.get(c)) for c in classes)]) + " |")
+        out.append(row(kind if g is None else f"{kind} (guidance {float(g):g})", a.get("r2"), a.get("r2_free_mean"),
+                       a.get("pearson")))
         if a.get("r2_retrieval"):
-            r2, pe = a["r2_retrieval"], a.get("pearson_retrieval") or {}
-            out.append("| " + " | ".join([f"retrieval from the store ({kind}'s prompts)",
-                                          *(_num(r2.get(c)) for c in classes), _num(a.get("r2_retrieval_free_mean")),
-                                          *(_num(pe.get(c)) for c in classes)]) + " |")
+            out.append(row(f"retrieval from the store ({kind}'s prompts)", a["r2_retrieval"],
+                           a.get("r2_retrieval_free_mean"), a.get("pearson_retrieval")))
     return out + [""]
 
 

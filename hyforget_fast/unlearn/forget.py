@@ -472,7 +472,7 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEE
     starts = starts if starts is not None else {"": {}}
     counts: dict = {}
     for fs, (label, start_kw) in ((fs, st) for fs in forget_sets for st in starts.items()):
-        key = ",".join(map(str, fs)) + (f" from {label}" if len(starts) > 1 else "")
+        key = sweep_count_key(fs, label if len(starts) > 1 else "")
         counts[key] = {}
         for w in weights:
             run = dict(k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w), low=lows, keep_candidates=False,
@@ -487,6 +487,11 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEE
              "starts": [label for label in starts if label], "counts": counts,
              "k": int(k), "steps": int(steps), "sampler": sampler, "seed": int(seed), "split": "validation"}
     return choose_sampling(sweep, hypernet.default_guidance, tolerance)
+
+
+def sweep_count_key(forget_set, start: str = "") -> str:
+    """A sweep's count key: the forget set "2,3", with " from <start>" when several starts are swept."""
+    return ",".join(map(str, forget_set)) + (f" from {start}" if start else "")
 
 
 def choose_sampling(sweep: dict, default_guidance: float, tolerance: float = 0.02) -> dict:
