@@ -27,6 +27,9 @@ Variants (name -> HypernetConfig / TrainConfig fields):
   adaln-log-canon-match1 the same with loss_match 1.0
   neuron-adaln-log   adaln-log over neuron tokens (HypernetConfig.tokens "neuron": one token per hidden unit)
   neuron-tokens-log  tokens-log over neuron tokens
+  neuron-adaln-log-skip    neuron-adaln-log with x0 = sqrt(ab) x_t + sqrt(1 - ab) decoder (HypernetConfig.skip "vp")
+  neuron-adaln-log-match1  neuron-adaln-log + the loss-matching term, TrainConfig.loss_match 1.0
+  neuron-adaln-log-bal     neuron-adaln-log, rare class losses drawn more often (TrainConfig.balance 0.5)
 
   python bench/bench_alignment.py --data /tmp/abl/data --out /tmp/abl/runs --model dihyfo2 \\
       --variants tokens,adaln,adaln-log,adaln-log-canon --steps 3000 --threads 1 --md bench/RESULTS.md
@@ -64,6 +67,11 @@ VARIANTS = {
     "neuron-tokens-log": dict(cond="tokens", target_repr="log", unit_order="random", tokens="neuron"),
     # DiHyFo-2: x0 = sqrt(ab) x_t + sqrt(1 - ab) decoder (the schedule's skip connection)
     "neuron-adaln-log-skip": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron", skip="vp"),
+    # + the loss-matching term (TrainConfig.loss_match 1): the release recipe of DiHyFo-2
+    "neuron-adaln-log-match1": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron",
+                                    loss_match=1.0),
+    # DiHyFo-2: checkpoints with rare class losses drawn more often (TrainConfig.balance 0.5)
+    "neuron-adaln-log-bal": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron", balance=0.5),
 }
 OK_FORGET = 0.01
 
@@ -81,7 +89,8 @@ def train_variant(name: str, args, out_dir: str) -> dict:
         raise SystemExit(f"{out_dir} holds an unfinished run (step {conf['step']}); remove it or resume it")
     cfg = TrainConfig(model=args.model, preset=args.preset, steps=args.steps, seed=args.seed,
                       unit_order=v["unit_order"], ckpt_every=max(args.steps, 1), log_every=100,
-                      loss_match=v.get("loss_match", 0.0), pair_moved_share=args.pair_moved_share,
+                      loss_match=v.get("loss_match", 0.0), balance=v.get("balance", 0.0),
+                      pair_moved_share=args.pair_moved_share,
                       pair_moved_direction=args.pair_moved_direction,
                       overrides={"cond": v["cond"], "target_repr": v["target_repr"],
                                  "tokens": v.get("tokens", "layer"), **({"skip": v["skip"]} if "skip" in v else {})})

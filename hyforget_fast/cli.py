@@ -172,6 +172,9 @@ def _add_train(sub):
     p.add_argument("--loss-match", type=float,
                    help="weight of the loss-matching term (CE of the predicted network on training images vs "
                         "the target losses; default 0 = off)")
+    p.add_argument("--balance", type=float,
+                   help="DiHyFo-2: draw checkpoints with rare class losses more often, weight (1 / share of the "
+                        "rarest loss bin) ** BALANCE (0 = uniform, the default; 1 = every bin about equal)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true")
 
@@ -201,7 +204,8 @@ def cmd_train(a) -> int:
                             "grad_clip": a.grad_clip, "heldout_frac": a.heldout_frac,
                             "loss_weighting": a.loss_weighting, "pair_change_bias": a.pair_change_bias,
                             "pair_moved_share": a.pair_moved_share, "pair_moved_direction": a.pair_moved_direction,
-                            "unit_order": a.unit_order, "loss_match": a.loss_match}.items()
+                            "unit_order": a.unit_order, "loss_match": a.loss_match,
+                            "balance": a.balance}.items()
           if v is not None}
     if a.eval_every is not None:
         kw["eval_every"] = a.eval_every

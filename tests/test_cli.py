@@ -129,6 +129,14 @@ def test_train_takes_the_moved_pair_knobs_and_refuses_two_biases(root, tmp_path,
     assert "use one" in capsys.readouterr().err
 
 
+def test_train_takes_balance_for_dihyfo2_only(root, tmp_path, capsys):
+    out = str(tmp_path / "bal")
+    assert _train_cli(str(root / "data"), out, "dihyfo2", ["--balance", "0.5"]) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["train"]["balance"] == 0.5
+    assert _train_cli(str(root / "data"), str(tmp_path / "bal1"), "dihyfo1", ["--balance", "0.5"]) == 2
+    assert "DiHyFo-1's pairs" in capsys.readouterr().err
+
+
 def test_resume_refuses_a_flag_that_would_change_the_run(root, tmp_path, capsys):
     out = str(tmp_path / "r")
     shutil.copytree(root / "dihyfo2", out)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hyforget_fast.cli import main as cli_main
-from hyforget_fast.collection.pairs import PairDataset
+from hyforget_fast.collection.pairs import PairDataset, loss_balance_weights
 from hyforget_fast.collection.store import CheckpointStore, CorruptShardError, finished_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,3 +188,43 @@ def test_moved_up_pairs_raise_a_class_loss(full):
     assert (up["step"] < up["step_star"]).all()
     with pytest.raises(ValueError, match="moved_direction"):
         ds.sample_batch(8, g(), moved_share=0.5, moved_direction="down")
+
+
+def test_loss_balance_weights_follow_the_rarest_bin():
+    """A checkpoint is as rare as its rarest class-loss bin; its weight is (1 / share) ** power."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    L = np.exp(rng.uniform(-3, -2, size=(n, 3)))          # every class in one narrow band ...
+    L[:10, 1] = np.exp(3.0)                                # ... but 10 checkpoints lose class 1 (top bin)
+    L[10:40, 2] = np.exp(3.0)                              # and 30 lose class 2
+    L[40, 0] = np.nan                                      # one diverged network: its own bin
+    assert np.array_equal(loss_balance_weights(L, 0.0), np.ones(n))
+    for power in (0.5, 1.0):
+        w = loss_balance_weights(L, power)
+        assert w.shape == (n,) and np.isclose(w.mean(), 1.0)
+        assert np.allclose(w[:10] / w[10], (30 / 10) ** power)          # share 1 % against 3 %
+        assert np.isclose(w[40] / w[:10].mean(), 10.0 ** power)          # share 0.1 %
+        common = w[41:]
+        assert common.max() / common.min() <= (L.shape[0] / 1.0) ** power  # finite, positive
+        assert w[:10].min() > common.max()
+    with pytest.raises(ValueError, match="power"):
+        loss_balance_weights(L, -1.0)
+    with pytest.raises(ValueError, match="shape"):
+        loss_balance_weights(L[:, 0], 0.5)
+
+
+def test_balanced_checkpoints_are_drawn_by_their_weights(full):
+    ds = PairDataset(full)
+    g = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    u = ds.sample_checkpoints(4096, g())
+    assert torch.equal(ds.balance(0.0).sample_checkpoints(4096, g())["step"], u["step"])   # 0 = uniform
+    w = loss_balance_weights(ds.take("class_loss", ds.rows).numpy(), 1.0)
+    b = ds.balance(1.0).sample_checkpoints(4096, g())
+    b2 = ds.sample_checkpoints(4096, g())
+    assert all(torch.equal(b[k], b2[k]) for k in b)                      # seeded
+    # a drawn row's mean weight is E_w[w] = mean(w^2) / mean(w) under weighted draws, 1 under uniform
+    at = {(int(r), int(s)): k for k, (r, s) in enumerate(zip(ds.take("run", ds.rows), ds.take("step", ds.rows)))}
+    drawn = lambda x: w[[at[(int(r), int(s))] for r, s in zip(x["run"], x["step"])]]   # noqa: E731
+    expect = float((w ** 2).mean() / w.mean())
+    assert expect > 1.2 and abs(drawn(b).mean() - expect) < 0.15 * expect
+    assert abs(drawn(u).mean() - 1.0) < 0.15

@@ -13,6 +13,36 @@ import torch
 from .store import CheckpointStore
 
 MOVED_DIRECTIONS = ("any", "up")   # which loss moves make a pair "moved" (PairDataset.sample_batch)
+BALANCE_BINS = 16                  # equal-width bins of log(L + 1e-3) per class (loss_balance_weights)
+
+
+def loss_balance_weights(class_loss: np.ndarray, power: float, bins: int = BALANCE_BINS) -> np.ndarray:
+    """class_loss (n, m) -> (n,) sampling weights, mean 1, that draw rare losses more often.
+
+    Each class's log(L + 1e-3) is cut into `bins` equal-width bins over its range; a checkpoint is as
+    rare as the rarest bin among its classes (share s of the checkpoints), and its weight is
+    (1 / s) ** power. power 0 is uniform; power 1 gives a class's occupied bins about equal mass.
+    Uniform draws give the high losses a forget prompt asks for to a few per cent of batches
+    (the top eighth of a class's log range holds 1-2 % of the MNIST-4 card's store). A NaN loss
+    (diverged network) is its own bin."""
+    L = np.asarray(class_loss, dtype=np.float64)
+    if L.ndim != 2 or L.shape[0] == 0:
+        raise ValueError(f"class_loss must be (n > 0, m), got shape {L.shape}")
+    if not power >= 0:
+        raise ValueError(f"balance power must be >= 0, got {power}")
+    n = L.shape[0]
+    rarest = np.ones(n)
+    for c in range(L.shape[1]):
+        z = np.log(np.clip(L[:, c], 0, None) + 1e-3)
+        fin = np.isfinite(z)
+        b = np.full(n, bins, dtype=np.int64)                       # NaN / inf: bin `bins`
+        if fin.any():
+            lo, hi = z[fin].min(), z[fin].max()
+            b[fin] = np.minimum(((z[fin] - lo) / max(hi - lo, 1e-12) * bins).astype(np.int64), bins - 1)
+        share = np.bincount(b, minlength=bins + 1) / n              # (bins + 1,)
+        rarest = np.minimum(rarest, share[b])
+    w = rarest ** -float(power)
+    return w / w.mean()
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -24,7 +54,8 @@ class PairDataset(torch.utils.data.Dataset):
       theta (B, P), loss (B, m), theta_star (B, P), loss_star (B, m), run (B,), step, step_star.
       After `.to(device)` the arrays live on that device and batches are gathered there.
     - `sample_checkpoints(B, generator, device)`: single checkpoints (DiHyFo-2), uniform over
-      the checkpoints of the selected runs -> dict of params (B, P), loss (B, m), run, step.
+      the checkpoints of the selected runs, or by `balance(power)`'s weights -> dict of params
+      (B, P), loss (B, m), run, step.
     - `runs`: restrict both samplers to these run ids (e.g. the training runs, with a held-out
       set of whole runs left out); `rows` are the global indices of their checkpoints.
     """
@@ -54,6 +85,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self._dev = None   # dict of device tensors after .to(device)
         self._rows_t = None
+        self._rows_cdf = None   # (n_sel,) float64 cumulative sampling weights after balance(); None = uniform
 
     def __len__(self) -> int:
         return self.length
@@ -132,10 +164,21 @@ class PairDataset(torch.utils.data.Dataset):
                 "run": self._gather("run", i, device), "step": self._gather("step", i, device),
                 "step_star": self._gather("step", j, device)}
 
+    def balance(self, power: float) -> "PairDataset":
+        """Draw `sample_checkpoints` by loss_balance_weights(power) over `rows` (power 0: uniform).
+        The draws use the same uniforms as uniform sampling, so the random stream is unchanged."""
+        if power == 0:
+            self._rows_cdf = None
+            return self
+        w = loss_balance_weights(self.take("class_loss", self.rows).cpu().numpy(), power)
+        cdf = np.cumsum(w)
+        self._rows_cdf = torch.from_numpy(cdf / cdf[-1])
+        return self
+
     def sample_checkpoints(self, batch_size: int, generator: torch.Generator | None = None, device=None,
                            part: slice = slice(None)) -> dict:
-        """B checkpoints uniform over `rows` -> params (B, P), loss (B, m), run (B,), step (B,);
-        `part` as in sample_batch."""
+        """B checkpoints over `rows`, uniform or by `balance`'s weights -> params (B, P), loss (B, m),
+        run (B,), step (B,); `part` as in sample_batch."""
         gdev = generator.device if generator is not None else torch.device("cpu")
         device = torch.device(device) if device is not None else (
             next(iter(self._dev.values())).device if self._dev is not None else torch.device("cpu"))
@@ -143,7 +186,12 @@ class PairDataset(torch.utils.data.Dataset):
         n = len(self.rows)
         if self._rows_t is None or self._rows_t.device != gdev:
             self._rows_t = torch.as_tensor(self.rows, device=gdev)
-        i = self._rows_t[(u * n).long().clamp_(max=n - 1)][part]
+        if self._rows_cdf is None:
+            pos = (u * n).long()
+        else:                                                  # inverse CDF of the balance weights
+            self._rows_cdf = self._rows_cdf.to(gdev)
+            pos = torch.searchsorted(self._rows_cdf, u, right=True)
+        i = self._rows_t[pos.clamp_(max=n - 1)][part]
         return {"params": self._gather("params", i, device), "loss": self._gather("class_loss", i, device),
                 "run": self._gather("run", i, device), "step": self._gather("step", i, device)}
 

@@ -91,6 +91,8 @@ class TrainConfig:
                                        # predicted x̂0 on training-split images vs the target losses (log
                                        # space), each sample weighted by its signal share ᾱ_t (low noise)
     loss_match_images: int = 256       # training-split images drawn per step for that term
+    balance: float = 0.0               # DiHyFo-2: > 0 draws checkpoints with rare class losses more often,
+                                       # weight (1 / share of the rarest loss bin) ** balance (pairs.py)
     overrides: dict = field(default_factory=dict)   # HypernetConfig fields (width, depth, ...)
 
     def __post_init__(self):
@@ -119,6 +121,10 @@ class TrainConfig:
             raise ValueError(f"pair_moved_share must be in [0, 1], got {self.pair_moved_share}")
         if self.pair_moved_direction not in MOVED_DIRECTIONS:
             raise ValueError(f"pair_moved_direction must be one of {MOVED_DIRECTIONS}, got {self.pair_moved_direction!r}")
+        if not 0 <= self.balance <= 1:
+            raise ValueError(f"balance must be in [0, 1], got {self.balance}")
+        if self.balance > 0 and self.model != "dihyfo2":
+            raise ValueError("balance weights single checkpoints (DiHyFo-2); DiHyFo-1's pairs use pair_moved_share")
         if self.unit_order not in UNIT_ORDERS:
             raise ValueError(f"unit_order must be one of {UNIT_ORDERS}, got {self.unit_order!r}")
 
@@ -389,7 +395,7 @@ def _prepare_data(cfg: TrainConfig, hcfg: HypernetConfig, store: CheckpointStore
         train_runs = sorted(set(np.unique(run_ids).tolist()) - set(held))
     else:
         train_runs, held = split_runs(run_ids, cfg.heldout_frac, cfg.seed)
-    ds = PairDataset(store, runs=train_runs).to(device)
+    ds = PairDataset(store, runs=train_runs).to(device).balance(cfg.balance)
     if saved is not None:
         norm = ParamNorm(hcfg.spec, torch.tensor(saved["norm"]["stats"]))
         ranges = saved["loss_ranges"]
