@@ -87,7 +87,7 @@ class TrainConfig:
                                        # "canonical": ops.canonical_perms (units by incoming-weight norm;
                                        # DiHyFo-1: θ's order for θ and θ*). None = the preset's; configs
                                        # saved before the field existed load as "random"
-    loss_match: float = 0.0            # > 0: + this x the loss-matching term (bench/RESULTS.md §4): per-class CE of the
+    loss_match: float = 0.0            # > 0: + this x the loss-matching term (bench/RESULTS.md §4, §15): per-class CE of the
                                        # predicted x̂0 on training-split images vs the target losses (log
                                        # space), each sample weighted by its signal share ᾱ_t (low noise)
     loss_match_images: int = 256       # training-split images drawn per step for that term
