@@ -29,6 +29,7 @@ Variants (name -> HypernetConfig / TrainConfig fields):
   neuron-tokens-log  tokens-log over neuron tokens
   neuron-adaln-log-skip    neuron-adaln-log with x0 = sqrt(ab) x_t + sqrt(1 - ab) decoder (HypernetConfig.skip "vp")
   neuron-adaln-log-match1  neuron-adaln-log + the loss-matching term, TrainConfig.loss_match 1.0
+  neuron-adaln-log-match3  the same with loss_match 3.0
   neuron-adaln-log-bal     neuron-adaln-log, rare class losses drawn more often (TrainConfig.balance 0.5)
 
   python bench/bench_alignment.py --data /tmp/abl/data --out /tmp/abl/runs --model dihyfo2 \\
@@ -70,6 +71,8 @@ VARIANTS = {
     # + the loss-matching term (TrainConfig.loss_match 1): the release recipe of DiHyFo-2
     "neuron-adaln-log-match1": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron",
                                     loss_match=1.0),
+    "neuron-adaln-log-match3": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron",
+                                    loss_match=3.0),
     # DiHyFo-2: checkpoints with rare class losses drawn more often (TrainConfig.balance 0.5)
     "neuron-adaln-log-bal": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron", balance=0.5),
 }
