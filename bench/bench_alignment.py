@@ -54,6 +54,7 @@ from hyforget_fast.unlearn.forget import SWEEP_WEIGHTS
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine, markdown_table  # noqa: E402
 
+NEURON = dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron")   # the `tiny` preset's design
 VARIANTS = {
     "tokens": dict(cond="tokens", target_repr="raw", unit_order="random"),
     "tokens-log": dict(cond="tokens", target_repr="log", unit_order="random"),
@@ -64,17 +65,15 @@ VARIANTS = {
     "adaln-log-canon-match": dict(cond="adaln", target_repr="log", unit_order="canonical", loss_match=0.1),
     "adaln-log-canon-match1": dict(cond="adaln", target_repr="log", unit_order="canonical", loss_match=1.0),
     # neuron tokens (one per hidden unit, an equivariant DiT): unit order is moot, training skips it
-    "neuron-adaln-log": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron"),
-    "neuron-tokens-log": dict(cond="tokens", target_repr="log", unit_order="random", tokens="neuron"),
+    "neuron-adaln-log": NEURON,
+    "neuron-tokens-log": {**NEURON, "cond": "tokens"},
     # DiHyFo-2: x0 = sqrt(ab) x_t + sqrt(1 - ab) decoder (the schedule's skip connection)
-    "neuron-adaln-log-skip": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron", skip="vp"),
-    # + the loss-matching term (TrainConfig.loss_match 1): the release recipe of DiHyFo-2
-    "neuron-adaln-log-match1": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron",
-                                    loss_match=1.0),
-    "neuron-adaln-log-match3": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron",
-                                    loss_match=3.0),
+    "neuron-adaln-log-skip": {**NEURON, "skip": "vp"},
+    # + the loss-matching term (TrainConfig.loss_match): weight 1 is MNIST-4's DiHyFo-2 release recipe
+    "neuron-adaln-log-match1": {**NEURON, "loss_match": 1.0},
+    "neuron-adaln-log-match3": {**NEURON, "loss_match": 3.0},
     # DiHyFo-2: checkpoints with rare class losses drawn more often (TrainConfig.balance 0.5)
-    "neuron-adaln-log-bal": dict(cond="adaln", target_repr="log", unit_order="random", tokens="neuron", balance=0.5),
+    "neuron-adaln-log-bal": {**NEURON, "balance": 0.5},
 }
 OK_FORGET = 0.01
 
