@@ -31,8 +31,8 @@ from hyforget_fast.hypernet import pretrained as P
 from hyforget_fast.hypernet.api import load_hypernet
 from hyforget_fast.hypernet.checkpoint import manifest_sha256
 from hyforget_fast.hypernet.evaluate import evaluate_hypernet
-from hyforget_fast.unlearn.forget import (SWEEP_LOW_LEVELS, SWEEP_WEIGHTS, best_checkpoint, choose_sampling, forget,
-                                         sweep_count_key, sweep_guidance)
+from hyforget_fast.unlearn.forget import (SWEEP_HIGH_LEVELS, SWEEP_LOW_LEVELS, SWEEP_WEIGHTS, best_checkpoint,
+                                         choose_sampling, forget, sweep_count_key, sweep_guidance)
 from hyforget_fast.unlearn.report import evaluate_forgetting, splits_of, verdicts
 
 RECIPES = {f"{s}-{k}": {"setting": s, "kind": k} for s in SETTINGS for k in KINDS}
@@ -60,15 +60,15 @@ def commands_for(name: str, use_recipe: bool = False) -> dict:
 
 
 def release_sweep(hn, setting: str, data: str, k: int = 256, reuse: dict | None = None) -> dict:
-    """The model's default guidance grid, chosen on VALIDATION over the setting's forget sets that
+    """The model's default guidance grid and prompt levels, chosen on VALIDATION over the setting's forget sets that
     are not held out (`sweep_guidance`; DiHyFo-1 from each of `demo.sweep_starts`: the best stored
     checkpoint and freshly trained classifiers)."""
     s = SETTINGS[setting]
     sets = [list(f) for f in s["forget_sets"] if tuple(f) != tuple(s["heldout"])]
     starts = sweep_starts(data) if hn.kind == "dihyfo1" else None
-    same = reuse and (reuse.get("k"), reuse.get("weights"), reuse.get("lows"), reuse.get("starts") or [],
-                      sorted(reuse.get("counts") or [])) == (
-        k, list(SWEEP_WEIGHTS), list(SWEEP_LOW_LEVELS), list(starts or []),
+    same = reuse and (reuse.get("k"), reuse.get("weights"), reuse.get("lows"), reuse.get("highs"),
+                      reuse.get("starts") or [], sorted(reuse.get("counts") or [])) == (
+        k, list(SWEEP_WEIGHTS), list(SWEEP_LOW_LEVELS), list(SWEEP_HIGH_LEVELS), list(starts or []),
         sorted(sweep_count_key(f, label) for f in sets for label in (starts or [""])))
     if same:   # the stored counts of the same sweep: only the rule is applied again
         return {**choose_sampling(reuse, hn.default_guidance), "counts_reused": True}
@@ -165,7 +165,8 @@ def remeasure(name: str, reason: str, work: str, reuse_sweep: bool = False) -> d
                                          "collection": "the training collection" if got == want else
                                          "a rebuild by the card's collect command (same runs; floats differ by CPU)"}}
     card = P.write_card(os.path.join(P.PRETRAINED_DIR, name), card, start)   # the check's start with it
-    print(json.dumps({"name": name, "sampling": {k_: new["sampling"][k_] for k_ in ("guidance_grid", "guidance_by_size", "low_levels_by_size")},
+    print(json.dumps({"name": name, "sampling": {k_: new["sampling"][k_] for k_ in ("guidance_grid", "guidance_by_size", "low_levels_by_size",
+                                                                    "high_levels_by_size")},
                       "check": new["check"]}, indent=1))
     return card
 

@@ -456,17 +456,17 @@ def test_dihyfo1_starts(setup):
 
 
 class _SweptResult:
-    """What sweep_guidance reads of a forget call, made up: the first round(share x n) candidates
-    of each low level meet the criterion."""
+    """What sweep_guidance reads of a forget call, made up: in each prompt cell, the first
+    round(share x n) candidates meet the criterion; shares by low level, or by (high, low) cell."""
 
-    def __init__(self, shares: dict, k: int, low, prompt: str):
-        cells = [{"high": h, "low": q} for h in (F.HIGH_LEVELS if prompt == "forget" else (None,)) for q in low]
+    def __init__(self, shares: dict, k: int, low, prompt: str, high=F.HIGH_LEVELS):
+        cells = [{"high": h, "low": q} for h in (high if prompt == "forget" else (None,)) for q in low]
         cell = torch.arange(k) % len(cells)
-        low_of = torch.tensor([cells[i]["low"] for i in cell.tolist()])
         ok = torch.zeros(k, dtype=torch.bool)
-        for q in low:
-            idx = (low_of == q).nonzero().flatten()
-            ok[idx[:round(shares.get(q, 0.0) * len(idx))]] = True
+        for i, c in enumerate(cells):
+            idx = (cell == i).nonzero().flatten()
+            share = shares.get((c["high"], c["low"]), shares.get(c["low"], 0.0))
+            ok[idx[:round(share * len(idx))]] = True
         self.candidates = {"forget_acc": torch.where(ok, 0.0, 1.0), "retain_acc": torch.ones(k), "cell": cell}
         self.prompt_levels = {"cells": cells}
         self.settings = {"retain_min": 0.95}
@@ -479,24 +479,26 @@ def test_sweep_guidance_picks_weights_by_validation_counts(setup, monkeypatch):
     out = F.sweep_guidance(hn, splits, [[2], [3]], weights=(1.0, 2.0), k=6, steps=2)
     for s_ in ("2", "3"):                     # the counts are those of single-weight forget calls
         for w in (1.0, 2.0):
-            f = F.forget(hn, [int(s_)], splits, k=6, steps=2, seed=100, guidance=w, low=F.SWEEP_LOW_LEVELS, warn=False)
+            f = F.forget(hn, [int(s_)], splits, k=6, steps=2, seed=100, guidance=w, low=F.SWEEP_LOW_LEVELS,
+                         high=F.SWEEP_HIGH_LEVELS, warn=False)
             assert out["counts"][s_][str(w)]["forget"] == f.forget_keep
-            assert sum(v["forget"][0] for v in out["counts"][s_][str(w)]["by_low"].values()) == f.forget_keep
-            assert sum(v["forget"][1] for v in out["counts"][s_][str(w)]["by_low"].values()) == 6
+            assert sum(v["forget"][0] for v in out["counts"][s_][str(w)]["by_cell"].values()) == f.forget_keep
+            assert sum(v["forget"][1] for v in out["counts"][s_][str(w)]["by_cell"].values()) == 6
     # the rule, on made-up counts at one low level: the run of weights with the best worst-set mean count, the widest near it
     fake = {("2", 1.0): 170, ("2", 2.0): 170, ("2", 4.0): 90, ("2,3", 1.0): 200, ("2,3", 2.0): 255, ("2,3", 4.0): 256,
             ("3", 1.0): 0, ("3", 2.0): 0, ("3", 4.0): 0}
 
-    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, **kw):
+    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, high=None, **kw):
         n = 0 if prompt == "keep" else fake[(",".join(map(str, fs)), guidance)]
-        return _SweptResult({q: n / k for q in low}, k, low, prompt)
+        return _SweptResult({q: n / k for q in low}, k, low, prompt, high)
     monkeypatch.setattr(F, "forget", fake_forget)
-    one = dict(weights=(1.0, 2.0, 4.0), lows=(0.1,))
+    one = dict(weights=(1.0, 2.0, 4.0), lows=(0.1,), highs=(0.9,))
     got = F.sweep_guidance(hn, splits, [[2], [2, 3], [3]], **one)
     assert got["guidance_grid"] == [1.0, 2.0]      # worst-set means: [1] 170, [1,2] 170, [1,2,4] 143; {3} skipped
-    assert got["worst"]["1.0,2.0,4.0|0.1"] == pytest.approx(min(np.mean([170, 170, 90]), np.mean([200, 255, 256])))
+    assert got["worst"]["1.0,2.0,4.0|0.1|0.9"] == pytest.approx(min(np.mean([170, 170, 90]), np.mean([200, 255, 256])))
     assert F.sweep_guidance(hn, splits, [[3]], **one)["guidance_grid"] == [hn.default_guidance]
     assert F.sweep_guidance(hn, splits, [[3]], **one)["low_levels"] == list(F.LOW_LEVELS)   # nothing forgets: defaults
+    assert F.sweep_guidance(hn, splits, [[3]], **one)["high_levels"] == list(F.HIGH_LEVELS)
     assert F.sweep_guidance(hn, splits, [[2], [2, 3]], weights=(1.0, 4.0), lows=(0.1,))["guidance_grid"] == [1.0]
     # per request size: {2} alone wants 1-2, {2,3} alone 2-4 (both at 255-256 > 0.98 x best); {3} forgets at no weight
     assert got["guidance_by_size"] == {"1": [1.0, 2.0], "2": [2.0, 4.0]}
@@ -510,21 +512,64 @@ def test_sweep_guidance_chooses_low_levels_with_the_weights(setup, monkeypatch):
     share = {("2", 1.0): (0.0, 0.5, 1.0), ("2", 2.0): (0.0, 0.6, 0.9),
              ("2,3", 1.0): (0.2, 0.9, 0.9), ("2,3", 2.0): (0.1, 0.95, 0.95)}
 
-    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, **kw):
+    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, high=None, **kw):
         sh = dict(zip(low, share[(",".join(map(str, fs)), guidance)])) if prompt == "forget" else {}
-        return _SweptResult(sh, k, low, prompt)
+        return _SweptResult(sh, k, low, prompt, high)
     monkeypatch.setattr(F, "forget", fake_forget)
     # k = 300: 100 candidates per low level under both prompts, so the shares are exact
-    got = F.sweep_guidance(hn, splits, [[2], [2, 3]], weights=(1.0, 2.0), lows=(0.02, 0.1, 0.3), k=300)
+    got = F.sweep_guidance(hn, splits, [[2], [2, 3]], weights=(1.0, 2.0), lows=(0.02, 0.1, 0.3), highs=(0.9,), k=300)
     # over both sets, the worst set's mean over the grid's cells: [1,2] x [0.3] gives min(0.95, 0.925) x K, the best
     assert (got["guidance_grid"], got["low_levels"]) == ([1.0, 2.0], [0.3])
-    assert got["worst"]["1.0,2.0|0.3"] == pytest.approx(300 * 0.925)
-    assert got["worst"]["1.0,2.0|0.1,0.3"] == pytest.approx(300 * np.mean([0.5, 1.0, 0.6, 0.9]))
+    assert got["worst"]["1.0,2.0|0.3|0.9"] == pytest.approx(300 * 0.925)
+    assert got["worst"]["1.0,2.0|0.1,0.3|0.9"] == pytest.approx(300 * np.mean([0.5, 1.0, 0.6, 0.9]))
     # {2} alone: weight 1 at 0.3 (1.0); {2,3} alone: 0.95 at weight 2 over 0.1 and 0.3 (the largest such grid)
     assert (got["guidance_by_size"], got["low_levels_by_size"]) == ({"1": [1.0], "2": [2.0]}, {"1": [0.3], "2": [0.1, 0.3]})
-    assert got["counts"]["2"]["1.0"]["by_low"]["0.1"]["forget"] == [50, 100]
+    assert got["counts"]["2"]["1.0"]["by_cell"]["0.9|0.1"]["forget"] == [50, 100]
     with pytest.raises(ValueError, match="low levels must be distinct quantiles"):
         F.sweep_guidance(hn, splits, [[2]], lows=(0.1, 1.5))
+
+
+def test_sweep_guidance_chooses_high_levels(setup, monkeypatch):
+    _, hns, splits = setup
+    hn = hns["dihyfo2"]
+    # made-up shares per (set, weight) and (high, low) cell: pushed to the very top (0.995), {2} keeps nothing;
+    # at 0.8 it forgets and keeps; {2,3} likes 0.8 and 0.9 alike
+    share = {("2", 1.0): {(0.8, 0.3): 0.9, (0.9, 0.3): 0.4, (0.995, 0.3): 0.0},
+             ("2,3", 1.0): {(0.8, 0.3): 0.8, (0.9, 0.3): 0.8, (0.995, 0.3): 0.5}}
+
+    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, high=None, **kw):
+        assert high == (0.8, 0.9, 0.995) and low == (0.3,)          # the sweep samples every (high, low) cell
+        return _SweptResult(share[(",".join(map(str, fs)), guidance)] if prompt == "forget" else {}, k, low, prompt, high)
+    monkeypatch.setattr(F, "forget", fake_forget)
+    got = F.sweep_guidance(hn, splits, [[2], [2, 3]], weights=(1.0,), lows=(0.3,), highs=(0.8, 0.9, 0.995), k=300)
+    assert got["counts"]["2"]["1.0"]["by_cell"]["0.8|0.3"]["forget"] == [90, 100]
+    # the keep prompt has no high level: all its candidates at low 0.3 count toward every high level of that low one
+    assert got["counts"]["2"]["1.0"]["by_cell"]["0.995|0.3"]["keep"] == [0, 300]
+    assert got["high_levels"] == [0.8] and got["high_levels_by_size"] == {"1": [0.8], "2": [0.8, 0.9]}
+    assert got["worst"]["1.0|0.3|0.8,0.9"] == pytest.approx(300 * min(np.mean([0.9, 0.4]), 0.8))
+    assert got["rule"].endswith("and high_levels_by_size")
+    # forget() uses the card's high levels for the request's size, and the defaults without them
+    monkeypatch.undo()
+    saved = hn.meta.get("sampling")
+    try:
+        hn.meta["sampling"] = {k_: got[k_] for k_ in ("guidance_grid", "guidance_by_size", "low_levels",
+                                                      "low_levels_by_size", "high_levels", "high_levels_by_size")}
+        assert hn.high_levels_for(2) == [0.8, 0.9] and hn.high_levels_for(5) == [0.8]
+        two = F.forget(hn, [2, 3], splits, k=4, steps=2, warn=False)
+        assert two.settings["high_levels"] == [0.8, 0.9] and {c["high"] for c in two.prompt_levels["cells"]} == {0.8, 0.9}
+        assert F.forget(hn, [2], splits, k=4, steps=2, warn=False, high=(0.7,)).settings["high_levels"] == [0.7]
+        hn.meta["sampling"] = {"guidance_grid": [1.0]}
+        assert hn.high_levels_for(1) is None
+        assert F.forget(hn, [2], splits, k=4, steps=2, warn=False).settings["high_levels"] == list(F.HIGH_LEVELS)
+        with pytest.raises(ValueError, match="high levels must be distinct"):
+            F.forget(hn, [2], splits, k=4, steps=2, high=(0.9, 1.2))
+    finally:
+        hn.meta["sampling"] = saved
+    # a sweep stored before high levels were swept (counts by low level, no "highs") is re-chosen as it was
+    old = {"weights": [1.0], "lows": [0.3], "k": 100, "starts": [],
+           "counts": {"2": {"1.0": {"forget": 50, "keep": 0, "by_low": {"0.3": {"forget": [50, 100], "keep": [0, 1]}}}}}}
+    re = F.choose_sampling(old, 1.0)
+    assert re["worst"] == {"1.0|0.3": 50.0} and "high_levels" not in re and re["low_levels"] == [0.3]
 
 
 def test_sweep_guidance_serves_every_start(setup, monkeypatch):
@@ -537,14 +582,15 @@ def test_sweep_guidance_serves_every_start(setup, monkeypatch):
              ("forget", "2,3", "best", 3.0): 0.9, ("forget", "2,3", "fresh", 4.0): 0.2, ("keep", "2,3", "fresh", 4.0): 0.6}
     seen = []
 
-    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, start=None, model=None, **kw):
+    def fake_forget(hn_, fs, data_, prompt="forget", guidance=None, low=None, k=256, start=None, model=None,
+                    high=None, **kw):
         label = "best" if start == "best" else "fresh"
         assert (start == "best") != (model is not None)       # each start's own forget kwargs reach forget
         seen.append(label)
         sh = share.get((prompt, ",".join(map(str, fs)), label, guidance), 0.0)
-        return _SweptResult({q: sh for q in low}, k, low, prompt)
+        return _SweptResult({q: sh for q in low}, k, low, prompt, high)
     monkeypatch.setattr(F, "forget", fake_forget)
-    one = dict(weights=(1.0, 2.0, 3.0, 4.0), lows=(0.1,), k=300)
+    one = dict(weights=(1.0, 2.0, 3.0, 4.0), lows=(0.1,), highs=(0.9,), k=300)
     alone = F.sweep_guidance(hn, splits, [[2], [2, 3]], start="best", **one)
     assert alone["guidance_by_size"]["1"] == [2.0] and alone["starts"] == [] and "2" in alone["counts"]
     starts = {"best": {"start": "best"}, "fresh": {"model": F.random_start(hn.spec, 3)}}
@@ -556,8 +602,8 @@ def test_sweep_guidance_serves_every_start(setup, monkeypatch):
     assert both["guidance_by_size"]["1"] == [3.0]
     # size 2: weight 3 (0.45 K); weight 4's net is negative (the fresh start's keep prompt beats its forget prompt)
     assert both["guidance_by_size"]["2"] == [3.0]
-    assert both["worst"]["3.0|0.1"] == pytest.approx(300 * min(0.55, 0.45))          # over both sets
-    assert both["worst"]["3.0,4.0|0.1"] == pytest.approx(300 * min(0.275, (0.45 + (0.2 - 0.6) / 2) / 2))
+    assert both["worst"]["3.0|0.1|0.9"] == pytest.approx(300 * min(0.55, 0.45))          # over both sets
+    assert both["worst"]["3.0,4.0|0.1|0.9"] == pytest.approx(300 * min(0.275, (0.45 + (0.2 - 0.6) / 2) / 2))
     # the rule is a function of the stored counts alone: re-choosing the sweep returns it
     assert F.choose_sampling({k_: v for k_, v in both.items() if k_ not in ("worst", "rule")},
                              hn.default_guidance) == both

@@ -190,6 +190,15 @@ class Hypernet:
         lows = (s.get("low_levels_by_size") or {}).get(str(int(n_forget))) or s.get("low_levels")
         return [float(x) for x in lows] if lows else None
 
+    def high_levels_for(self, n_forget: int) -> list[float] | None:
+        """The high prompt levels (quantiles of each forgotten class's training loss) of a request to
+        forget `n_forget` classes: the card's (meta["sampling"]["high_levels_by_size"], else its
+        "high_levels", chosen on validation at release), None when the card has none (`forget`
+        then uses its defaults)."""
+        s = self.meta.get("sampling") or {}
+        highs = (s.get("high_levels_by_size") or {}).get(str(int(n_forget))) or s.get("high_levels")
+        return [float(x) for x in highs] if highs else None
+
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, target_losses, k: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,

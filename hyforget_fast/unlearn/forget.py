@@ -7,9 +7,11 @@
    grid for the request's size, `sampling.guidance_by_size`, chosen on validation at release):
    guidance is a sampling setting chosen like the levels, not a fixed number (DiHyFo-1 follows its
    prompt only at w of 2-24, the more classes the higher; DiHyFo-2 prefers w of 1-4). The low
-   levels are chosen on validation the same way (`sampling.low_levels_by_size`): how low to ask
-   the retained classes to stay is a property of the model (MNIST-4's DiHyFo-1 forgets only when
-   they are asked very low, the ten-class one keeps D_r only when they are not). DiHyFo-1's
+   levels are chosen on validation the same way (`sampling.low_levels_by_size`, `high_levels_by_size`):
+   how low to ask the retained classes to stay, and how high to push the forgotten ones, are
+   properties of the model (MNIST-4's DiHyFo-1 forgets only when the retained classes are asked
+   very low, the ten-class one keeps D_r only when they are not; asked for the very top of class
+   2's loss range, the ten-class DiHyFo-2 breaks the retained classes with it). DiHyFo-1's
    candidates are nearly one network per (level, weight) cell: the grids are what vary them.
 2. Sample all K candidates in one batched call (DDIM by default).
 3. Score all K with the fused evaluator on the VALIDATION split.
@@ -43,9 +45,12 @@ from .mlp import as_module, check_flat, flat_params
 from .selection import FORGET_MAX, RETAIN_MIN, class_indices, forget_keep_count, group_accuracy, select
 
 # Quantiles of the training data's per-class loss used as prompt levels (high for D_f, low for D_r).
-HIGH_LEVELS = (0.9, 0.97, 0.995)
+HIGH_LEVELS = (0.9, 0.97, 0.995)   # a model card without high_levels_by_size (released before the sweep chose them)
 LOW_LEVELS = (0.02, 0.1)              # a model card without low_levels_by_size (released before the sweep chose them)
 SWEEP_LOW_LEVELS = (0.02, 0.1, 0.3)   # the low levels sweep_guidance chooses among
+# ... and the high ones. The ten-class store's checkpoints that forget {2} while keeping D_r hold
+# class 2's loss near its 0.8 quantile (10-90 %: 0.72-0.95), below the first fixed level.
+SWEEP_HIGH_LEVELS = (0.7, 0.8, 0.9, 0.97, 0.995)
 PROMPTS = ("forget", "keep")   # "keep": the keep-every-class control prompt (every class low)
 STARTS = ("model", "best", "random")   # DiHyFo-1's starting classifier: the user's, best stored, random init
 
@@ -256,6 +261,14 @@ def low_levels(hypernet, low=None, n_forget: int | None = None) -> tuple[float, 
     return check_levels(LOW_LEVELS if low is None else low, "low")
 
 
+def high_levels(hypernet, high=None, n_forget: int | None = None) -> tuple[float, ...]:
+    """The high prompt levels a forget call uses: `high` when given, else the model card's for a
+    request of n_forget classes (`Hypernet.high_levels_for`), else HIGH_LEVELS; checked."""
+    if high is None and n_forget is not None:
+        high = hypernet.high_levels_for(n_forget)
+    return check_levels(HIGH_LEVELS if high is None else high, "high")
+
+
 def check_levels(levels, name: str) -> tuple[float, ...]:
     """A grid of prompt levels (quantiles) -> tuple of floats; refuses an empty grid, repeats
     and levels outside [0, 1]."""
@@ -316,7 +329,7 @@ def _dihyfo1_start(hn, spec, model, start: str, seed: int) -> tuple[torch.Tensor
 
 
 def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", steps: int = 50,
-           model: nn.Module | torch.Tensor | None = None, seed: int = 0, high=HIGH_LEVELS, low=None,
+           model: nn.Module | torch.Tensor | None = None, seed: int = 0, high=None, low=None,
            keep_candidates: bool = True, guidance=None, prompt: str = "forget",
            retain_min: float = RETAIN_MIN, start: str | None = None, progress: bool = False,
            warn: bool = True) -> ForgetResult:
@@ -335,8 +348,9 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
     (`random_start(spec, seed)`, the dissertation's protocol). DiHyFo-1's retained-class targets
     never exceed the start's current validation loss: the prompt never asks it to get worse on D_r.
     high / low: the prompt levels (quantiles of each class's training loss) for the forget and
-    the retained classes; low None = the model's levels for a request of this size (its card's,
-    chosen on validation: `Hypernet.low_levels_for`), else LOW_LEVELS.
+    the retained classes; None = the model's levels for a request of this size (its card's,
+    chosen on validation: `Hypernet.high_levels_for` / `low_levels_for`), else HIGH_LEVELS /
+    LOW_LEVELS.
     prompt: "forget" (the request) or "keep" (the keep-every-class control: same K, guidance
     grid, levels, sampler, seed and selection rule, every class prompted low). retain_min: the D_r
     threshold of the forget-and-keep count (it does not change the choice).
@@ -355,7 +369,7 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
         raise ValueError(f"k (number of candidates) must be a positive integer, got {k!r}")
     k = int(k)
     grid = guidance_grid(hn, guidance, len(fidx))     # the keep control too: the request's grid
-    high, low = check_levels(high, "high"), low_levels(hn, low, len(fidx))   # ... and the request's levels
+    high, low = high_levels(hn, high, len(fidx)), low_levels(hn, low, len(fidx))   # ... and the request's levels
     dev = next(hn.model.parameters()).device
     Xv, yv = data.X_val.to(dev), data.y_val.to(dev)
     t0 = time.perf_counter()
@@ -415,58 +429,71 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
 SWEEP_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 
 
-def _best_grid(nets: list[dict], ws: list[str], ls: list[str], tolerance: float) -> tuple[tuple | None, dict]:
-    """The run of consecutive weights ws[i:j] and of consecutive low levels ls[a:b] maximising the
-    worst set's mean net count over the grid they span (nets: one {(weight, level): net count} per
-    set; sets that nothing forgets are left out), the largest grid within `tolerance` of the best
-    -> ((weights, levels) or None when nothing forgets, {"w,w|l,l": worst count})."""
+def _best_grid(nets: list[dict], ws: list[str], ls: list[str], hs: list, tolerance: float) -> tuple[tuple | None, dict]:
+    """The run of consecutive weights ws[i:j], of consecutive low levels ls[a:b] and of consecutive
+    high levels hs[c:d] maximising the worst set's mean net count over the grid they span (nets: one
+    {(weight, low, high): net count} per set; sets that nothing forgets are left out), the largest
+    grid within `tolerance` of the best -> ((weights, lows, highs) or None when nothing forgets,
+    {"w,w|l,l|h,h": worst count}). hs == [None]: a sweep that kept the fixed high levels (its
+    keys "w,w|l,l")."""
     nets = [n for n in nets if max(n.values()) > 0]   # a set nothing forgets says nothing about the grid
-    worst = {}
-    for i in range(len(ws)):
-        for j in range(i + 1, len(ws) + 1):
-            for a in range(len(ls)):
-                for b in range(a + 1, len(ls) + 1):
-                    cells = [(w, q) for w in ws[i:j] for q in ls[a:b]]
-                    worst[",".join(ws[i:j]) + "|" + ",".join(ls[a:b])] = (
-                        min(float(np.mean([n[c] for c in cells])) for n in nets) if nets else 0.0)
+    runs = lambda xs: [xs[i:j] for i in range(len(xs)) for j in range(i + 1, len(xs) + 1)]
+    worst, size = {}, {}
+    for w_run in runs(ws):
+        for l_run in runs(ls):
+            for h_run in runs(hs):
+                cells = [(w, q, h) for w in w_run for q in l_run for h in h_run]
+                g = ",".join(w_run) + "|" + ",".join(l_run) + ("" if h_run == [None] else "|" + ",".join(h_run))
+                worst[g] = min(float(np.mean([n[c] for c in cells])) for n in nets) if nets else 0.0
+                size[g] = len(cells)
     best = max(worst.values())
     if best <= 0:
         return None, worst
     near = [g for g, v in worst.items() if v >= (1 - tolerance) * best]
-    g = max(near, key=lambda g: (len(g.split("|")[0].split(",")) * len(g.split("|")[1].split(",")), worst[g]))
-    w_run, l_run = g.split("|")
-    return (w_run.split(","), l_run.split(",")), worst
+    g = max(near, key=lambda g: (size[g], worst[g]))
+    parts = g.split("|")
+    return (parts[0].split(","), parts[1].split(","), parts[2].split(",") if len(parts) > 2 else None), worst
 
 
-def _count_by_low(res, lows: Sequence[float]) -> dict:
-    """{low level: [forget-and-keep candidates, candidates]} of one forget call, by each
-    candidate's prompt cell."""
+def _count_by_cell(res, highs: Sequence[float], lows: Sequence[float]) -> dict:
+    """{"high|low": [forget-and-keep candidates, candidates]} of one forget call, by each
+    candidate's prompt cell; a keep-prompt call (no high level) counts by low level, and each
+    high level of that low level gets its count."""
     c = res.candidates
     ok = (c["forget_acc"] <= FORGET_MAX) & (c["retain_acc"] >= res.settings["retain_min"])   # (K,)
-    low_of = torch.tensor([cell["low"] for cell in res.prompt_levels["cells"]], dtype=torch.float64)[c["cell"]]
-    return {str(float(q)): [int(ok[low_of == q].sum()), int((low_of == q).sum())] for q in lows}
+    cells = res.prompt_levels["cells"]
+    low_of = torch.tensor([cell["low"] for cell in cells], dtype=torch.float64)[c["cell"]]             # (K,)
+    high_of = torch.tensor([-1.0 if cell["high"] is None else cell["high"] for cell in cells],
+                           dtype=torch.float64)[c["cell"]]                                                 # (K,)
+    out = {}
+    for h in highs:
+        for q in lows:
+            at = (low_of == q) & ((high_of == h) | (high_of == -1.0))
+            out[f"{float(h)}|{float(q)}"] = [int(ok[at].sum()), int(at.sum())]
+    return out
 
 
-def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEEP_LOW_LEVELS, k: int = 256,
-                   sampler: str = "ddim", steps: int = 50, seed: int = 100, tolerance: float = 0.02,
-                   starts: dict | None = None, **kw) -> dict:
-    """Choose a model's default guidance grids and low prompt levels on the VALIDATION split (run at
+def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEEP_LOW_LEVELS,
+                   highs=SWEEP_HIGH_LEVELS, k: int = 256, sampler: str = "ddim", steps: int = 50, seed: int = 100,
+                   tolerance: float = 0.02, starts: dict | None = None, **kw) -> dict:
+    """Choose a model's default guidance grids and prompt levels on the VALIDATION split (run at
     release; they go into the model card's `sampling`).
 
     For each weight alone, K candidates for every forget set under the forget prompt and under the
     keep-every-class control (skipped where the forget prompt yields none: its net count cannot
-    be positive), spread over the prompt cells of every low level in `lows`; then `choose_sampling`
-    picks the grids from those counts. kw go to `forget` (e.g. start=).
+    be positive), spread over the prompt cells (high, low) of every level in `highs` x `lows`; then
+    `choose_sampling` picks the grids from those counts. kw go to `forget` (e.g. start=).
 
     starts (DiHyFo-1): {label: forget kwargs} of several starting classifiers, e.g. {"best":
     {"start": "best"}, "fresh": {"model": params}}: each set is counted from each start, and the
     rule takes a set's count as its mean over the starts (what a start not seen here can expect).
     -> {"guidance_grid", "guidance_by_size": {n: grid}, "low_levels", "low_levels_by_size",
-        "weights", "lows", "starts", "counts": {key: {w: {"forget", "keep", "by_low": {level:
-        {"forget": [ok, n], "keep": [ok, n]}}}}}, "worst": {"w,..|l,..": count}, "k", "steps",
-        "sampler", "seed", "rule", "split": "validation"}; a count's key is the set ("2,3"), or
-        with several starts the set and start ("2,3 from best")."""
-    lows = check_levels(lows, "low")
+        "high_levels", "high_levels_by_size", "weights", "lows", "highs", "starts", "counts": {key:
+        {w: {"forget", "keep", "by_cell": {"high|low": {"forget": [ok, n], "keep": [ok, n]}}}}},
+        "worst": {"w,..|l,..|h,..": count}, "k", "steps", "sampler", "seed", "rule", "split":
+        "validation"}; a count's key is the set ("2,3"), or with several starts the set and start
+        ("2,3 from best")."""
+    lows, highs = check_levels(lows, "low"), check_levels(highs, "high")
     if starts is not None and (not isinstance(starts, dict) or not starts):
         raise ValueError(f"starts must be a non-empty dict {{label: forget kwargs}}, got {type(starts).__name__}")
     starts = starts if starts is not None else {"": {}}
@@ -475,15 +502,16 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEE
         key = sweep_count_key(fs, label if len(starts) > 1 else "")
         counts[key] = {}
         for w in weights:
-            run = dict(k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w), low=lows, keep_candidates=False,
-                       warn=False, **kw, **start_kw)
+            run = dict(k=k, sampler=sampler, steps=steps, seed=seed, guidance=float(w), low=lows, high=highs,
+                       keep_candidates=False, warn=False, **kw, **start_kw)
             f = forget(hypernet, list(fs), data, prompt="forget", **run)
             kp = forget(hypernet, list(fs), data, prompt="keep", **run) if f.forget_keep else None
-            by_f = _count_by_low(f, lows)
-            by_k = _count_by_low(kp, lows) if kp is not None else {q: [0, 1] for q in by_f}
+            by_f = _count_by_cell(f, highs, lows)
+            by_k = _count_by_cell(kp, highs, lows) if kp is not None else {c: [0, 1] for c in by_f}
             counts[key][str(float(w))] = {"forget": f.forget_keep, "keep": kp.forget_keep if kp is not None else 0,
-                                          "by_low": {q: {"forget": by_f[q], "keep": by_k[q]} for q in by_f}}
+                                          "by_cell": {c: {"forget": by_f[c], "keep": by_k[c]} for c in by_f}}
     sweep = {"weights": [float(w) for w in weights], "lows": [float(q) for q in lows],
+             "highs": [float(h) for h in highs],
              "starts": [label for label in starts if label], "counts": counts,
              "k": int(k), "steps": int(steps), "sampler": sampler, "seed": int(seed), "split": "validation"}
     return choose_sampling(sweep, hypernet.default_guidance, tolerance)
@@ -497,28 +525,36 @@ def sweep_count_key(forget_set, start: str = "") -> str:
 def choose_sampling(sweep: dict, default_guidance: float, tolerance: float = 0.02) -> dict:
     """The grids a sweep's counts choose (pure: re-choosing a stored sweep needs no sampling).
 
-    A (weight, low level) cell's net count for a set is its forget minus keep share of
+    A (weight, low level, high level) cell's net count for a set is its forget minus keep share of
     forget-and-keep candidates, times K; with several starts, its mean over them. A grid (a run of
-    consecutive weights and a run of consecutive low levels) spreads K evenly, so its expected net
-    count for a set is the mean over its cells. The grid chosen maximises the worst set's expected
-    count (sets that nothing forgets are skipped); among grids within `tolerance` of that best, the
-    largest (robust to requests and starts the sweep did not see). When nothing forgets, the
-    model's single default weight and LOW_LEVELS. The same rule over the sets of each size gives
-    `guidance_by_size` and `low_levels_by_size` (a request to forget n classes uses those of size
-    n: a larger edit wants a larger weight); `guidance_grid` and `low_levels` (over every set)
-    serve the sizes not swept. -> `sweep` with those keys, "worst" and "rule" added."""
+    consecutive weights, of consecutive low levels and of consecutive high levels) spreads K
+    evenly, so its expected net count for a set is the mean over its cells. The grid chosen
+    maximises the worst set's expected count (sets that nothing forgets are skipped); among grids
+    within `tolerance` of that best, the largest (robust to requests and starts the sweep did not
+    see). When nothing forgets, the model's single default weight and the default levels. The same
+    rule over the sets of each size gives `guidance_by_size`, `low_levels_by_size` and
+    `high_levels_by_size` (a request to forget n classes uses those of size n: a larger edit wants
+    a larger weight); `guidance_grid`, `low_levels` and `high_levels` (over every set) serve the
+    sizes not swept. A sweep stored before high levels were chosen (no "highs") keeps HIGH_LEVELS
+    and gets no high-level keys. -> `sweep` with those keys, "worst" and "rule" added."""
     counts, k = sweep["counts"], sweep["k"]
     ws, ls = [str(float(w)) for w in sweep["weights"]], [str(float(q)) for q in sweep["lows"]]
+    hs = [str(float(h)) for h in sweep["highs"]] if sweep.get("highs") else [None]
     by_set: dict = {}                                   # set "2,3" -> its count keys, one per start
     for key in counts:
         by_set.setdefault(key.split(" from ")[0], []).append(key)
 
-    def net(key):   # {(w, q): K x (forget share - keep share)} of one set from one start
+    def cell_counts(key, w, q, h):
+        at = counts[key][w]
+        return at["by_low"][q] if h is None else at["by_cell"][f"{h}|{q}"]
+
+    def net(key):   # {(w, q, h): K x (forget share - keep share)} of one set from one start
         out = {}
         for w in ws:
             for q in ls:
-                (fo, fn), (ko, kn) = (counts[key][w]["by_low"][q][p] for p in ("forget", "keep"))
-                out[(w, q)] = k * (fo / max(fn, 1) - ko / max(kn, 1))
+                for h in hs:
+                    (fo, fn), (ko, kn) = (cell_counts(key, w, q, h)[p] for p in ("forget", "keep"))
+                    out[(w, q, h)] = k * (fo / max(fn, 1) - ko / max(kn, 1))
         return out
 
     def over_starts(fs):   # a set's net count per cell, the mean over its starts
@@ -526,23 +562,30 @@ def choose_sampling(sweep: dict, default_guidance: float, tolerance: float = 0.0
         return {c: float(np.mean([n[c] for n in nets])) for c in nets[0]}
 
     def chosen(sets):
-        g, worst = _best_grid([over_starts(fs) for fs in sets], ws, ls, tolerance)
+        g, worst = _best_grid([over_starts(fs) for fs in sets], ws, ls, hs, tolerance)
         if g is None:
-            return None, None, worst
-        return [float(w) for w in g[0]], [float(q) for q in g[1]], worst
+            return None, None, None, worst
+        return ([float(w) for w in g[0]], [float(q) for q in g[1]],
+                [float(h) for h in g[2]] if g[2] is not None else None, worst)
 
-    grid, low, worst = chosen(list(by_set))
+    grid, low, high, worst = chosen(list(by_set))
     grid = grid or [float(default_guidance)]
     low = low or [float(q) for q in LOW_LEVELS]
-    by_size, low_by_size = {}, {}
+    high = high or [float(h) for h in HIGH_LEVELS]
+    by_size, low_by_size, high_by_size = {}, {}, {}
     for n in sorted({len(fs.split(",")) for fs in by_set}):
-        g, q, _ = chosen([fs for fs in by_set if len(fs.split(",")) == n])
-        by_size[str(n)], low_by_size[str(n)] = g or grid, q or low
+        g, q, h, _ = chosen([fs for fs in by_set if len(fs.split(",")) == n])
+        by_size[str(n)], low_by_size[str(n)], high_by_size[str(n)] = g or grid, q or low, h or high
     several = len(sweep.get("starts") or []) > 1
-    return {**sweep, "guidance_grid": grid, "guidance_by_size": by_size, "low_levels": low,
-            "low_levels_by_size": low_by_size, "worst": worst,
-            "rule": "the run of consecutive weights and of consecutive low levels maximising the worst forget set's "
-                    + ("(its mean over the starts) " if several else "") +
-                    "expected (forget - keep-prompt) forget-and-keep count (K spread evenly over the grid they span); "
-                    f"the largest within {tolerance:.0%} of it; the same rule over the sets of each size for "
-                    "guidance_by_size and low_levels_by_size"}
+    swept_highs = hs != [None]
+    levels = "of consecutive low levels and of consecutive high levels" if swept_highs else "of consecutive low levels"
+    out = {**sweep, "guidance_grid": grid, "guidance_by_size": by_size, "low_levels": low,
+           "low_levels_by_size": low_by_size, "worst": worst,
+           "rule": f"the run of consecutive weights and {levels} maximising the worst forget set's "
+                   + ("(its mean over the starts) " if several else "") +
+                   "expected (forget - keep-prompt) forget-and-keep count (K spread evenly over the grid they span); "
+                   f"the largest within {tolerance:.0%} of it; the same rule over the sets of each size for "
+                   "guidance_by_size and low_levels_by_size" + (" and high_levels_by_size" if swept_highs else "")}
+    if swept_highs:
+        out.update({"high_levels": high, "high_levels_by_size": high_by_size})
+    return out
