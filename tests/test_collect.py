@@ -304,3 +304,26 @@ def test_forget_pair_counts_match_a_run_by_run_count(coll):
         assert got == {"runs": len(np.unique(run)), "forget_and_keep_runs": forgets, "pair_runs": pairs}, fs
     with pytest.raises(ValueError, match="not among the collection"):
         forget_pair_counts(st, (7,))
+
+
+def test_forget_loss_levels_place_each_loss_in_the_prompt_table(coll):
+    """bench/forget_pairs.py --levels: a checkpoint's loss at a table value sits at that value's
+    quantile, between two values linearly; only the checkpoints that forget and keep count."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from forget_pairs import forget_loss_levels
+    _, st = coll
+    acc, loss = st.load("class_acc"), st.load("class_loss")
+    m = len(st.classes)
+    fi = [st.classes.index(2)]
+    ri = [i for i in range(m) if i not in fi]
+    ok = (acc[:, fi] <= 0.3).all(1) & (acc[:, ri].mean(1) >= 0.5)
+    assert ok.any(), "the tiny collection should hold checkpoints that forget 2 at these thresholds"
+    # a two-row table, linear from below the smallest loss (q 0) to above the largest (q 1)
+    lo, hi = loss.min(0) - 1.0, loss.max(0) + 1.0                      # (m,)
+    table = {"q": [0.0, 1.0], "values": [lo.tolist(), hi.tolist()]}
+    got = forget_loss_levels(st, (2,), table, forgot_max=0.3, retain_min=0.5)
+    want = (loss[ok] - lo) / (hi - lo)                                 # (n_ok, m)
+    assert got["n"] == int(ok.sum())
+    np.testing.assert_allclose(got["median"], np.median(want, 0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got["p10"], np.percentile(want, 10, 0), rtol=1e-6, atol=1e-9)
+    assert forget_loss_levels(st, (2,), table, forgot_max=-1.0) == {"n": 0}
