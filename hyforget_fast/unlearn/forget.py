@@ -6,7 +6,7 @@
    over the K candidates, and so is a grid of classifier-free guidance weights (the model card's
    grid for the request's size, `sampling.guidance_by_size`, chosen on validation at release):
    guidance is a sampling setting chosen like the levels, not a fixed number (DiHyFo-1 follows its
-   prompt only at w of 2-24, the more classes the higher; DiHyFo-2 prefers w of 1-4). The low
+   prompt only at w of 2-24, the more classes the higher; DiHyFo-2 prefers w of 1-4). Both
    levels are chosen on validation the same way (`sampling.low_levels_by_size`, `high_levels_by_size`):
    how low to ask the retained classes to stay, and how high to push the forgotten ones, are
    properties of the model (MNIST-4's DiHyFo-1 forgets only when the retained classes are asked
