@@ -181,23 +181,24 @@ class Hypernet:
         grid = ((self.meta.get("sampling") or {}).get("guidance_by_size") or {}).get(str(int(n_forget)))
         return [float(x) for x in grid] if grid else self.guidance_grid
 
+    def _levels_for(self, key: str, n_forget: int) -> list[float] | None:
+        """The card's `sampling.{key}_levels_by_size` for a request of n_forget classes, else its
+        `{key}_levels`; None when the card has neither."""
+        s = self.meta.get("sampling") or {}
+        levels = (s.get(f"{key}_levels_by_size") or {}).get(str(int(n_forget))) or s.get(f"{key}_levels")
+        return [float(x) for x in levels] if levels else None
+
     def low_levels_for(self, n_forget: int) -> list[float] | None:
         """The low prompt levels (quantiles of each retained class's training loss) of a request to
         forget `n_forget` classes: the card's (meta["sampling"]["low_levels_by_size"], else its
         "low_levels", chosen on validation at release), None when the card has none (`forget`
         then uses its defaults)."""
-        s = self.meta.get("sampling") or {}
-        lows = (s.get("low_levels_by_size") or {}).get(str(int(n_forget))) or s.get("low_levels")
-        return [float(x) for x in lows] if lows else None
+        return self._levels_for("low", n_forget)
 
     def high_levels_for(self, n_forget: int) -> list[float] | None:
-        """The high prompt levels (quantiles of each forgotten class's training loss) of a request to
-        forget `n_forget` classes: the card's (meta["sampling"]["high_levels_by_size"], else its
-        "high_levels", chosen on validation at release), None when the card has none (`forget`
-        then uses its defaults)."""
-        s = self.meta.get("sampling") or {}
-        highs = (s.get("high_levels_by_size") or {}).get(str(int(n_forget))) or s.get("high_levels")
-        return [float(x) for x in highs] if highs else None
+        """The high prompt levels (quantiles of each forgotten class's training loss) of a request,
+        as `low_levels_for` (meta["sampling"]["high_levels_by_size"], else "high_levels")."""
+        return self._levels_for("high", n_forget)
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()

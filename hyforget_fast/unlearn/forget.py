@@ -256,17 +256,20 @@ def spread(k: int, grid: Sequence[float], n_cells: int) -> tuple[torch.Tensor, t
 def low_levels(hypernet, low=None, n_forget: int | None = None) -> tuple[float, ...]:
     """The low prompt levels a forget call uses: `low` when given, else the model card's for a
     request of n_forget classes (`Hypernet.low_levels_for`), else LOW_LEVELS; checked."""
-    if low is None and n_forget is not None:
-        low = hypernet.low_levels_for(n_forget)
-    return check_levels(LOW_LEVELS if low is None else low, "low")
+    return _levels(hypernet, low, n_forget, "low", LOW_LEVELS)
 
 
 def high_levels(hypernet, high=None, n_forget: int | None = None) -> tuple[float, ...]:
     """The high prompt levels a forget call uses: `high` when given, else the model card's for a
     request of n_forget classes (`Hypernet.high_levels_for`), else HIGH_LEVELS; checked."""
-    if high is None and n_forget is not None:
-        high = hypernet.high_levels_for(n_forget)
-    return check_levels(HIGH_LEVELS if high is None else high, "high")
+    return _levels(hypernet, high, n_forget, "high", HIGH_LEVELS)
+
+
+def _levels(hypernet, given, n_forget, name: str, default) -> tuple[float, ...]:
+    """`given`, else the card's `{name}_levels_for(n_forget)`, else `default`; checked."""
+    if given is None and n_forget is not None:
+        given = getattr(hypernet, f"{name}_levels_for")(n_forget)
+    return check_levels(default if given is None else given, name)
 
 
 def check_levels(levels, name: str) -> tuple[float, ...]:
@@ -438,21 +441,20 @@ def _best_grid(nets: list[dict], ws: list[str], ls: list[str], hs: list, toleran
     keys "w,w|l,l")."""
     nets = [n for n in nets if max(n.values()) > 0]   # a set nothing forgets says nothing about the grid
     runs = lambda xs: [xs[i:j] for i in range(len(xs)) for j in range(i + 1, len(xs) + 1)]
-    worst, size = {}, {}
+    worst, grids = {}, {}
     for w_run in runs(ws):
         for l_run in runs(ls):
             for h_run in runs(hs):
                 cells = [(w, q, h) for w in w_run for q in l_run for h in h_run]
                 g = ",".join(w_run) + "|" + ",".join(l_run) + ("" if h_run == [None] else "|" + ",".join(h_run))
                 worst[g] = min(float(np.mean([n[c] for c in cells])) for n in nets) if nets else 0.0
-                size[g] = len(cells)
+                grids[g] = (w_run, l_run, None if h_run == [None] else h_run)
     best = max(worst.values())
     if best <= 0:
         return None, worst
     near = [g for g, v in worst.items() if v >= (1 - tolerance) * best]
-    g = max(near, key=lambda g: (size[g], worst[g]))
-    parts = g.split("|")
-    return (parts[0].split(","), parts[1].split(","), parts[2].split(",") if len(parts) > 2 else None), worst
+    size = lambda g: len(grids[g][0]) * len(grids[g][1]) * len(grids[g][2] or [None])
+    return grids[max(near, key=lambda g: (size(g), worst[g]))], worst
 
 
 def _count_by_cell(res, highs: Sequence[float], lows: Sequence[float]) -> dict:
