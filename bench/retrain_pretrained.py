@@ -144,6 +144,9 @@ def collection(name: str, work: str, use_recipe: bool = False) -> str:
     return data
 
 
+REBUILD_SIZE_TOLERANCE = 0.01   # a rebuild of a card's collection on another CPU: its size within 1 %
+
+
 def remeasure(name: str, reason: str, work: str, reuse_sweep: bool = False) -> dict:
     """Keep a shipped model's weights; re-measure everything its card records of them (`measure`:
     a changed sampling rule changes the grid, the tables and the check together)."""
@@ -152,16 +155,18 @@ def remeasure(name: str, reason: str, work: str, reuse_sweep: bool = False) -> d
     old = P.model_card(name)
     # The card's collect command rebuilds the training collection run for run (same seeds, so the
     # held-out run ids name the same runs), but on another CPU its floats, and so its manifest
-    # hash, may differ: then the held-out runs are passed by id, and the card says so.
+    # hash, may differ: then the held-out runs are passed by id, and the card says so. Those float
+    # differences also move a few checkpoints across the collection's loss-bin caps and accuracy
+    # hold-outs (47,563 against 47,628 for mnist10 on two EPYC machines), so a rebuild may differ in
+    # size by up to REBUILD_SIZE_TOLERANCE; more than that is another collection.
     want, got = old["dataset"]["manifest_sha256"], manifest_sha256(data)
-    n = CheckpointStore(data, verify="size").manifest["num_checkpoints"]
-    if got != want and n != old["dataset"]["num_checkpoints"]:
-        raise ValueError(f"{data} is not a rebuild of {name}'s collection: {n} checkpoints, the card's "
-                         f"{old['dataset']['num_checkpoints']}")
+    n, n_card = CheckpointStore(data, verify="size").manifest["num_checkpoints"], old["dataset"]["num_checkpoints"]
+    if got != want and abs(n - n_card) > REBUILD_SIZE_TOLERANCE * n_card:
+        raise ValueError(f"{data} is not a rebuild of {name}'s collection: {n} checkpoints, the card's {n_card}")
     new, start = measure(hn, name, data, heldout_runs=hn.heldout_runs if got != want else None,
                          reuse_sweep=old.get("sampling") if reuse_sweep else None)
     card = {**old, **new, "remeasured": {"date": time.strftime("%Y-%m-%d"), "reason": reason, "machine": machine(),
-                                         "collection_manifest_sha256": got,
+                                         "collection_manifest_sha256": got, "collection_checkpoints": n,
                                          "collection": "the training collection" if got == want else
                                          "a rebuild by the card's collect command (same runs; floats differ by CPU)"}}
     card = P.write_card(os.path.join(P.PRETRAINED_DIR, name), card, start)   # the check's start with it

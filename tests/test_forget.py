@@ -592,18 +592,29 @@ def test_sweep_guidance_serves_every_start(setup, monkeypatch):
     monkeypatch.setattr(F, "forget", fake_forget)
     one = dict(weights=(1.0, 2.0, 3.0, 4.0), lows=(0.1,), highs=(0.9,), k=300)
     alone = F.sweep_guidance(hn, splits, [[2], [2, 3]], start="best", **one)
-    assert alone["guidance_by_size"]["1"] == [2.0] and alone["starts"] == [] and "2" in alone["counts"]
+    assert alone["starts"] == [] and "2" in alone["counts"]
     starts = {"best": {"start": "best"}, "fresh": {"model": F.random_start(hn.spec, 3)}}
     both = F.sweep_guidance(hn, splits, [[2], [2, 3]], starts=starts, **one)
     assert set(seen) == {"best", "fresh"} and both["starts"] == ["best", "fresh"]
     assert sorted(both["counts"]) == ["2 from best", "2 from fresh", "2,3 from best", "2,3 from fresh"]
     assert both["counts"]["2,3 from fresh"]["4.0"]["keep"] == 180
-    # size 1, the mean over starts: weight 2 gives 0.4 K, weight 3 0.55 K, [2, 3] 0.475 K
-    assert both["guidance_by_size"]["1"] == [3.0]
-    # size 2: weight 3 (0.45 K); weight 4's net is negative (the fresh start's keep prompt beats its forget prompt)
+    # several starts: first the grid serving the most (set, start) pairs (a cell with a positive net count from
+    # that start), then the most live cells (cells serving some pair), then the worst-set count (mean over starts).
+    # size 1: weight 3 serves both starts; [2, 3] also holds weight 2, live from the stored start, so it beats [3]
+    # (0.55 K) although its count is lower (0.475 K), and beats [1, 2, 3] and [2, 3, 4] (as live, lower counts)
+    assert both["guidance_by_size"]["1"] == [2.0, 3.0]
+    # size 2: only the stored start forgets {2,3} (weight 3); weight 4's net is negative (the fresh start's keep
+    # prompt beats its forget prompt), so it is no live cell and [3, 4] loses to [3] on the count
     assert both["guidance_by_size"]["2"] == [3.0]
+    assert both["guidance_grid"] == [2.0, 3.0]
+    assert both["served"] == {"all": [3, 4], "by_size": {"1": [2, 2], "2": [1, 2]}}
     assert both["worst"]["3.0|0.1|0.9"] == pytest.approx(300 * min(0.55, 0.45))          # over both sets
     assert both["worst"]["3.0,4.0|0.1|0.9"] == pytest.approx(300 * min(0.275, (0.45 + (0.2 - 0.6) / 2) / 2))
+    # K // CELL_CANDIDATES bounds the grid: at K = 8 a grid holds one cell, the one serving both starts for {2}
+    small = F.sweep_guidance(hn, splits, [[2], [2, 3]], starts=starts, **{**one, "k": 8})
+    assert small["guidance_by_size"] == {"1": [3.0], "2": [3.0]} and small["served"]["all"] == [3, 4]
+    # one start keeps the count rule: {2} from the stored start alone is best at weight 2 (0.8 K)
+    assert alone["guidance_by_size"]["1"] == [2.0] and "served" not in alone
     # the rule is a function of the stored counts alone: re-choosing the sweep returns it
     assert F.choose_sampling({k_: v for k_, v in both.items() if k_ not in ("worst", "rule")},
                              hn.default_guidance) == both

@@ -432,29 +432,50 @@ def forget(hypernet, forget_classes, data, k: int = 256, sampler: str = "ddim", 
 SWEEP_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 
 
-def _best_grid(nets: list[dict], ws: list[str], ls: list[str], hs: list, tolerance: float) -> tuple[tuple | None, dict]:
+# A sweep from several starts (DiHyFo-1) spreads K over at most K // CELL_CANDIDATES cells: its
+# candidates are nearly one network per cell, so a cell needs few, and the breadth is what serves a start
+# the sweep did not see (bench/RESULTS.md: held-out starts, one left out at a time).
+CELL_CANDIDATES = 8
+
+
+def _best_grid(nets: list[list[dict]], ws: list[str], ls: list[str], hs: list, tolerance: float,
+               max_cells: int | None = None) -> tuple[tuple | None, dict, dict]:
     """The run of consecutive weights ws[i:j], of consecutive low levels ls[a:b] and of consecutive
-    high levels hs[c:d] maximising the worst set's mean net count over the grid they span (nets: one
-    {(weight, low, high): net count} per set; sets that nothing forgets are left out), the largest
-    grid within `tolerance` of the best -> ((weights, lows, highs) or None when nothing forgets,
-    {"w,w|l,l|h,h": worst count}). hs == [None]: a sweep that kept the fixed high levels (its
-    keys "w,w|l,l")."""
-    nets = [n for n in nets if max(n.values()) > 0]   # a set nothing forgets says nothing about the grid
+    high levels hs[c:d] that a forget call spreads K over. nets: per set, one {(weight, low, high):
+    net count} per start; sets that nothing forgets from any start are left out.
+
+    One start (max_cells None): the grid maximising the worst set's mean net count over the cells
+    it spans, the largest within `tolerance` of the best. Several starts (max_cells given): the grid
+    serving the most (set, start) pairs (a pair is served when one of the grid's cells has a
+    positive net count from that start), then, of at most max_cells cells, the one holding the most
+    live cells (cells that serve some pair), then the best worst-set count (the mean over starts);
+    when no grid that small has a positive worst count, the one-start rule. -> ((weights, lows,
+    highs) or None when nothing forgets, {"w,w|l,l|h,h": worst count}, {"w,w|l,l|h,h": pairs
+    served}). hs == [None]: a sweep that kept the fixed high levels (its keys "w,w|l,l")."""
+    nets = [ns for ns in nets if max(max(n.values()) for n in ns) > 0]   # a set nothing forgets says nothing
+    means = [{c: float(np.mean([n[c] for n in ns])) for c in ns[0]} for ns in nets]   # per set, over its starts
     runs = lambda xs: [xs[i:j] for i in range(len(xs)) for j in range(i + 1, len(xs) + 1)]
-    worst, grids = {}, {}
+    alive = {c for ns in nets for n in ns for c, v in n.items() if v > 0}   # cells that serve some pair
+    worst, served, live, grids = {}, {}, {}, {}
     for w_run in runs(ws):
         for l_run in runs(ls):
             for h_run in runs(hs):
                 cells = [(w, q, h) for w in w_run for q in l_run for h in h_run]
                 g = ",".join(w_run) + "|" + ",".join(l_run) + ("" if h_run == [None] else "|" + ",".join(h_run))
-                worst[g] = min(float(np.mean([n[c] for c in cells])) for n in nets) if nets else 0.0
+                worst[g] = min(float(np.mean([m[c] for c in cells])) for m in means) if means else 0.0
+                served[g] = sum(any(n[c] > 0 for c in cells) for ns in nets for n in ns)
+                live[g] = sum(c in alive for c in cells)
                 grids[g] = (w_run, l_run, None if h_run == [None] else h_run)
-    best = max(worst.values())
-    if best <= 0:
-        return None, worst
-    near = [g for g, v in worst.items() if v >= (1 - tolerance) * best]
+    if max(worst.values()) <= 0:
+        return None, worst, served
     size = lambda g: len(grids[g][0]) * len(grids[g][1]) * len(grids[g][2] or [None])
-    return grids[max(near, key=lambda g: (size(g), worst[g]))], worst
+    fits = [g for g in grids if max_cells is not None and size(g) <= max_cells and worst[g] > 0]
+    if not fits:
+        best = max(worst.values())
+        near = [g for g, v in worst.items() if v >= (1 - tolerance) * best]
+        return grids[max(near, key=lambda g: (size(g), worst[g]))], worst, served
+    most = max(served[g] for g in fits)
+    return grids[max((g for g in fits if served[g] == most), key=lambda g: (live[g], worst[g]))], worst, served
 
 
 def _count_by_cell(res, highs: Sequence[float], lows: Sequence[float]) -> dict:
@@ -488,7 +509,7 @@ def sweep_guidance(hypernet, data, forget_sets, weights=SWEEP_WEIGHTS, lows=SWEE
 
     starts (DiHyFo-1): {label: forget kwargs} of several starting classifiers, e.g. {"best":
     {"start": "best"}, "fresh": {"model": params}}: each set is counted from each start, and the
-    rule takes a set's count as its mean over the starts (what a start not seen here can expect).
+    rule serves as many (set, start) pairs as it can (`choose_sampling`).
     -> {"guidance_grid", "guidance_by_size": {n: grid}, "low_levels", "low_levels_by_size",
         "high_levels", "high_levels_by_size", "weights", "lows", "highs", "starts", "counts": {key:
         {w: {"forget", "keep", "by_cell": {"high|low": {"forget": [ok, n], "keep": [ok, n]}}}}},
@@ -528,17 +549,23 @@ def choose_sampling(sweep: dict, default_guidance: float, tolerance: float = 0.0
     """The grids a sweep's counts choose (pure: re-choosing a stored sweep needs no sampling).
 
     A (weight, low level, high level) cell's net count for a set is its forget minus keep share of
-    forget-and-keep candidates, times K; with several starts, its mean over them. A grid (a run of
-    consecutive weights, of consecutive low levels and of consecutive high levels) spreads K
-    evenly, so its expected net count for a set is the mean over its cells. The grid chosen
-    maximises the worst set's expected count (sets that nothing forgets are skipped); among grids
-    within `tolerance` of that best, the largest (robust to requests and starts the sweep did not
-    see). When nothing forgets, the model's single default weight and the default levels. The same
-    rule over the sets of each size gives `guidance_by_size`, `low_levels_by_size` and
-    `high_levels_by_size` (a request to forget n classes uses those of size n: a larger edit wants
-    a larger weight); `guidance_grid`, `low_levels` and `high_levels` (over every set) serve the
-    sizes not swept. A sweep stored before high levels were chosen (no "highs") keeps HIGH_LEVELS
-    and gets no high-level keys. -> `sweep` with those keys, "worst" and "rule" added."""
+    forget-and-keep candidates, times K. A grid (a run of consecutive weights, of consecutive low
+    levels and of consecutive high levels) spreads K evenly, so its expected net count for a set
+    is the mean over its cells (with several starts, also over them). Sets that nothing forgets
+    are skipped. One start (DiHyFo-2): the grid maximising the worst set's expected count; among
+    grids within `tolerance` of that best, the largest (robust to requests the sweep did not see).
+    Several starts (DiHyFo-1, whose candidates are nearly one network per cell and whose working
+    cells move from one start to the next): the grid serving the most (set, start) pairs, then,
+    of at most K // CELL_CANDIDATES cells (about CELL_CANDIDATES candidates each), the one holding
+    the most cells that serve some pair, then the best worst-set count: breadth is what serves a
+    start the sweep did not see. When nothing forgets, the model's single default weight and the
+    default levels. The same rule over the sets of each size gives
+    `guidance_by_size`, `low_levels_by_size` and `high_levels_by_size` (a request to forget n
+    classes uses those of size n: a larger edit wants a larger weight); `guidance_grid`,
+    `low_levels` and `high_levels` (over every set) serve the sizes not swept. A sweep stored
+    before high levels were chosen (no "highs") keeps HIGH_LEVELS and gets no high-level keys.
+    -> `sweep` with those keys, "worst" and "rule" added; with several starts also "served":
+    {"all": [pairs served, pairs], "by_size": {n: [served, pairs]}} of the chosen grids."""
     counts, k = sweep["counts"], sweep["k"]
     ws, ls = [str(float(w)) for w in sweep["weights"]], [str(float(q)) for q in sweep["lows"]]
     hs = [str(float(h)) for h in sweep["highs"]] if sweep.get("highs") else [None]
@@ -559,35 +586,43 @@ def choose_sampling(sweep: dict, default_guidance: float, tolerance: float = 0.0
                     out[(w, q, h)] = k * (fo / max(fn, 1) - ko / max(kn, 1))
         return out
 
-    def over_starts(fs):   # a set's net count per cell, the mean over its starts
-        nets = [net(key) for key in by_set[fs]]
-        return {c: float(np.mean([n[c] for n in nets])) for c in nets[0]}
+    several = len(sweep.get("starts") or []) > 1
+    max_cells = max(1, k // CELL_CANDIDATES) if several else None
 
     def chosen(sets):
-        g, worst = _best_grid([over_starts(fs) for fs in sets], ws, ls, hs, tolerance)
+        g, worst, served = _best_grid([[net(key) for key in by_set[fs]] for fs in sets], ws, ls, hs, tolerance,
+                                      max_cells)
+        pairs = sum(len(by_set[fs]) for fs in sets)
         if g is None:
-            return None, None, None, worst
+            return None, None, None, worst, [0, pairs]
+        key = ",".join(g[0]) + "|" + ",".join(g[1]) + ("" if g[2] is None else "|" + ",".join(g[2]))
         return ([float(w) for w in g[0]], [float(q) for q in g[1]],
-                [float(h) for h in g[2]] if g[2] is not None else None, worst)
+                [float(h) for h in g[2]] if g[2] is not None else None, worst, [served[key], pairs])
 
-    grid, low, high, worst = chosen(list(by_set))
+    grid, low, high, worst, served_all = chosen(list(by_set))
     grid = grid or [float(default_guidance)]
     low = low or [float(q) for q in LOW_LEVELS]
     high = high or [float(h) for h in HIGH_LEVELS]
-    by_size, low_by_size, high_by_size = {}, {}, {}
+    by_size, low_by_size, high_by_size, served_by_size = {}, {}, {}, {}
     for n in sorted({len(fs.split(",")) for fs in by_set}):
-        g, q, h, _ = chosen([fs for fs in by_set if len(fs.split(",")) == n])
+        g, q, h, _, served_by_size[str(n)] = chosen([fs for fs in by_set if len(fs.split(",")) == n])
         by_size[str(n)], low_by_size[str(n)], high_by_size[str(n)] = g or grid, q or low, h or high
-    several = len(sweep.get("starts") or []) > 1
     swept_highs = hs != [None]
     levels = "of consecutive low levels and of consecutive high levels" if swept_highs else "of consecutive low levels"
     out = {**sweep, "guidance_grid": grid, "guidance_by_size": by_size, "low_levels": low,
            "low_levels_by_size": low_by_size, "worst": worst,
-           "rule": f"the run of consecutive weights and {levels} maximising the worst forget set's "
-                   + ("(its mean over the starts) " if several else "") +
-                   "expected (forget - keep-prompt) forget-and-keep count (K spread evenly over the grid they span); "
-                   f"the largest within {tolerance:.0%} of it; the same rule over the sets of each size for "
-                   "guidance_by_size and low_levels_by_size" + (" and high_levels_by_size" if swept_highs else "")}
+           "rule": (f"the run of consecutive weights and {levels} serving the most (set, start) pairs (a cell with a "
+                    "positive (forget - keep-prompt) forget-and-keep count from that start), then, of at most "
+                    f"K // {CELL_CANDIDATES} cells, the one holding the most cells that serve some pair, then the best "
+                    "worst-set expected count "
+                    "(the mean over the starts)" if several else
+                    f"the run of consecutive weights and {levels} maximising the worst forget set's expected "
+                    "(forget - keep-prompt) forget-and-keep count (K spread evenly over the grid they span); the "
+                    f"largest within {tolerance:.0%} of it") +
+                   "; the same rule over the sets of each size for guidance_by_size and low_levels_by_size"
+                   + (" and high_levels_by_size" if swept_highs else "")}
+    if several:
+        out["served"] = {"all": served_all, "by_size": served_by_size}
     if swept_highs:
         out.update({"high_levels": high, "high_levels_by_size": high_by_size})
     return out
