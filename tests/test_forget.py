@@ -1,6 +1,7 @@
 """forget(): refusals, the selection rule, validation-only choice, reproducibility; the evaluate report."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -710,3 +711,33 @@ def test_evaluate_model_takes_a_forget_result_and_refuses_another_split(setup):
         evaluate_model(res, other, retrain_seeds=2)
     with pytest.raises(ValueError, match="differs from the result's forget classes"):
         evaluate_model(res, splits, [3], retrain_seeds=2)
+
+
+def _made_up_sweep(works: dict, k: int = 63) -> dict:
+    """A stored sweep of set {2} from several starts at one low and one high level: works[start] is
+    the weights at which every candidate of that start forgets and keeps (the keep prompt never does)."""
+    ws = (1.0, 2.0, 3.0)
+    cell = lambda ok: {"forget": [k // 3 if ok else 0, k // 3], "keep": [0, k // 3]}
+    counts = {F.sweep_count_key([2], s): {str(w): {"by_cell": {"0.9|0.3": cell(w in on)}} for w in ws}
+              for s, on in works.items()}
+    return {"weights": list(ws), "lows": [0.3], "highs": [0.9], "k": k, "steps": 2, "sampler": "ddim", "seed": 0,
+            "starts": list(works), "counts": counts, "split": "validation"}
+
+
+def test_held_out_starts_are_served_by_breadth():
+    """bench/sweep_starts.py held-out: leaving one start out, the count rule picks the weight most
+    seen starts share and misses a start whose band sits beside it; the rule for several starts
+    keeps every live weight and serves it."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    from sweep_starts import grid_count, held_out
+    sweep = _made_up_sweep({"a": (1.0,), "b": (1.0, 2.0), "c": (2.0,)})
+    got = held_out(sweep)
+    served = {rule: {r["start"]: r["served"] for r in rs} for rule, rs in got.items()}
+    # without a: w2 is in both b and c, the count rule's [2] misses a; w1 is live (b) so the other rule keeps [1, 2]
+    # without c: w1 is in both a and b, [1] misses c
+    assert served["count"] == {"a": False, "b": True, "c": False}
+    assert served["served"] == {"a": True, "b": True, "c": True}
+    assert {r["start"]: r["count"] for r in got["served"]} == pytest.approx({"a": 31.5, "b": 63.0, "c": 31.5})
+    assert grid_count(sweep, "2 from b", [1.0, 2.0, 3.0], [0.3], [0.9]) == (True, pytest.approx(42.0))
+    with pytest.raises(ValueError, match="at least 3 starts"):
+        held_out(_made_up_sweep({"a": (1.0,), "b": (2.0,)}))
