@@ -90,15 +90,27 @@ def add_starts(name: str, data: str, seeds) -> dict:
     new = sweep_guidance(hn, splits_of(CheckpointStore(data)), sets, weights=old["weights"], lows=old["lows"],
                          highs=old["highs"], k=old["k"], sampler=old["sampler"], steps=old["steps"], seed=old["seed"],
                          retain_min=s["retain_min"], starts=starts)
-    merged = {k: v for k, v in old.items() if k not in CHOSEN}
-    merged.update(counts={**old["counts"], **new["counts"]}, starts=old["starts"] + new_labels,
-                  seconds=round(old.get("seconds", 0.0) + time.perf_counter() - t0, 1),
-                  counts_added=(old.get("counts_added") or []) + [
-                      {"starts": new_labels, "date": time.strftime("%Y-%m-%d"),
-                       "how": "swept later with the same hypernetwork, validation split, K, seed, weights and levels"}])
-    card["sampling"] = choose_sampling(merged, hn.default_guidance)
+    card["sampling"] = merge_sweeps(old, {**new, "seconds": time.perf_counter() - t0}, hn.default_guidance)
     P.write_card(os.path.join(P.PRETRAINED_DIR, name), card)
     return card["sampling"]
+
+
+def merge_sweeps(old: dict, new: dict, default_guidance: float, date: str | None = None) -> dict:
+    """A stored sweep with another sweep's starts added (same K, seed, sampler, steps, weights, levels
+    and split, else ValueError), the rule applied again (`choose_sampling`)."""
+    same = ("k", "seed", "sampler", "steps", "weights", "lows", "highs", "split")
+    diff = [k for k in same if old.get(k) != new.get(k)]
+    if diff:
+        raise ValueError(f"the sweeps differ in {diff}: their counts cannot be merged")
+    if set(old["starts"]) & set(new["starts"]):
+        raise ValueError(f"both sweeps hold {sorted(set(old['starts']) & set(new['starts']))}")
+    merged = {k: v for k, v in old.items() if k not in CHOSEN}
+    merged.update(counts={**old["counts"], **new["counts"]}, starts=old["starts"] + new["starts"],
+                  seconds=round(old.get("seconds", 0.0) + new.get("seconds", 0.0), 1),
+                  counts_added=(old.get("counts_added") or []) + [
+                      {"starts": new["starts"], "date": date or time.strftime("%Y-%m-%d"),
+                       "how": "swept later with the same hypernetwork, validation split, K, seed, weights and levels"}])
+    return choose_sampling(merged, default_guidance)
 
 
 def main(argv=None) -> int:

@@ -729,7 +729,7 @@ def test_held_out_starts_are_served_by_breadth():
     seen starts share and misses a start whose band sits beside it; the rule for several starts
     keeps every live weight and serves it."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-    from sweep_starts import grid_count, held_out
+    from sweep_starts import grid_count, held_out, merge_sweeps
     sweep = _made_up_sweep({"a": (1.0,), "b": (1.0, 2.0), "c": (2.0,)})
     got = held_out(sweep)
     served = {rule: {r["start"]: r["served"] for r in rs} for rule, rs in got.items()}
@@ -741,3 +741,12 @@ def test_held_out_starts_are_served_by_breadth():
     assert grid_count(sweep, "2 from b", [1.0, 2.0, 3.0], [0.3], [0.9]) == (True, pytest.approx(42.0))
     with pytest.raises(ValueError, match="at least 3 starts"):
         held_out(_made_up_sweep({"a": (1.0,), "b": (2.0,)}))
+    # `add` merges a later sweep's starts: the same as sweeping them all at once, plus where they came from
+    two, one = _made_up_sweep({"a": (1.0,), "b": (1.0, 2.0)}), _made_up_sweep({"c": (2.0,)})
+    merged = merge_sweeps(F.choose_sampling(two, 1.0), one, 1.0, date="2026-12-07")
+    assert {k_: v for k_, v in merged.items() if k_ not in ("counts_added", "seconds")} == F.choose_sampling(sweep, 1.0)
+    assert merged["counts_added"] == [{"starts": ["c"], "date": "2026-12-07", "how": merged["counts_added"][0]["how"]}]
+    with pytest.raises(ValueError, match="differ in \\['k'\\]"):
+        merge_sweeps(two, {**one, "k": 30}, 1.0)
+    with pytest.raises(ValueError, match="both sweeps hold"):
+        merge_sweeps(two, two, 1.0)
