@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from hyforget_fast.hypernet import pretrained as P
-from hyforget_fast.unlearn.forget import choose_sampling, sweep_count_key
+from hyforget_fast.unlearn.forget import cell_net, choose_sampling, sweep_count_key
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import markdown_table  # noqa: E402
@@ -37,12 +37,8 @@ CHOSEN = ("guidance_grid", "guidance_by_size", "low_levels", "low_levels_by_size
 def grid_count(sweep: dict, key: str, grid, lows, highs) -> tuple[bool, float]:
     """From one stored count key: (does some cell of the grid have a positive net count, K x the
     mean net share over its cells)."""
-    at, nets = sweep["counts"][key], []
-    for w in grid:
-        for q in lows:
-            for h in highs:
-                c = at[str(float(w))]["by_cell"][f"{float(h)}|{float(q)}"]
-                nets.append(c["forget"][0] / max(c["forget"][1], 1) - c["keep"][0] / max(c["keep"][1], 1))
+    nets = [cell_net(sweep["counts"][key], str(float(w)), str(float(q)), str(float(h)))
+            for w in grid for q in lows for h in highs]
     return any(x > 0 for x in nets), sweep["k"] * float(np.mean(nets))
 
 

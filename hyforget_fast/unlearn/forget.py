@@ -450,8 +450,8 @@ def _best_grid(nets: list[list[dict]], ws: list[str], ls: list[str], hs: list, t
     positive net count from that start), then, of at most max_cells cells, the one holding the most
     live cells (cells that serve some pair), then the best worst-set count (the mean over starts);
     when no grid that small has a positive worst count, the one-start rule. -> ((weights, lows,
-    highs) or None when nothing forgets, {"w,w|l,l|h,h": worst count}, {"w,w|l,l|h,h": pairs
-    served}). hs == [None]: a sweep that kept the fixed high levels (its keys "w,w|l,l")."""
+    highs) or None when nothing forgets, {"w,w|l,l|h,h": worst count}, the pairs the chosen grid
+    serves). hs == [None]: a sweep that kept the fixed high levels (its keys "w,w|l,l")."""
     nets = [ns for ns in nets if max(max(n.values()) for n in ns) > 0]   # a set nothing forgets says nothing
     means = [{c: float(np.mean([n[c] for n in ns])) for c in ns[0]} for ns in nets]   # per set, over its starts
     runs = lambda xs: [xs[i:j] for i in range(len(xs)) for j in range(i + 1, len(xs) + 1)]
@@ -467,15 +467,17 @@ def _best_grid(nets: list[list[dict]], ws: list[str], ls: list[str], hs: list, t
                 live[g] = sum(c in alive for c in cells)
                 grids[g] = (w_run, l_run, None if h_run == [None] else h_run)
     if max(worst.values()) <= 0:
-        return None, worst, served
+        return None, worst, 0
     size = lambda g: len(grids[g][0]) * len(grids[g][1]) * len(grids[g][2] or [None])
     fits = [g for g in grids if max_cells is not None and size(g) <= max_cells and worst[g] > 0]
     if not fits:
         best = max(worst.values())
         near = [g for g, v in worst.items() if v >= (1 - tolerance) * best]
-        return grids[max(near, key=lambda g: (size(g), worst[g]))], worst, served
-    most = max(served[g] for g in fits)
-    return grids[max((g for g in fits if served[g] == most), key=lambda g: (live[g], worst[g]))], worst, served
+        g = max(near, key=lambda g: (size(g), worst[g]))
+    else:
+        most = max(served[g] for g in fits)
+        g = max((g for g in fits if served[g] == most), key=lambda g: (live[g], worst[g]))
+    return grids[g], worst, served[g]
 
 
 def _count_by_cell(res, highs: Sequence[float], lows: Sequence[float]) -> dict:
@@ -545,6 +547,15 @@ def sweep_count_key(forget_set, start: str = "") -> str:
     return ",".join(map(str, forget_set)) + (f" from {start}" if start else "")
 
 
+def cell_net(set_counts: dict, w: str, q: str, h: str | None) -> float:
+    """One stored count key's (a set from a start) net share at cell (weight w, low q, high h; the
+    keys as stored, h None in a sweep without high levels): forget-and-keep share under the forget
+    prompt minus that under the keep prompt."""
+    at = set_counts[w]
+    c = at["by_low"][q] if h is None else at["by_cell"][f"{h}|{q}"]
+    return c["forget"][0] / max(c["forget"][1], 1) - c["keep"][0] / max(c["keep"][1], 1)
+
+
 def choose_sampling(sweep: dict, default_guidance: float, tolerance: float = 0.02) -> dict:
     """The grids a sweep's counts choose (pure: re-choosing a stored sweep needs no sampling).
 
@@ -573,18 +584,8 @@ def choose_sampling(sweep: dict, default_guidance: float, tolerance: float = 0.0
     for key in counts:
         by_set.setdefault(key.split(" from ")[0], []).append(key)
 
-    def cell_counts(key, w, q, h):
-        at = counts[key][w]
-        return at["by_low"][q] if h is None else at["by_cell"][f"{h}|{q}"]
-
     def net(key):   # {(w, q, h): K x (forget share - keep share)} of one set from one start
-        out = {}
-        for w in ws:
-            for q in ls:
-                for h in hs:
-                    (fo, fn), (ko, kn) = (cell_counts(key, w, q, h)[p] for p in ("forget", "keep"))
-                    out[(w, q, h)] = k * (fo / max(fn, 1) - ko / max(kn, 1))
-        return out
+        return {(w, q, h): k * cell_net(counts[key], w, q, h) for w in ws for q in ls for h in hs}
 
     several = len(sweep.get("starts") or []) > 1
     max_cells = max(1, k // CELL_CANDIDATES) if several else None
@@ -592,12 +593,11 @@ def choose_sampling(sweep: dict, default_guidance: float, tolerance: float = 0.0
     def chosen(sets):
         g, worst, served = _best_grid([[net(key) for key in by_set[fs]] for fs in sets], ws, ls, hs, tolerance,
                                       max_cells)
-        pairs = sum(len(by_set[fs]) for fs in sets)
+        pairs = [served, sum(len(by_set[fs]) for fs in sets)]
         if g is None:
-            return None, None, None, worst, [0, pairs]
-        key = ",".join(g[0]) + "|" + ",".join(g[1]) + ("" if g[2] is None else "|" + ",".join(g[2]))
+            return None, None, None, worst, pairs
         return ([float(w) for w in g[0]], [float(q) for q in g[1]],
-                [float(h) for h in g[2]] if g[2] is not None else None, worst, [served[key], pairs])
+                [float(h) for h in g[2]] if g[2] is not None else None, worst, pairs)
 
     grid, low, high, worst, served_all = chosen(list(by_set))
     grid = grid or [float(default_guidance)]
