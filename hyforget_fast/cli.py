@@ -172,6 +172,14 @@ def _add_train(sub):
     p.add_argument("--loss-match", type=float,
                    help="weight of the loss-matching term (CE of the predicted network on training images vs "
                         "the target losses; default 0 = off)")
+    p.add_argument("--loss-match-target", choices=["prompt", "own"],
+                   help="what --loss-match matches the predicted network's training-image losses to: the "
+                        "conditioning losses (prompt, the default; they are validation losses) or the clean "
+                        "network's own losses on the same images (own)")
+    p.add_argument("--loss-match-split", choices=["train", "val"],
+                   help="the images --loss-match reads: the training split (the default) or the validation "
+                        "split, where the conditioning losses were measured (a network's training loss sits "
+                        "below its validation loss)")
     p.add_argument("--balance", type=float,
                    help="DiHyFo-2: draw checkpoints with rare class losses more often, weight (1 / share of the "
                         "rarest loss bin) ** BALANCE (0 = uniform, the default; 1 = every bin about equal)")
@@ -205,7 +213,8 @@ def cmd_train(a) -> int:
                             "loss_weighting": a.loss_weighting, "pair_change_bias": a.pair_change_bias,
                             "pair_moved_share": a.pair_moved_share, "pair_moved_direction": a.pair_moved_direction,
                             "unit_order": a.unit_order, "loss_match": a.loss_match,
-                            "balance": a.balance}.items()
+                            "loss_match_target": a.loss_match_target,
+                            "loss_match_split": a.loss_match_split, "balance": a.balance}.items()
           if v is not None}
     if a.eval_every is not None:
         kw["eval_every"] = a.eval_every

@@ -247,9 +247,41 @@ def test_loss_matching_trains_and_pulls_the_predicted_network_towards_the_target
     assert torch.isfinite(a) and a > b                                # the same MSE plus a positive term
     a.backward()
     assert m.out.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="training-split images"):
+    with pytest.raises(ValueError, match="images of its split"):
         tr._Step(cfg, m, GaussianDiffusion(), ds, norm, 0, 4)
     out = str(tmp_path / "lm")
     train(TrainConfig(model="dihyfo1", steps=2, batch_size=4, log_every=1, warmup_steps=1, loss_match=0.5,
                       loss_match_images=32, overrides={**SMALL, "chunk": 64, "cond": "adaln"}), data, out, log=QUIET)
     assert json.load(open(os.path.join(out, "config.json")))["train"]["loss_match"] == 0.5
+
+
+def test_loss_matching_against_the_networks_own_losses_is_zero_at_the_clean_network(data):
+    """loss_match_target "own": x̂0 = x0 costs nothing, whatever the conditioning losses say; the
+    default ("prompt") compares training-image losses with the validation losses it is conditioned on."""
+    from hyforget_fast.collection.data import splits_from_manifest
+    from hyforget_fast.collection.pairs import PairDataset
+    from hyforget_fast.hypernet import train as tr
+    from hyforget_fast.ops.functional import tokenize
+    store = CheckpointStore(data)
+    sp = splits_from_manifest(store.manifest)
+    ds = PairDataset(store)
+    m = DiHyFo(HypernetConfig.preset("dihyfo2", hf.MLPSpec(store.layer_sizes), "tiny", **{**SMALL, "chunk": 64}))
+    norm = hf.ParamNorm.fit(ds.take("params", ds.rows[:32]), m.cfg.spec)
+    batch = ds.sample_checkpoints(5, torch.Generator().manual_seed(1))
+    clean = batch["params"].float()                                      # (5, P)
+    pred = tokenize(clean, m.layout, None, norm)                          # (5, T, C) the clean network itself
+    t = torch.tensor([0, 3, 10, 50, 200])
+    steps = {target: tr._Step(TrainConfig(model="dihyfo2", steps=1, batch_size=5, loss_match=1.0,
+                                          loss_match_images=64, loss_match_target=target, overrides=SMALL),
+                              m, GaussianDiffusion(), ds, norm, 0, 5, images=(sp.X_train, sp.y_train))
+             for target in ("prompt", "own")}
+    own = steps["own"].match_loss(pred, batch["loss"], t, torch.Generator().manual_seed(2), clean)
+    prompt = steps["prompt"].match_loss(pred, batch["loss"], t, torch.Generator().manual_seed(2), clean)
+    assert own < 1e-8 < prompt
+    moved = pred + 0.5 * torch.randn(pred.shape, generator=torch.Generator().manual_seed(3)) * m.token_mask
+    moved.requires_grad_()
+    far = steps["own"].match_loss(moved, batch["loss"], t, torch.Generator().manual_seed(2), clean)
+    far.backward()
+    assert far > 1e-4 and moved.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="loss_match_target"):
+        TrainConfig(model="dihyfo2", loss_match=1.0, loss_match_target="test")

@@ -52,6 +52,8 @@ TRAIN_PRESETS = {
 }
 LOSS_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 UNIT_ORDERS = ("random", "canonical")
+LOSS_MATCH_TARGETS = ("prompt", "own")   # TrainConfig.loss_match_target
+LOSS_MATCH_SPLITS = ("train", "val")     # TrainConfig.loss_match_split
 
 
 @dataclass
@@ -88,9 +90,16 @@ class TrainConfig:
                                        # DiHyFo-1: θ's order for θ and θ*). None = the preset's; configs
                                        # saved before the field existed load as "random"
     loss_match: float = 0.0            # > 0: + this x the loss-matching term (bench/RESULTS.md §4, §15): per-class CE of the
-                                       # predicted x̂0 on training-split images vs the target losses (log
+                                       # predicted x̂0 on images of loss_match_split vs the target losses (log
                                        # space), each sample weighted by its signal share ᾱ_t (low noise)
-    loss_match_images: int = 256       # training-split images drawn per step for that term
+    loss_match_images: int = 256       # images drawn per step for that term
+    loss_match_target: str = "prompt"  # what the term matches the predicted network's losses to: "prompt", the
+                                       # losses it is conditioned on; "own", the clean network x0's own
+                                       # losses on the same images
+    loss_match_split: str = "train"    # the images it reads: "train", or "val", the split the conditioning
+                                       # losses were measured on (a trained network's training loss sits
+                                       # below its validation loss, so "prompt" on "train" asks for
+                                       # networks that fit their training data less)
     balance: float = 0.0               # DiHyFo-2: > 0 draws checkpoints with rare class losses more often,
                                        # weight (1 / share of the rarest loss bin) ** balance (pairs.py)
     overrides: dict = field(default_factory=dict)   # HypernetConfig fields (width, depth, ...)
@@ -115,6 +124,10 @@ class TrainConfig:
         if self.loss_match < 0 or self.loss_match_images <= 0:
             raise ValueError(f"need loss_match >= 0 and loss_match_images > 0, got {self.loss_match}, "
                              f"{self.loss_match_images}")
+        if self.loss_match_target not in LOSS_MATCH_TARGETS:
+            raise ValueError(f"loss_match_target must be one of {LOSS_MATCH_TARGETS}, got {self.loss_match_target!r}")
+        if self.loss_match_split not in LOSS_MATCH_SPLITS:
+            raise ValueError(f"loss_match_split must be one of {LOSS_MATCH_SPLITS}, got {self.loss_match_split!r}")
         if self.pair_change_bias > 0 and self.pair_moved_share > 0:
             raise ValueError("pair_change_bias and pair_moved_share are two ways to favour moving pairs; use one")
         if not 0 <= self.pair_moved_share <= 1:
@@ -245,9 +258,9 @@ class _Step:
     def __init__(self, cfg: TrainConfig, model: DiHyFo, diffusion: GaussianDiffusion, ds: PairDataset,
                  norm: ParamNorm, lo: int, hi: int, images: tuple | None = None):
         self.cfg, self.model, self.diffusion, self.ds, self.norm = cfg, model, diffusion, ds, norm
-        self.images = images                     # (X_train, y_train) on the device, for cfg.loss_match
+        self.images = images                     # (X, y) of cfg.loss_match_split on the device, for cfg.loss_match
         if cfg.loss_match > 0 and images is None:
-            raise ValueError("loss_match > 0 needs the training-split images")
+            raise ValueError("loss_match > 0 needs the images of its split (loss_match_split)")
         self.lo, self.hi = lo, hi
         self.spec = model.cfg.spec
         self.layout = model.layout
@@ -288,17 +301,24 @@ class _Step:
             return self.diffusion.training_loss(model_fn, x0, mask, t=t, noise=noise, weight=self.weight)
         mse, pred = self.diffusion.training_loss(model_fn, x0, mask, t=t, noise=noise, weight=self.weight,
                                                  return_pred=True)
-        return mse + self.cfg.loss_match * self.match_loss(pred, target, t, gen)
+        clean = batch["theta_star"] if pair else batch["params"]                         # (b, P) x0, unpermuted
+        return mse + self.cfg.loss_match * self.match_loss(pred, target, t, gen, clean)
 
-    def match_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, gen) -> torch.Tensor:
+    def match_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, gen,
+                   clean: torch.Tensor | None = None) -> torch.Tensor:
         """Loss matching: per-class CE of the predicted networks x̂0 (in their permuted order, the
-        same function) on a batch of training-split images, against the target losses in log space,
-        weighted by ᾱ_t. Its images are drawn after every other number of the step."""
+        same function) on a batch of the images of cfg.loss_match_split, in log space, weighted by
+        ᾱ_t, against `target` (the conditioning losses, measured on the validation split) or, with
+        loss_match_target "own", against the clean networks' (`clean`, (b, P)) CE on the same images.
+        Its images are drawn after every other number of the step."""
         X, y = self.images
         idx = torch.randint(0, X.shape[0], (self.cfg.loss_match_images,), generator=gen, device=gen.device)
         idx = idx.to(X.device)
         params = _ref.detokenize(pred * self.model.token_mask, self.layout, self.norm)   # (b, P), differentiable
         L = class_losses(params, self.spec, X[idx], y[idx])                              # (b, m)
+        if self.cfg.loss_match_target == "own":
+            with torch.no_grad():
+                target = class_losses(clean.float(), self.spec, X[idx], y[idx])          # (b, m)
         err = ((L + LOG_EPS).log() - (target.float().clamp(min=0) + LOG_EPS).log()) ** 2
         ok = torch.isfinite(err)
         w = self.diffusion.alphas_cumprod[t][:, None].expand_as(err)                    # (b, m)
@@ -635,10 +655,11 @@ def train(cfg: TrainConfig | None, data_dir: str, out_dir: str, resume: bool = F
         fwd = DDP(st.model, device_ids=[device.index] if device.type == "cuda" else None)
     b = cfg.batch_size // world
     images = None
-    if cfg.loss_match > 0:   # the loss-matching term reads the TRAINING split only
+    if cfg.loss_match > 0:   # the loss-matching term reads the training or the validation split, never the test
         from ..collection.data import load_splits
         sp = load_splits(store)
-        images = (sp.X_train.to(device), sp.y_train.to(device))
+        X, y = (sp.X_train, sp.y_train) if cfg.loss_match_split == "train" else (sp.X_val, sp.y_val)
+        images = (X.to(device), y.to(device))
     stepper = _Step(cfg, st.model, diffusion, data.ds, data.norm, rank * b, (rank + 1) * b, images=images)
     meta = _run_meta(cfg, data, diffusion, store, out_dir, world, device)
     rec = _Record(out_dir, meta, is_main, resume, st.step)
