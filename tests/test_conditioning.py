@@ -285,3 +285,15 @@ def test_loss_matching_against_the_networks_own_losses_is_zero_at_the_clean_netw
     assert far > 1e-4 and moved.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="loss_match_target"):
         TrainConfig(model="dihyfo2", loss_match=1.0, loss_match_target="test")
+
+
+def test_the_loss_matching_flags_train_dihyfo1_and_are_saved(data, tmp_path):
+    from hyforget_fast.cli import main
+    out = str(tmp_path / "own")
+    rc = main(["train", "--model", "dihyfo1", "--data", data, "--out", out, "--steps", "2", "--batch-size", "4",
+               "--width", "32", "--depth", "1", "--heads", "2", "--chunk", "64", "--cond", "adaln",
+               "--loss-match", "0.5", "--loss-match-target", "own", "--loss-match-split", "val",
+               "--threads", "1", "--quiet", "--device", "cpu"])
+    assert rc == 0
+    conf = json.load(open(os.path.join(out, "config.json")))["train"]
+    assert (conf["loss_match"], conf["loss_match_target"], conf["loss_match_split"]) == (0.5, "own", "val")
