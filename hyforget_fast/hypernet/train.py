@@ -305,7 +305,7 @@ class _Step:
         return mse + self.cfg.loss_match * self.match_loss(pred, target, t, gen, clean)
 
     def match_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, gen,
-                   clean: torch.Tensor | None = None) -> torch.Tensor:
+                   clean: torch.Tensor) -> torch.Tensor:
         """Loss matching: per-class CE of the predicted networks x̂0 (in their permuted order, the
         same function) on a batch of the images of cfg.loss_match_split, in log space, weighted by
         ᾱ_t, against `target` (the conditioning losses, measured on the validation split) or, with
@@ -314,11 +314,12 @@ class _Step:
         X, y = self.images
         idx = torch.randint(0, X.shape[0], (self.cfg.loss_match_images,), generator=gen, device=gen.device)
         idx = idx.to(X.device)
+        Xb, yb = X[idx], y[idx]                                                          # (n, D), (n,) once for both
         params = _ref.detokenize(pred * self.model.token_mask, self.layout, self.norm)   # (b, P), differentiable
-        L = class_losses(params, self.spec, X[idx], y[idx])                              # (b, m)
+        L = class_losses(params, self.spec, Xb, yb)                                      # (b, m)
         if self.cfg.loss_match_target == "own":
             with torch.no_grad():
-                target = class_losses(clean.float(), self.spec, X[idx], y[idx])          # (b, m)
+                target = class_losses(clean.float(), self.spec, Xb, yb)                  # (b, m)
         err = ((L + LOG_EPS).log() - (target.float().clamp(min=0) + LOG_EPS).log()) ** 2
         ok = torch.isfinite(err)
         w = self.diffusion.alphas_cumprod[t][:, None].expand_as(err)                    # (b, m)
