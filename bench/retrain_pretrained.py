@@ -59,10 +59,10 @@ def commands_for(name: str, use_recipe: bool = False) -> dict:
     return recipe(*name.split("-", 1))
 
 
-def release_sweep(hn, setting: str, data: str, k: int = 256, reuse: dict | None = None) -> dict:
+def release_sweep(hn, setting: str, data: str, k: int = 256, reuse: dict | None = None, jobs: int = 1) -> dict:
     """The model's default guidance grid and prompt levels, chosen on VALIDATION over the setting's forget sets that
     are not held out (`sweep_guidance`; DiHyFo-1 from each of `demo.sweep_starts`: the best stored
-    checkpoint and freshly trained classifiers)."""
+    checkpoint and freshly trained classifiers, split among `jobs` processes)."""
     s = SETTINGS[setting]
     sets = [list(f) for f in s["forget_sets"] if tuple(f) != tuple(s["heldout"])]
     starts = sweep_starts(data) if hn.kind == "dihyfo1" else None
@@ -76,10 +76,39 @@ def release_sweep(hn, setting: str, data: str, k: int = 256, reuse: dict | None 
         raise ValueError("the card's stored sweep is not the one this release runs (weights, levels, starts or sets "
                          "differ): re-measure without --reuse-sweep")
     t0 = time.perf_counter()
-    out = sweep_guidance(hn, splits_of(CheckpointStore(data)), sets, k=k, retain_min=s["retain_min"],
-                         **({"starts": starts} if starts else {}))
+    if starts and jobs > 1:
+        out = parallel_sweep(hn, data, sets, starts, jobs, k=k, retain_min=s["retain_min"])
+    else:
+        out = sweep_guidance(hn, splits_of(CheckpointStore(data)), sets, k=k, retain_min=s["retain_min"],
+                             **({"starts": starts} if starts else {}))
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def _sweep_part(hn, data: str, sets, starts: dict, kw: dict) -> dict:
+    torch.set_num_threads(1)
+    return sweep_guidance(hn, splits_of(CheckpointStore(data)), sets, starts=starts, **kw)
+
+
+def parallel_sweep(hn, data: str, sets, starts: dict, jobs: int, **kw) -> dict:
+    """`sweep_guidance` over several starts, the starts split among `jobs` single-thread processes.
+    Every start is swept with the same seed whatever else is swept beside it, so the merged counts are
+    the serial sweep's; the rule is applied once, to all of them (`choose_sampling`)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    labels = list(starts)
+    jobs = min(int(jobs), len(labels) // 2)    # >= 2 starts per part: its count keys then name the start
+    if jobs < 2:
+        return sweep_guidance(hn, splits_of(CheckpointStore(data)), sets, starts=starts, **kw)
+    parts = [{lab: starts[lab] for lab in labels[i::jobs]} for i in range(jobs)]
+    with ProcessPoolExecutor(jobs - 1, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_sweep_part, hn, data, sets, part, kw) for part in parts[1:]]
+        outs = [_sweep_part(hn, data, sets, parts[0], kw)] + [f.result() for f in futures]
+    merged = {key: outs[0][key] for key in ("weights", "lows", "highs", "k", "steps", "sampler", "seed", "split")}
+    found = {key: c for o in outs for key, c in o["counts"].items()}
+    merged["counts"] = {sweep_count_key(f, lab): found[sweep_count_key(f, lab)] for f in sets for lab in labels}
+    merged["starts"] = labels
+    return choose_sampling(merged, hn.default_guidance)
 
 
 def alignment(hn, data: str, grid, heldout_runs=None) -> dict:
@@ -95,27 +124,45 @@ def alignment(hn, data: str, grid, heldout_runs=None) -> dict:
     return {**{k: v for k, v in first.items() if k != "settings"}, "guidance": float(grid[0]), "per_guidance": per}
 
 
+def _timed_alignment(hn, data: str, grid, heldout_runs=None, threads: int | None = None) -> tuple[dict, float]:
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    return alignment(hn, data, grid, heldout_runs), time.perf_counter() - t0
+
+
 def run(cmd: str, **where) -> None:
     subprocess.run(_cli(cmd, **where), check=True)
 
 
 def measure(hn, name: str, data: str, seeds=(0, 1, 2), k: int = 256, heldout_runs=None,
-            reuse_sweep: dict | None = None) -> dict:
+            reuse_sweep: dict | None = None, jobs: int = 1) -> dict:
     """What a card records of a model's weights, on its collection `data`: the guidance grids
     chosen on validation (`sampling`), prompt alignment at them, the forgetting table over 3 seeds
-    with its controls, and the small `check` request (with the start it used, for DiHyFo-1)."""
+    with its controls, and the small `check` request (with the start it used, for DiHyFo-1).
+    jobs > 1: single-thread processes share the work (the sweep's starts; the alignment beside the
+    forgetting table); the numbers are one process's, up to float rounding in the alignment."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
     setting, kind = name.split("-", 1)
     s = SETTINGS[setting]
     torch.set_num_threads(int(os.environ.get("HYFORGET_THREADS", max(1, os.cpu_count() or 1))))
-    sampling = release_sweep(hn, setting, data, k=k, reuse=reuse_sweep)
+    sampling = release_sweep(hn, setting, data, k=k, reuse=reuse_sweep, jobs=jobs)
     hn.meta["sampling"] = sampling                      # what forget() spreads its candidates over
-    t0 = time.perf_counter()
-    align = alignment(hn, data, sampling["guidance_grid"], heldout_runs)
-    t_align = time.perf_counter() - t0
+    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if jobs > 1 else None
+    if pool is not None:
+        torch.set_num_threads(1)
+        aligned = pool.submit(_timed_alignment, hn, data, sampling["guidance_grid"], heldout_runs, 1)
+    else:
+        aligned = None
+        align, t_align = _timed_alignment(hn, data, sampling["guidance_grid"], heldout_runs)
     rep = evaluate_forgetting(data, {kind: hn}, [list(f) for f in s["forget_sets"]], seeds=seeds, k=k, tune=False, memorization=False,
                               relearning=False, retain_min=s["retain_min"],
                               holdout={"forget_set": list(s["heldout"])},
                               log=lambda *_: None)
+    if pool is not None:
+        align, t_align = aligned.result()
+        pool.shutdown()
     keep = (kind, f"{kind}:keep", f"{kind}:uncond", "retrain", "store")
     table = {key: {m: v for m, v in meths.items() if m in keep} for key, meths in rep["summary"].items()}
     fs = list(s["forget_sets"][0])
@@ -147,7 +194,7 @@ def collection(name: str, work: str, use_recipe: bool = False) -> str:
 REBUILD_SIZE_TOLERANCE = 0.01   # a rebuild of a card's collection on another CPU: its size within 1 %
 
 
-def remeasure(name: str, reason: str, work: str, reuse_sweep: bool = False) -> dict:
+def remeasure(name: str, reason: str, work: str, reuse_sweep: bool = False, jobs: int = 1) -> dict:
     """Keep a shipped model's weights; re-measure everything its card records of them (`measure`:
     a changed sampling rule changes the grid, the tables and the check together)."""
     data = collection(name, work)
@@ -164,7 +211,7 @@ def remeasure(name: str, reason: str, work: str, reuse_sweep: bool = False) -> d
     if got != want and abs(n - n_card) > REBUILD_SIZE_TOLERANCE * n_card:
         raise ValueError(f"{data} is not a rebuild of {name}'s collection: {n} checkpoints, the card's {n_card}")
     new, start = measure(hn, name, data, heldout_runs=hn.heldout_runs if got != want else None,
-                         reuse_sweep=old.get("sampling") if reuse_sweep else None)
+                         reuse_sweep=old.get("sampling") if reuse_sweep else None, jobs=jobs)
     card = {**old, **new, "remeasured": {"date": time.strftime("%Y-%m-%d"), "reason": reason, "machine": machine(),
                                          "collection_manifest_sha256": got, "collection_checkpoints": n,
                                          "collection": "the training collection" if got == want else
@@ -176,14 +223,15 @@ def remeasure(name: str, reason: str, work: str, reuse_sweep: bool = False) -> d
     return card
 
 
-def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256, use_recipe: bool = False) -> dict:
+def retrain(name: str, reason: str, work: str, seeds=(0, 1, 2), k: int = 256, use_recipe: bool = False,
+            jobs: int = 1) -> dict:
     setting, kind = name.split("-", 1)
     cmds = commands_for(name, use_recipe)
     data, run_dir = collection(name, work, use_recipe), os.path.join(work, name)
     train_cmd = cmds["train"] + (" --resume" if os.path.exists(os.path.join(run_dir, "config.json")) else "")
     run(train_cmd, data=data, run=run_dir)
     hn = load_hypernet(run_dir, device="cpu", data=data)
-    measured, start = measure(hn, name, data, seeds=seeds, k=k)
+    measured, start = measure(hn, name, data, seeds=seeds, k=k, jobs=jobs)
     conf = json.load(open(os.path.join(run_dir, "config.json")))
     card = {"name": name, "setting": setting, "kind": kind,
             "commands": cmds, "reason": reason, "date": time.strftime("%Y-%m-%d"),
@@ -211,7 +259,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/pretrained", help="folder for the collections and training runs")
     ap.add_argument("--recipe", action="store_true",
                     help="train with the package's release recipe (hyforget_fast.demo.recipe), not the card's commands")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="measure with this many single-thread processes (DiHyFo-1's sweep starts split among them; "
+                         "the alignment beside the forgetting table); training stays one process")
     a = ap.parse_args(argv)
+    if a.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {a.jobs}")
     names = sorted(RECIPES) if a.all else (a.name or [])
     if not names:
         ap.error("name a model (--name) or --all")
@@ -219,9 +272,9 @@ def main(argv=None) -> int:
         if n not in RECIPES:
             ap.error(f"unknown model {n!r}; known: {sorted(RECIPES)}")
         if a.remeasure:
-            remeasure(n, a.reason, a.work, reuse_sweep=a.reuse_sweep)
+            remeasure(n, a.reason, a.work, reuse_sweep=a.reuse_sweep, jobs=a.jobs)
         else:
-            retrain(n, a.reason, a.work, use_recipe=a.recipe)
+            retrain(n, a.reason, a.work, use_recipe=a.recipe, jobs=a.jobs)
     return 0
 
 

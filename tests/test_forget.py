@@ -751,3 +751,18 @@ def test_held_out_starts_are_served_by_breadth():
         merge_sweeps(two, {**one, "k": 30}, 1.0)
     with pytest.raises(ValueError, match="both sweeps hold"):
         merge_sweeps(two, two, 1.0)
+
+
+def test_release_sweep_in_two_processes_equals_one(setup):
+    """bench/retrain_pretrained.py --jobs 2: the starts split between two single-thread processes give
+    the serial sweep's counts, keys in the same order, and the same chosen grids."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    from retrain_pretrained import parallel_sweep
+    data, hns, splits = setup
+    hn = hns["dihyfo1"]
+    starts = {"best": {"start": "best"}, **{f"fresh {s}": {"model": F.random_start(hn.spec, s)} for s in (3, 4, 5)}}
+    kw = dict(weights=(1.0, 2.0), lows=(0.3,), highs=(0.9,), k=6, steps=2, retain_min=0.0)
+    serial = F.sweep_guidance(hn, splits, [[2], [2, 3]], starts=starts, **kw)
+    split = parallel_sweep(hn, data, [[2], [2, 3]], starts, 2, **kw)
+    assert list(split["counts"]) == list(serial["counts"]) and split == serial
+    assert sum(c["forget"] + c["keep"] for v in serial["counts"].values() for c in v.values()) > 0   # not all empty
