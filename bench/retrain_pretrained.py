@@ -3,6 +3,7 @@
   python bench/retrain_pretrained.py --name mnist4-dihyfo2 --reason "adaLN-Zero conditioning" [--work DIR]
   python bench/retrain_pretrained.py --all --reason "..."
   python bench/retrain_pretrained.py --name mnist4-dihyfo1 --remeasure --reason "guidance grid per request size"
+  python bench/retrain_pretrained.py --name mnist10-dihyfo1 --recipe --jobs 2 --reason "..."   # measure on 2 cores
 
 For each model: run the card's `collect` command (skipped when its collection exists), its `train`
 command (resumed when interrupted), then measure what the card records: prompt alignment on the

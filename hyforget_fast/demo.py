@@ -57,9 +57,10 @@ TRAIN = ("hyforget train --model {kind} --data {data} --out {run} --preset tiny 
 # alignment to the store lookup's and made it forget the held-out {3}. On MNIST that term (its losses on
 # training images against the validation losses of the conditioning) cost forget-and-keep candidates;
 # matched to each network's own losses on the same images (--loss-match-target own), it lifts alignment
-# and forgetting together (bench/RESULTS.md §15, §19).
+# and forgetting together, for both models (bench/RESULTS.md §15, §19, §20).
+OWN_LOSS_MATCH = " --loss-match 1 --loss-match-target own"
 TRAIN_EXTRA = {"mnist4": {"dihyfo1": " --pair-moved-share 0.5", "dihyfo2": " --loss-match 1"},
-               "mnist10": {"dihyfo1": " --pair-moved-share 0.5 --loss-match 1 --loss-match-target own", "dihyfo2": " --loss-match 1 --loss-match-target own"}}
+               "mnist10": {"dihyfo1": " --pair-moved-share 0.5" + OWN_LOSS_MATCH, "dihyfo2": OWN_LOSS_MATCH}}
 STEPS = {"mnist4": {"dihyfo1": 20000, "dihyfo2": 18000}, "mnist10": {"dihyfo1": 20000, "dihyfo2": 24000}}
 DEFAULT_SETTINGS = ("mnist4",)   # `--settings mnist4 mnist10` adds the ten-class tables
 USER_SEED = 12345        # the user's classifier: trained outside the store (collections use seed 0)
