@@ -150,20 +150,19 @@ def measure(hn, name: str, data: str, seeds=(0, 1, 2), k: int = 256, heldout_run
     torch.set_num_threads(int(os.environ.get("HYFORGET_THREADS", max(1, os.cpu_count() or 1))))
     sampling = release_sweep(hn, setting, data, k=k, reuse=reuse_sweep, jobs=jobs)
     hn.meta["sampling"] = sampling                      # what forget() spreads its candidates over
-    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if jobs > 1 else None
-    if pool is not None:
+    def forgetting_table():
+        return evaluate_forgetting(data, {kind: hn}, [list(f) for f in s["forget_sets"]], seeds=seeds, k=k, tune=False,
+                                   memorization=False, relearning=False, retain_min=s["retain_min"],
+                                   holdout={"forget_set": list(s["heldout"])}, log=lambda *_: None)
+    if jobs > 1:
         torch.set_num_threads(1)
-        aligned = pool.submit(_timed_alignment, hn, data, sampling["guidance_grid"], heldout_runs, 1)
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:   # the alignment beside the table
+            aligned = pool.submit(_timed_alignment, hn, data, sampling["guidance_grid"], heldout_runs, 1)
+            rep = forgetting_table()
+            align, t_align = aligned.result()
     else:
-        aligned = None
         align, t_align = _timed_alignment(hn, data, sampling["guidance_grid"], heldout_runs)
-    rep = evaluate_forgetting(data, {kind: hn}, [list(f) for f in s["forget_sets"]], seeds=seeds, k=k, tune=False, memorization=False,
-                              relearning=False, retain_min=s["retain_min"],
-                              holdout={"forget_set": list(s["heldout"])},
-                              log=lambda *_: None)
-    if pool is not None:
-        align, t_align = aligned.result()
-        pool.shutdown()
+        rep = forgetting_table()
     keep = (kind, f"{kind}:keep", f"{kind}:uncond", "retrain", "store")
     table = {key: {m: v for m, v in meths.items() if m in keep} for key, meths in rep["summary"].items()}
     fs = list(s["forget_sets"][0])

@@ -766,3 +766,26 @@ def test_release_sweep_in_two_processes_equals_one(setup):
     split = parallel_sweep(hn, data, [[2], [2, 3]], starts, 2, **kw)
     assert list(split["counts"]) == list(serial["counts"]) and split == serial
     assert sum(c["forget"] + c["keep"] for v in serial["counts"].values() for c in v.values()) > 0   # not all empty
+
+
+def test_release_measure_in_two_processes_equals_one(setup):
+    """bench/retrain_pretrained.py measure(jobs=2): the alignment in a second process beside the forgetting
+    table; the card's numbers are one process's (the alignment up to float rounding)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    from retrain_pretrained import measure
+    data, hns, _ = setup
+    hn = hns["dihyfo2"]
+    saved = hn.meta.get("sampling")
+    try:
+        one, _ = measure(hn, "mnist4-dihyfo2", data, seeds=(0,), k=4, jobs=1)
+        two, _ = measure(hn, "mnist4-dihyfo2", data, seeds=(0,), k=4, jobs=2)
+    finally:
+        hn.meta["sampling"] = saved
+    def drop(d):   # wall times differ
+        return {k_: drop(v) for k_, v in d.items() if k_ != "seconds"} if isinstance(d, dict) else d
+    assert drop(one["sampling"]) == drop(two["sampling"]) and one["check"] == two["check"]
+    assert drop(one["forgetting"]) == drop(two["forgetting"])
+    for w, got in one["prompt_alignment"]["per_guidance"].items():
+        other = two["prompt_alignment"]["per_guidance"][w]
+        for c, r2 in got["r2"].items():
+            assert r2 == pytest.approx(other["r2"][c], rel=1e-4, abs=1e-4), (w, c)
