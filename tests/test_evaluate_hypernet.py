@@ -252,3 +252,76 @@ def test_cli_evaluate_hypernet(store, tmp_path, monkeypatch):
     assert res["settings"]["steps"] == 5 and res["settings"]["per_prompt"] == 2
     assert (tmp_path / "alignment.png").exists()
     assert all(c["steps"] == 5 for c in fake.calls)
+
+
+def test_each_rows_items_and_retrieval_are_returned(store):
+    """rows / start_rows / retrieved name, per target row, the store row whose losses prompt the
+    other classes, DiHyFo-1's earlier start of the same run, and the retrieval control's loss."""
+    fake = FakeHN(store, "nearest", kind="dihyfo1")
+    res = ev.evaluate_hypernet(fake, store.root, HELDOUT, num_prompts=4, per_prompt=3, classes=[1, 2], seed=3)
+    L, run, step = store.load("class_loss"), store.load("run"), store.load("step")
+    assert len(fake.calls) == 2                                   # one sample call per class
+    for c, call in zip((1, 2), fake.calls):
+        rows, src = np.asarray(res["rows"][c]), np.asarray(res["start_rows"][c])
+        tgt = np.asarray(res["target"][c])
+        assert len(rows) == len(src) == len(tgt) == 12
+        others = [j for j in range(L.shape[1]) if j != c]
+        assert np.allclose(L[rows][:, others], call["target"][:, others], atol=1e-6)
+        assert np.allclose(call["target"][:, c], tgt, atol=1e-6)
+        assert np.array_equal(call["losses"].numpy(), L[src])
+        assert (run[rows] == run[src]).all() and (step[src] < step[rows]).all()
+        assert ev.prompt_alignment_r2(res["retrieved"][c], tgt) == pytest.approx(res["r2_retrieval"][c])
+    two = ev.evaluate_hypernet(FakeHN(store, "nearest"), store.root, HELDOUT, num_prompts=4, per_prompt=3, classes=[1])
+    assert two["start_rows"][1] is None and len(two["rows"][1]) == 12
+
+
+def _rule_holds(rule, classes, loss_row, acc_row):
+    """The documented holdout semantics, one row, one rule, in plain Python."""
+    for c, side, t in rule:
+        j = list(classes).index(c)
+        if side == "high" and not float(loss_row[j]) > t:
+            return False
+        if side == "low" and not float(loss_row[j]) < t:
+            return False
+        if side == "acc_high" and not np.float32(acc_row[j]) >= np.float32(t):
+            return False
+        if side == "acc_low" and not np.float32(acc_row[j]) <= np.float32(t):
+            return False
+    return True
+
+
+@given(st.integers(1, 40), st.integers(0, 2 ** 31 - 1))
+def test_held_out_mask_is_the_rule_row_by_row(n, seed):
+    from hyforget_fast.collection.collect import held_out_mask
+    rng = np.random.default_rng(seed)
+    classes = [0, 1, 2, 3, 4]
+    loss = rng.uniform(0, 8, (n, 5)).astype(np.float32)
+    acc = (rng.integers(0, 11, (n, 5)) / 10).astype(np.float32)   # thresholds hit exactly, too
+    loss[rng.random((n, 5)) < 0.05] = np.nan
+    rules = [[(3, "acc_low", 0.2), (2, "acc_high", 0.3)], [(1, "high", 4.0), (4, "low", 2.5)]]
+    got = held_out_mask(rules, classes, loss, acc)
+    want = [any(_rule_holds(r, classes, loss[i], acc[i]) for r in rules) for i in range(n)]
+    assert got.tolist() == want
+
+
+def test_alignment_breakdown_reads_accuracy_at_the_prompt_and_flags_held_out_rows():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import alignment_breakdown as ab
+    # a store in which accuracy falls with loss: acc = max(0, 1 - loss / 5) for every class
+    sl = np.linspace(0, 10, 2001)
+    store_loss = np.stack([sl] * 5, 1)
+    store_acc = np.clip(1 - store_loss / 5, 0, 1).astype(np.float32)
+    got = ab.accuracy_at_loss(sl, store_acc[:, 0], np.array([0.5, 2.5, 9.0]), neighbours=21)
+    assert got == pytest.approx([0.9, 0.5, 0.0], abs=1e-6)
+    rules = [[(3, "acc_low", 0.2), (2, "acc_high", 0.3)]]
+    target = np.array([[0.1, 0.1, 0.1, 6.0, 0.1],    # 3 forgotten (acc 0), 2 kept by the item: off
+                       [0.1, 0.1, 0.1, 0.5, 0.1],    # 3 kept: on
+                       [0.1, 0.1, 0.1, 6.0, 0.1]])   # 3 forgotten, 2 forgotten by the item: on
+    item_acc = np.array([[1, 1, 0.9, 1, 1], [1, 1, 0.9, 1, 1], [1, 1, 0.0, 1, 1]], np.float32)
+    off = ab.off_support(rules, [0, 1, 2, 3, 4], 3, target, item_acc, store_loss, store_acc, neighbours=21)
+    assert off.tolist() == [True, False, False]
+    asked = np.array([-5.0, -2.0, 0.5, 2.0, 6.0, 8.0])
+    achieved = asked * np.array([0.2, 0.5, 1.0, 1.0, 0.5, 0.75])
+    rows = ab.move_table(asked, achieved, achieved - asked)
+    assert sum(r["n"] for r in rows) == 6 and sum(r["sse_share"] for r in rows) == pytest.approx(1.0)
+    assert [r["achieved_over_asked"] for r in rows] == pytest.approx([0.2, 0.5, 1.0, 1.0, 0.625])

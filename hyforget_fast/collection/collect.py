@@ -182,6 +182,31 @@ def _normalise_holdout(holdout, classes) -> tuple:
     return tuple(rules)
 
 
+def held_out_mask(rules, classes, class_loss, class_acc) -> np.ndarray:
+    """(n, m) validation losses and accuracies (columns in `classes` order) -> (n,) bool: the row
+    meets every condition of some holdout rule (`CollectConfig.holdout`; a collection never saves
+    such a checkpoint). A loss condition holds when loss > t ("high") or loss < t ("low"), an
+    accuracy condition when acc >= t ("acc_high") or acc <= t ("acc_low"). NaN metrics meet no
+    condition. Losses are compared in float64 (exact for float32 losses) against the thresholds as
+    given, so a float64 check of the stored values agrees even for a loss at the threshold.
+    Accuracies are compared in float32, as stored: k/n and a threshold equal to k/n round to the
+    same float32, so an accuracy exactly at the threshold counts."""
+    classes = [int(c) for c in classes]
+    loss = np.asarray(class_loss, dtype=np.float64)
+    acc = np.asarray(class_acc, dtype=np.float32)
+    out = np.zeros(len(loss), dtype=bool)
+    for rule in _normalise_holdout(rules, classes):
+        hit = np.ones(len(loss), dtype=bool)
+        for c, side, thr in rule:
+            j, sign = classes.index(c), (1.0 if side.endswith("high") else -1.0)
+            if side.startswith("acc"):
+                hit &= (acc[:, j] - np.float32(thr)) * np.float32(sign) >= 0
+            else:
+                hit &= (loss[:, j] - thr) * sign > 0
+        out |= hit
+    return out
+
+
 PRESETS = {
     "mnist4": CollectConfig(),
     "mnist10": CollectConfig(classes=tuple(range(10)), pivots=(5, 6, 7, 8, 9), hidden=(7,),
@@ -265,13 +290,6 @@ class BlockTrainer:
         self.val_count = torch.bincount(self.yv, minlength=self.m).float()  # (m,)
         self._edges_np = np.asarray(cfg.bin_edges, dtype=np.float32)        # (E,) as float32 losses compare
         self._free_np, self._pivot_np = self.free_idx.cpu().numpy(), self.pivot_idx.cpu().numpy()
-        # Held-out rules as (column indices, signs, thresholds, on accuracy?): a loss condition
-        # holds when sign * (loss - t) > 0 (loss > t for "high", < t for "low"), an accuracy
-        # condition when sign * (acc - t) >= 0 (acc >= t for "acc_high", <= t for "acc_low").
-        self._holdout = [(np.array([cfg.classes.index(c) for c, _, _ in rule]),
-                          np.array([1.0 if side.endswith("high") else -1.0 for _, side, _ in rule]),
-                          np.array([t for _, _, t in rule]),
-                          np.array([side.startswith("acc") for _, side, _ in rule])) for rule in cfg.holdout]
         # Pixels that are 0 in every train and val image (the border) get zero gradient, so their
         # first-layer weights stay at init and add nothing to any logit: compute without them.
         self.active = ((self.Xtr != 0).any(0) | (self.Xv != 0).any(0)).nonzero().squeeze(1)  # (Da,)
@@ -415,24 +433,8 @@ class BlockTrainer:
 
     def held_out(self, class_loss, class_acc) -> np.ndarray:
         """(n, m) validation losses and accuracies -> (n,) bool: the checkpoint meets every
-        condition of some holdout rule of the config (so it must not be saved). NaN metrics meet
-        no condition. Losses are compared in float64 (exact for float32 losses) against the
-        thresholds as given, so a float64 check of the stored values agrees even for a loss at the
-        threshold. Accuracies are compared in float32, as stored: k/n and a threshold equal to k/n
-        round to the same float32, so an accuracy exactly at the threshold counts."""
-        loss = np.asarray(class_loss, dtype=np.float64)
-        acc = np.asarray(class_acc, dtype=np.float32)
-        out = np.zeros(len(loss), dtype=bool)
-        for cols, sign, thr, on_acc in self._holdout:
-            hit = np.ones(len(loss), dtype=bool)
-            for j, c in enumerate(cols):
-                if on_acc[j]:
-                    d = (acc[:, c] - np.float32(thr[j])) * np.float32(sign[j])
-                    hit &= d >= 0
-                else:
-                    hit &= (loss[:, c] - thr[j]) * sign[j] > 0
-            out |= hit
-        return out
+        condition of some holdout rule of the config (so it must not be saved); `held_out_mask`."""
+        return held_out_mask(self.cfg.holdout, self.cfg.classes, class_loss, class_acc)
 
     def score_exact(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class validation loss / accuracy (n, m) of runs `rows`, from one call of the fused

@@ -247,6 +247,7 @@ def _evaluate_class(hn, store: CheckpointStore, c: int, ci: int, held_loss: np.n
             "r2_retrieval": prompt_alignment_r2(looked_up, tc, eps), "pearson_retrieval": pearson(looked_up, tc),
             "nonfinite": int((~ok).sum()), "prompts": grid.tolist(), "target": tc.tolist(),
             "observed": [float(v) if math.isfinite(v) else float("nan") for v in obs.tolist()],
+            "retrieved": looked_up.tolist(), "rows": star.tolist(), "start_rows": None if src is None else src.tolist(),
             "range": [float(fin.min()), float(fin.max())], "reference": float(np.median(fin))}
 
 
@@ -273,7 +274,10 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
     Returns a JSON-able dict (int class keys): r2, pearson, nonfinite,
     r2_mean, r2_free_mean, pearson_mean, pearson_free_mean, prompts / target / observed / range /
     reference (median held-out loss) per class, r2_retrieval / pearson_retrieval per class and
-    r2_retrieval_free_mean (the retrieval control, module docstring), and `settings`.
+    r2_retrieval_free_mean (the retrieval control, module docstring), and `settings`. Per class and
+    item, in the order of target / observed: rows (the store row whose losses prompt the other
+    classes), start_rows (DiHyFo-1's θ row; None for DiHyFo-2) and retrieved (the retrieval
+    control's loss).
     """
     t0 = time.perf_counter()
     meta = getattr(hn, "meta", None) or {}
@@ -311,7 +315,7 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
 
     lookup = _training_lookup(store, per_run)
     keys = ("r2", "pearson", "nonfinite", "prompts", "target", "observed", "range", "reference",
-            "r2_retrieval", "pearson_retrieval")
+            "r2_retrieval", "pearson_retrieval", "retrieved", "rows", "start_rows")
     res = {k_: {} for k_ in keys}
     for c in classes:
         one = _evaluate_class(hn, store, c, all_classes.index(c), held_loss, per_run, rows, phase, X_val, y_val,
