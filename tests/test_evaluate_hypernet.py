@@ -325,3 +325,37 @@ def test_alignment_breakdown_reads_accuracy_at_the_prompt_and_flags_held_out_row
     rows = ab.move_table(asked, achieved, achieved - asked)
     assert sum(r["n"] for r in rows) == 6 and sum(r["sse_share"] for r in rows) == pytest.approx(1.0)
     assert [r["achieved_over_asked"] for r in rows] == pytest.approx([0.2, 0.5, 1.0, 1.0, 0.625])
+
+
+@given(st.integers(1, 9), st.integers(1, 6), st.floats(0.5, 3.0), st.integers(0, 2 ** 31 - 1))
+def test_alignment_probes_calibration_moves_only_large_rises(k, m, a, seed):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import alignment_probes as ap
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(k, m, generator=g, dtype=torch.float64) * 3
+    t = torch.rand(k, m, generator=g, dtype=torch.float64) * 10
+    got = ap.calibrated_prompts(t, s, a)
+    big = (t - s) > ap.CALIBRATE_FROM
+    assert torch.equal(got[~big], t[~big])                       # small and downward moves unchanged
+    want = s + ap.CALIBRATE_FROM + a * (t - s - ap.CALIBRATE_FROM)
+    assert torch.allclose(got[big], want[big], rtol=0, atol=1e-12)
+    assert torch.allclose(ap.calibrated_prompts(t, s, 1.0), t, rtol=0, atol=1e-12)   # a = 1: the prompt itself
+
+
+def test_alignment_probes_training_runs_and_noise_scale(store):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import alignment_probes as ap
+    import hyforget_fast.hypernet.diffusion as diffusion
+    held = [0, 5, 9, 14]                                          # 16 runs in the store
+    runs = ap.training_runs_like(store, held, seed=3)
+    assert len(runs) == len(held) == len(set(runs)) and not set(runs) & set(held)
+    assert set(runs) <= set(np.unique(store.load("run")).tolist())
+    assert runs == ap.training_runs_like(store, held, seed=3)
+    with pytest.raises(ValueError, match="fewer than"):
+        ap.training_runs_like(store, HELDOUT, seed=0)              # 11 held out, 5 left
+    x = diffusion._randn((3, 5), torch.Generator().manual_seed(1), torch.device("cpu"))
+    with ap.noise_scaled(0.25):
+        y = diffusion._randn((3, 5), torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert torch.allclose(y, 0.25 * x)
+    z = diffusion._randn((3, 5), torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert torch.equal(z, x)                                     # restored on exit
