@@ -89,6 +89,10 @@ def main(argv=None) -> None:
     ap.add_argument("--noise-scale", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if not args.noise_scale > 0:
+        ap.error(f"--noise-scale must be positive, got {args.noise_scale}")
+    if args.calibrate is not None and not args.calibrate > 0:
+        ap.error(f"--calibrate must be positive, got {args.calibrate}")
     torch.set_num_threads(args.threads)
     if os.path.isdir(args.model):
         hn = hf.load_hypernet(args.model, device="cpu", data=args.data)
