@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import hyforget_fast as hf  # noqa: E402
+from hyforget_fast.cli import open_hypernet  # noqa: E402
 from hyforget_fast.collection.collect import held_out_mask  # noqa: E402
 from hyforget_fast.hypernet.evaluate import evaluate_hypernet, prompt_alignment_r2  # noqa: E402
 
@@ -116,10 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    if os.path.isdir(a.model):
-        hn = hf.load_hypernet(a.model, device="cpu", data=a.data)
-    else:
-        hn = hf.load_pretrained(a.model, device="cpu", data=a.data)
+    hn = open_hypernet(a.model, device="cpu", data=a.data)
     store = hf.CheckpointStore(a.data)
     out = breakdown(hn, store, guidance=a.guidance, seed=a.seed, classes=a.classes, neighbours=a.neighbours)
     g = out["eval"]["settings"]["guidance"]

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import hyforget_fast as hf  # noqa: E402
+from hyforget_fast.cli import open_hypernet  # noqa: E402
 import hyforget_fast.hypernet.diffusion as diffusion  # noqa: E402
 from hyforget_fast.hypernet.evaluate import evaluate_hypernet  # noqa: E402
 
@@ -94,10 +95,7 @@ def main(argv=None) -> None:
     if args.calibrate is not None and not args.calibrate > 0:
         ap.error(f"--calibrate must be positive, got {args.calibrate}")
     torch.set_num_threads(args.threads)
-    if os.path.isdir(args.model):
-        hn = hf.load_hypernet(args.model, device="cpu", data=args.data)
-    else:
-        hn = hf.load_pretrained(args.model, device="cpu", data=args.data)
+    hn = open_hypernet(args.model, device="cpu", data=args.data)
     store = hf.CheckpointStore(args.data)
     runs = None if args.runs == "heldout" else training_runs_like(store, hn.meta["heldout_runs"], args.runs_seed)
     if args.calibrate is not None:

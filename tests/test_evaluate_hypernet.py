@@ -353,9 +353,11 @@ def test_alignment_probes_training_runs_and_noise_scale(store):
     assert runs == ap.training_runs_like(store, held, seed=3)
     with pytest.raises(ValueError, match="fewer than"):
         ap.training_runs_like(store, HELDOUT, seed=0)              # 11 held out, 5 left
-    x = diffusion._randn((3, 5), torch.Generator().manual_seed(1), torch.device("cpu"))
+    # one DDIM step with a model that returns its input: the sample is x_T itself
+    gd = diffusion.GaussianDiffusion(num_steps=50)
+    draw = lambda: gd.ddim_sample(lambda x, t: x, (3, 5), steps=1, generator=torch.Generator().manual_seed(1))
+    x = draw()
     with ap.noise_scaled(0.25):
-        y = diffusion._randn((3, 5), torch.Generator().manual_seed(1), torch.device("cpu"))
-    assert torch.allclose(y, 0.25 * x)
-    z = diffusion._randn((3, 5), torch.Generator().manual_seed(1), torch.device("cpu"))
-    assert torch.equal(z, x)                                     # restored on exit
+        y = draw()
+    assert torch.allclose(y, 0.25 * x) and not torch.allclose(x, y)
+    assert torch.equal(draw(), x)                                # restored on exit
