@@ -8,6 +8,7 @@
     --calibrate A       DiHyFo-1: feed s + 1 + A (t - s - 1) for a prompt t more than 1 above the
                         start's own loss s (asks for more of a large move than the user does)
     --noise-scale T     scale the initial diffusion noise by T (T < 1: a lower-temperature draw)
+    --sample-steps N    DDIM steps per draw (the evaluation's default is 20; forget calls use 50)
 
     python bench/alignment_probes.py --model mnist10-dihyfo1 --data D --guidance 2 --seeds 0 1 2
     python bench/alignment_probes.py --model RUN_DIR --data D --guidance 2 --seeds 0 1 --runs train
@@ -88,8 +89,11 @@ def main(argv=None) -> None:
     ap.add_argument("--start", choices=("pair", "init"), default="pair")
     ap.add_argument("--calibrate", type=float, default=None)
     ap.add_argument("--noise-scale", type=float, default=1.0)
+    ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.sample_steps < 1:
+        ap.error(f"--sample-steps must be at least 1, got {args.sample_steps}")
     if not args.noise_scale > 0:
         ap.error(f"--noise-scale must be positive, got {args.noise_scale}")
     if args.calibrate is not None and not args.calibrate > 0:
@@ -106,7 +110,8 @@ def main(argv=None) -> None:
     r2s = []
     with noise_scaled(args.noise_scale):
         for s in args.seeds:
-            r = evaluate_hypernet(hn, store, runs, seed=s, guidance=args.guidance, start=args.start, classes=free)
+            r = evaluate_hypernet(hn, store, runs, seed=s, guidance=args.guidance, start=args.start, classes=free,
+                                  steps=args.sample_steps)
             r2s.append(r["r2_free_mean"])
             print(f"seed {s}: free R2 {r['r2_free_mean']:.3f}  Pearson {r['pearson_free_mean']:.3f}  per class "
                   + " ".join(f"{c}:{v:.2f}" for c, v in r["r2"].items())

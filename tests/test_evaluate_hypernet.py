@@ -361,3 +361,12 @@ def test_alignment_probes_training_runs_and_noise_scale(store):
         y = draw()
     assert torch.allclose(y, 0.25 * x) and not torch.allclose(x, y)
     assert torch.equal(draw(), x)                                # restored on exit
+
+
+@pytest.mark.parametrize("flag", [["--sample-steps", "0"], ["--noise-scale", "0"], ["--calibrate", "-1"]])
+def test_alignment_probes_rejects_bad_settings_before_loading(flag, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import alignment_probes as ap
+    with pytest.raises(SystemExit):
+        ap.main(["--model", "no-such-model", "--data", "no-such-folder", *flag])
+    assert flag[0] in capsys.readouterr().err
