@@ -8,6 +8,10 @@
     --calibrate A       DiHyFo-1: feed s + 1 + A (t - s - 1) for a prompt t more than 1 above the
                         start's own loss s (asks for more of a large move than the user does)
     --noise-scale T     scale the initial diffusion noise by T (T < 1: a lower-temperature draw)
+    --refine R          DiHyFo-1 in closed loop: R more edits, each from the previous draw conditioned
+                        on its measured losses (`Hypernet.refine`); feedback on one half of the
+                        validation split, R² on the other (--half-b scores the open loop there too)
+    --feedback train    ... feedback on the training split instead, R² on the whole validation split
     --sample-steps N    DDIM steps per draw (the evaluation's default is 20; forget calls use 50)
 
     python bench/alignment_probes.py --model mnist10-dihyfo1 --data D --guidance 2 --seeds 0 1 2
@@ -31,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import hyforget_fast as hf  # noqa: E402
 from hyforget_fast.cli import open_hypernet  # noqa: E402
 import hyforget_fast.hypernet.diffusion as diffusion  # noqa: E402
-from hyforget_fast.hypernet.evaluate import evaluate_hypernet  # noqa: E402
+from hyforget_fast.hypernet.evaluate import evaluate_hypernet, validation_halves, validation_split  # noqa: E402
 
 CALIBRATE_FROM = 1.0   # moves up to this far above the start's loss are fed unchanged
 
@@ -89,9 +93,18 @@ def main(argv=None) -> None:
     ap.add_argument("--start", choices=("pair", "init"), default="pair")
     ap.add_argument("--calibrate", type=float, default=None)
     ap.add_argument("--noise-scale", type=float, default=1.0)
+    ap.add_argument("--refine", type=int, default=0)
+    ap.add_argument("--feedback", choices=("val-half", "train"), default="val-half")
+    ap.add_argument("--half-b", action="store_true", help="score on validation half B (as --refine does)")
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.half_b and args.refine:
+        ap.error("--refine already scores on validation half B; --half-b is for the open loop")
+    if args.refine and args.calibrate is not None:
+        ap.error("--refine and --calibrate are separate probes; use one")
+    if args.refine < 0:
+        ap.error(f"--refine must be at least 0, got {args.refine}")
     if args.sample_steps < 1:
         ap.error(f"--sample-steps must be at least 1, got {args.sample_steps}")
     if not args.noise_scale > 0:
@@ -106,12 +119,22 @@ def main(argv=None) -> None:
         if hn.cfg.kind != "dihyfo1":
             raise SystemExit("--calibrate is for DiHyFo-1 (it moves prompts relative to the start's losses)")
         hn = CalibratedPrompts(hn, args.calibrate)
+    kw = {}
+    if args.refine:
+        if hn.cfg.kind != "dihyfo1":
+            raise SystemExit("--refine is for DiHyFo-1 (it edits a start network)")
+        kw["refine"] = args.refine
+        if args.feedback == "train":
+            sp = hf.load_splits(store)
+            kw["feedback"] = (sp.X_train, sp.y_train)
+    elif args.half_b:
+        kw["splits"] = validation_halves(*validation_split(store))[1]
     free = [c for c in store.classes if c not in store.manifest.get("pivots", [])]
     r2s = []
     with noise_scaled(args.noise_scale):
         for s in args.seeds:
             r = evaluate_hypernet(hn, store, runs, seed=s, guidance=args.guidance, start=args.start, classes=free,
-                                  steps=args.sample_steps)
+                                  steps=args.sample_steps, **kw)
             r2s.append(r["r2_free_mean"])
             print(f"seed {s}: free R2 {r['r2_free_mean']:.3f}  Pearson {r['pearson_free_mean']:.3f}  per class "
                   + " ".join(f"{c}:{v:.2f}" for c, v in r["r2"].items())

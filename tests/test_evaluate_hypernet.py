@@ -46,7 +46,7 @@ class FakeHN:
         self.meta = {"classes": list(store.classes), "pivots": store.manifest["pivots"],
                      "heldout_runs": HELDOUT, "data_dir": store.root}
         self.params, self.loss = store.load("params"), store.load("class_loss")
-        self.calls = []
+        self.calls, self.refined = [], []
 
     def sample(self, target_losses, k, sampler="ddim", steps=50, seed=0, theta=None, losses=None):
         tgt = np.asarray(target_losses, dtype=np.float64)
@@ -63,6 +63,11 @@ class FakeHN:
         else:
             idx = np.random.default_rng(seed).integers(0, len(self.loss), k)
         return torch.from_numpy(self.params[idx].copy())
+
+
+    def refine(self, target_losses, params, X, y, rounds=1, seed=0, **kw):   # records, edits nothing
+        self.refined.append(dict(X=X, y=y, rounds=rounds, params=params, seed=seed, kw=kw))
+        return params
 
 
 def r2_ref(obs, tgt, eps=1e-8):
@@ -370,3 +375,46 @@ def test_alignment_probes_rejects_bad_settings_before_loading(flag, capsys):
     with pytest.raises(SystemExit):
         ap.main(["--model", "no-such-model", "--data", "no-such-folder", *flag])
     assert flag[0] in capsys.readouterr().err
+
+
+@given(st.lists(st.integers(0, 6), min_size=2, max_size=60))
+def test_validation_halves_are_disjoint_stratified_and_keep_order(labels):
+    y = torch.tensor(labels)
+    X = torch.arange(len(labels), dtype=torch.float32)[:, None].repeat(1, 3)   # row i holds i
+    (XA, yA), (XB, yB) = ev.validation_halves(X, y)
+    ia, ib = XA[:, 0].long(), XB[:, 0].long()
+    assert sorted(ia.tolist() + ib.tolist()) == list(range(len(labels)))         # a partition
+    assert torch.equal(ia, ia.sort().values) and torch.equal(ib, ib.sort().values)
+    assert torch.equal(y[ia], yA) and torch.equal(y[ib], yB)
+    for c in set(labels):
+        na, nb = int((yA == c).sum()), int((yB == c).sum())
+        assert na - nb in (0, 1)                                                 # half of each class, A first
+    with pytest.raises(ValueError, match="same N"):
+        ev.validation_halves(X[:-1], y)
+
+
+def test_refine_gets_feedback_from_one_half_and_is_scored_on_the_other(store, monkeypatch):
+    fake = FakeHN(store, "nearest", kind="dihyfo1")
+    seen = []
+    real = ev.class_metrics
+
+    def spy(params, spec, X, y):
+        seen.append((X, y))
+        return real(params, spec, X, y)
+
+    monkeypatch.setattr(ev, "class_metrics", spy)
+    res = ev.evaluate_hypernet(fake, None, None, num_prompts=4, per_prompt=3, classes=[2], refine=2)
+    (XA, yA), (XB, yB) = ev.validation_halves(*ev.validation_split(store))
+    assert len(fake.refined) == 1 and fake.refined[0]["rounds"] == 2
+    assert torch.equal(fake.refined[0]["X"], XA) and torch.equal(fake.refined[0]["y"], yA)
+    assert len(seen) == 1 and torch.equal(seen[0][0], XB) and torch.equal(seen[0][1], yB)
+    assert res["settings"]["refine"] == 2 and "half B" in res["settings"]["measured_on"]
+    fb = (XB[:10], yB[:10])                                   # explicit feedback: scored on all of validation
+    fake2 = FakeHN(store, "nearest", kind="dihyfo1")
+    seen.clear()
+    ev.evaluate_hypernet(fake2, None, None, num_prompts=4, per_prompt=3, classes=[2], refine=1, feedback=fb)
+    assert fake2.refined[0]["X"] is fb[0] and torch.equal(seen[0][0], ev.validation_split(store)[0])
+    with pytest.raises(ValueError, match="DiHyFo-1"):
+        ev.evaluate_hypernet(FakeHN(store, "nearest"), None, None, num_prompts=4, per_prompt=3, classes=[2], refine=1)
+    with pytest.raises(ValueError, match="non-negative"):
+        ev.evaluate_hypernet(fake, None, None, num_prompts=4, per_prompt=3, classes=[2], refine=-1)

@@ -789,3 +789,34 @@ def test_release_measure_in_two_processes_equals_one(setup):
         other = two["prompt_alignment"]["per_guidance"][w]
         for c, r2 in got["r2"].items():
             assert r2 == pytest.approx(other["r2"][c], rel=1e-4, abs=1e-4), (w, c)
+
+
+def test_refine_edits_again_from_the_measured_losses(setup):
+    """Hypernet.refine: round r is `sample` from the current networks and their losses on (X, y),
+    with seed + 1 + r; rounds compose; bad input is refused."""
+    data, hns, splits = setup
+    hn = hns["dihyfo1"]
+    st_ = CheckpointStore(data)
+    theta = torch.from_numpy(st_.take("params", np.array([0, 5, 9])))
+    losses = torch.from_numpy(st_.take("class_loss", np.array([0, 5, 9])))
+    tgt = torch.tensor([[0.1, 0.2, 4.0, 0.3]]).expand(3, -1)
+    kw = dict(steps=4, guidance=1.5)
+    first = hn.sample(tgt, 3, seed=5, theta=theta, losses=losses, **kw)
+    X, y = splits.X_val[:301], splits.y_val[:301]
+    assert torch.equal(hn.refine(tgt, first, X, y, rounds=0, seed=5, **kw), first)
+    once = hn.refine(tgt, first, X, y, rounds=1, seed=5, **kw)
+    measured = hf.class_metrics(first, hn.spec, X, y).class_loss
+    assert torch.equal(once, hn.sample(tgt, 3, seed=6, theta=first, losses=measured, **kw))
+    assert not torch.equal(once, first)
+    twice = hn.refine(tgt, first, X, y, rounds=2, seed=5, **kw)
+    assert torch.equal(twice, hn.refine(tgt, once, X, y, rounds=1, seed=6, **kw))
+    with pytest.raises(ValueError, match="DiHyFo-1"):
+        hns["dihyfo2"].refine(tgt, first, X, y)
+    with pytest.raises(ValueError, match="rounds"):
+        hn.refine(tgt, first, X, y, rounds=-1)
+    with pytest.raises(ValueError, match=r"\(k, P\)"):
+        hn.refine(tgt, first[0], X, y)
+    bad = first.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        hn.refine(tgt, bad, X, y)

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from ..collection.store import CheckpointStore
-from ..ops.functional import canonical_perms, detokenize, permute, tokenize
+from ..ops.functional import canonical_perms, class_metrics, detokenize, permute, tokenize
 from ..ops.spec import ParamNorm
 from .checkpoint import (check_dataset_matches, check_same_dataset, dataset_candidates, read_checkpoint,
                          resolve_dataset)
@@ -282,6 +282,38 @@ class Hypernet:
             out.append(flat if back is None else permute(flat, self.spec, back))
         bar.close()
         return torch.cat(out)
+
+    def refine(self, target_losses, params, X: torch.Tensor, y: torch.Tensor, rounds: int = 1,
+               seed: int = 0, **sample_kw) -> torch.Tensor:
+        """DiHyFo-1 in closed loop: edit `params` (k, P) (e.g. what `sample` returned) `rounds` more
+        times toward `target_losses`, each edit starting from the current networks conditioned on
+        their per-class losses measured on (X (N, d), y (N,) class indices 0..m-1).
+
+        One edit moves a network about three quarters of the way on a large rise (bench/RESULTS.md
+        §21); a second edit from the measured result closes most of the rest. The losses DiHyFo-1
+        is conditioned on are validation losses, so (X, y) should be validation-like data that
+        the result is NOT scored on afterwards (e.g. one half of the validation split,
+        `hyforget_fast.hypernet.evaluate.validation_halves`), or the score is fitted to itself.
+        sample_kw: `sample`'s sampler, steps, batch, eta, guidance, progress. Round r uses seed + r.
+        -> (k, P) float32 on the model's device.
+        """
+        if self.kind != "dihyfo1":
+            raise ValueError("refine edits given networks: it needs a DiHyFo-1 (DiHyFo-2 takes no start)")
+        if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 0:
+            raise ValueError(f"rounds must be a non-negative integer, got {rounds!r}")
+        if not isinstance(params, torch.Tensor) or params.ndim != 2:
+            raise ValueError(f"params must be a (k, P) tensor of flat parameters, got "
+                             f"{type(params).__name__} {tuple(getattr(params, 'shape', ()))}")
+        k = params.shape[0]
+        out = self._rows(params, k, self.spec.num_params, "params", f"(P = {self.spec.num_params})")
+        X, y = X.to(self.device), y.to(self.device)
+        for r in range(int(rounds)):
+            losses = class_metrics(out, self.spec, X, y).class_loss.float()      # (k, m) measured now
+            if not torch.isfinite(losses).all():
+                raise ValueError(f"refine round {r}: {int((~torch.isfinite(losses).all(1)).sum())} networks have "
+                                 "non-finite losses on the feedback data (NaN parameters?)")
+            out = self.sample(target_losses, k, seed=int(seed) + 1 + r, theta=out, losses=losses, **sample_kw)
+        return out
 
 
 DEFAULT_GUIDANCE = 1.0   # classifier-free guidance weight unless asked; > 1 available for models trained with target dropout

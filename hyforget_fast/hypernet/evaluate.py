@@ -17,6 +17,11 @@ For each evaluated class c:
             slices of `sample_batch`), seed derived from (seed, class).
   observed  per-class loss of each sampled network on the collection's VALIDATION split
             (rebuilt from the store manifest), by the fused evaluator `class_metrics`.
+  refine    (DiHyFo-1, refine = R > 0) closed loop: after the draw, R more edits, each from the
+            current networks conditioned on their losses measured on feedback data
+            (`Hypernet.refine`). By default the feedback is one stratified half of the validation
+            split (`validation_halves`) and every observed loss is measured on the OTHER half, so
+            the feedback never sees the data that scores it.
   metrics   R²_c = 1 - Σ(L_obs - L_target)² / (Σ(L_target - mean L_target)² + ε), POOLED over
             all (prompt, item) pairs of class c. Every set of one network per prompt has the
             same targets (the grid), so this equals G.pt's mean over sets of the per-set R²
@@ -95,6 +100,19 @@ def validation_split(store: CheckpointStore):
     except ValueError as e:
         raise ValueError(f"{e}; pass splits= explicitly") from None
     return splits.X_val, splits.y_val
+
+
+def validation_halves(X: torch.Tensor, y: torch.Tensor):
+    """Two disjoint halves of a split, stratified by class: within each class, examples 0, 2, 4,
+    ... (in split order) form the feedback half A and 1, 3, 5, ... the scoring half B.
+    -> ((X_A, y_A), (X_B, y_B))."""
+    if y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"X (N, d) and y (N,) must have the same N, got {tuple(X.shape)} and {tuple(y.shape)}")
+    a = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    for c in torch.unique(y):
+        idx = (y == c).nonzero().flatten()
+        a[idx[0::2]] = True
+    return (X[a], y[a]), (X[~a], y[~a])
 
 
 def _heldout_rows(store: CheckpointStore, heldout_runs) -> tuple[dict, np.ndarray]:
@@ -222,7 +240,7 @@ def _sample_items(hn, tgt: torch.Tensor, kw: dict, sampler: str, steps: int, see
 def _evaluate_class(hn, store: CheckpointStore, c: int, ci: int, held_loss: np.ndarray, per_run: dict,
                     rows: np.ndarray, phase: np.ndarray, X_val, y_val, lookup, *, num_prompts: int,
                     per_prompt: int, percentiles, start: str, sampler: str, steps: int, seed: int, bs: int,
-                    guidance, eps: float) -> dict:
+                    guidance, eps: float, refine: int = 0, feedback=None) -> dict:
     """Class c (column ci): its prompt grid, the items (others prompted as in the data), one sampled
     network per item, its validation loss -> {r2, pearson, nonfinite, prompts, target, observed,
     range, reference, r2_retrieval, pearson_retrieval}."""
@@ -237,6 +255,11 @@ def _evaluate_class(hn, store: CheckpointStore, c: int, ci: int, held_loss: np.n
     if kind == "dihyfo1":
         kw = {"theta": torch.from_numpy(store.take("params", src)), "losses": torch.from_numpy(store.take("class_loss", src))}
     params = _sample_items(hn, torch.from_numpy(target), kw, sampler, steps, seed, c, bs, guidance)   # (k, P)
+    if refine:
+        X_fb, y_fb = feedback
+        params = hn.refine(torch.from_numpy(target), params, X_fb, y_fb, refine,
+                           seed=int(seed) * 1_000_003 + c * 1009 + 7919 * refine, sampler=sampler, steps=steps,
+                           batch=bs, **({} if guidance is None else {"guidance": guidance})).float()
     obs = class_metrics(params, hn.spec, X_val.to(params.device), y_val.to(params.device)).class_loss[:, ci]
     obs = obs.double().cpu().numpy()                                       # (k,)
     tc = target[:, ci].astype(np.float64)
@@ -260,7 +283,8 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
                       sampler: str = "ddim", steps: int = 20, seed: int = 0, max_items: int | None = None,
                       classes: Sequence[int] | None = None, *, start: str = "pair",
                       percentiles: tuple[float, float] = (2.0, 98.0), splits=None,
-                      sample_batch: int | None = None, eps: float = R2_EPS, guidance: float | None = None) -> dict:
+                      sample_batch: int | None = None, eps: float = R2_EPS, guidance: float | None = None,
+                      refine: int = 0, feedback=None) -> dict:
     """Per-class prompt alignment R² and Pearson r of a hypernetwork on held-out runs.
 
     hn: anything with .sample(target_losses (k, m), k, sampler=, steps=, seed=, theta=, losses=)
@@ -271,6 +295,9 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
     (default all). max_items caps the networks sampled per class: per_prompt is lowered to
     max(1, max_items // num_prompts). splits: (X_val, y_val) or a DigitSplits, to skip
     rebuilding the validation split (e.g. every evaluation of a training run).
+    refine (DiHyFo-1): closed-loop edits after the draw (module docstring). feedback: (X, y) they
+    measure on; None = half A of the validation split, and then every loss is observed on half B
+    (`validation_halves`); given, losses are observed on the whole validation split.
     Returns a JSON-able dict (int class keys): r2, pearson, nonfinite,
     r2_mean, r2_free_mean, pearson_mean, pearson_free_mean, prompts / target / observed / range /
     reference (median held-out loss) per class, r2_retrieval / pearson_retrieval per class and
@@ -305,6 +332,17 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
         X_val, y_val = splits
     else:
         X_val, y_val = splits.X_val, splits.y_val
+    if isinstance(refine, bool) or int(refine) != refine or refine < 0:
+        raise ValueError(f"refine must be a non-negative integer, got {refine!r}")
+    refine = int(refine)
+    if refine and kind != "dihyfo1":
+        raise ValueError("refine is for DiHyFo-1 (closed-loop edits of a start network)")
+    measured_on = "validation split"
+    if refine and feedback is None:
+        feedback, (X_val, y_val) = validation_halves(X_val, y_val)
+        measured_on = "validation half B (refine feedback on half A)"
+    elif refine:
+        measured_on = "validation split (refine feedback on the given data)"
     per_run, rows = _heldout_rows(store, heldout_runs)
     held_loss = store.take("class_loss", rows)                                # (n_held, m)
     phase = np.full(len(store), -1, np.int8)
@@ -320,7 +358,8 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
     for c in classes:
         one = _evaluate_class(hn, store, c, all_classes.index(c), held_loss, per_run, rows, phase, X_val, y_val,
                               lookup, num_prompts=num_prompts, per_prompt=per_prompt, percentiles=percentiles, start=start,
-                              sampler=sampler, steps=steps, seed=seed, bs=bs, guidance=guidance, eps=eps)
+                              sampler=sampler, steps=steps, seed=seed, bs=bs, guidance=guidance, eps=eps,
+                              refine=refine, feedback=feedback)
         for k_ in keys:
             res[k_][c] = one[k_]
 
@@ -339,7 +378,7 @@ def evaluate_hypernet(hn, data_dir, heldout_runs=None, num_prompts: int = 20, pe
                      "r2": "pooled over all (prompt, item) pairs of the class (= mean per-set R²)",
                      "retrieval": "the training-run checkpoint nearest each target in log(L + 1e-3), its stored "
                                   "validation losses",
-                     "measured_on": "validation split", "heldout_runs": sorted(int(r) for r in per_run),
+                     "refine": refine, "measured_on": measured_on, "heldout_runs": sorted(int(r) for r in per_run),
                      "heldout_checkpoints": int(len(rows)), "data_dir": str(store.root)},
         "seconds": time.perf_counter() - t0,
     })
