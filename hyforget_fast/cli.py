@@ -248,6 +248,9 @@ def _add_evaluate_hypernet(sub):
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance weight (default: the first weight of the model card's grid, "
                         "else the model's default)")
+    p.add_argument("--refine", type=int, default=0,
+                   help="DiHyFo-1 in closed loop: this many more edits, each from the measured losses of the last "
+                        "(feedback on one half of the validation split, R² on the other half)")
 
 
 def cmd_evaluate_hypernet(a) -> int:
@@ -256,8 +259,8 @@ def cmd_evaluate_hypernet(a) -> int:
     if a.guidance is None and (hn.meta.get("sampling") or {}).get("guidance_grid"):
         a.guidance = float(hn.guidance_grid[0])
     res = evaluate_hypernet(hn, None, None, num_prompts=a.prompts, per_prompt=a.per_prompt, sampler=a.sampler,
-                            steps=a.steps, seed=a.seed, start=a.start, guidance=a.guidance)
-    paths = save_evaluation(res, a.dir)
+                            steps=a.steps, seed=a.seed, start=a.start, guidance=a.guidance, refine=a.refine)
+    paths = save_evaluation(res, a.dir, "eval_refine.json" if a.refine else "eval.json")
     r2 = ", ".join(f"{c}: {v:.3f}" for c, v in res["r2"].items())
     print(f"R² {{{r2}}}; free-class mean {res['r2_free_mean']:.3f} (retrieval from the store: "
           f"{res['r2_retrieval_free_mean']:.3f}); non-finite {res['nonfinite_total']}; "

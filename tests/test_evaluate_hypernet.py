@@ -255,6 +255,11 @@ def test_cli_evaluate_hypernet(store, tmp_path, monkeypatch):
     assert rc == 0
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["settings"]["steps"] == 5 and res["settings"]["per_prompt"] == 2
+    fake.cfg.kind = "dihyfo1"                      # closed loop: its own file, the open loop's kept
+    assert main(["evaluate-hypernet", str(tmp_path), "--steps", "5", "--per-prompt", "2", "--refine", "1"]) == 0
+    closed = json.loads((tmp_path / "eval_refine.json").read_text())
+    assert closed["settings"]["refine"] == 1 and "half B" in closed["settings"]["measured_on"]
+    assert fake.refined and json.loads((tmp_path / "eval.json").read_text())["settings"]["refine"] == 0
     assert (tmp_path / "alignment.png").exists()
     assert all(c["steps"] == 5 for c in fake.calls)
 

@@ -820,3 +820,22 @@ def test_refine_edits_again_from_the_measured_losses(setup):
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         hn.refine(tgt, bad, X, y)
+
+
+def test_release_alignment_records_dihyfo1_in_closed_loop(setup):
+    """bench/retrain_pretrained.py alignment(): DiHyFo-1's card also holds the closed-loop R²
+    (refine=1) at each CLOSED_LOOP_WEIGHTS weight, the mean of its evaluation seeds; DiHyFo-2's not."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import retrain_pretrained as R
+    from hyforget_fast.hypernet.evaluate import evaluate_hypernet
+    data, hns, _ = setup
+    got = R.alignment(hns["dihyfo1"], data, [2.0], seeds=(0, 1))
+    closed = got["closed_loop"]["per_guidance"]
+    assert got["closed_loop"]["refine"] == 1 and list(closed) == [str(w) for w in R.CLOSED_LOOP_WEIGHTS]
+    direct = evaluate_hypernet(hns["dihyfo1"], data, None, guidance=1.5, refine=1, seed=1)["r2_free_mean"]
+    one = closed["1.5"]
+    assert one["r2_free_mean_per_seed"][1] == pytest.approx(direct, abs=1e-6)
+    assert one["r2_free_mean"] == pytest.approx(np.mean(one["r2_free_mean_per_seed"]))
+    assert one["settings"]["refine"] == 1 and "half B" in one["settings"]["measured_on"]
+    assert set(got["per_guidance"]) == {"1.0", "2.0"} and got["guidance"] == 2.0
+    assert "closed_loop" not in R.alignment(hns["dihyfo2"], data, [1.0])
