@@ -17,7 +17,8 @@
     python bench/alignment_probes.py --model mnist10-dihyfo1 --data D --guidance 2 --seeds 0 1 2
     python bench/alignment_probes.py --model RUN_DIR --data D --guidance 2 --seeds 0 1 --runs train
 
---model: a shipped name (`hf.pretrained()`) or a training run's folder. Prints the free-class R²
+--model: a shipped name (`hf.pretrained()`) or a training run's folder; --data its collection or a
+rebuild by the card's collect command (held-out runs are passed by id). Prints the free-class R²
 per evaluation seed, per class, and the mean. Nothing reads the test split.
 """
 from __future__ import annotations
@@ -114,7 +115,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     hn = open_hypernet(args.model, device="cpu", data=args.data)
     store = hf.CheckpointStore(args.data)
-    runs = None if args.runs == "heldout" else training_runs_like(store, hn.meta["heldout_runs"], args.runs_seed)
+    # held-out runs by id: a rebuild of the collection by the card's collect command holds the same runs,
+    # though on another CPU its floats (and so its manifest hash) may differ
+    held = hn.meta["heldout_runs"]
+    runs = held if args.runs == "heldout" else training_runs_like(store, held, args.runs_seed)
     if args.calibrate is not None:
         if hn.cfg.kind != "dihyfo1":
             raise SystemExit("--calibrate is for DiHyFo-1 (it moves prompts relative to the start's losses)")
