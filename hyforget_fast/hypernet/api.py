@@ -294,7 +294,8 @@ class Hypernet:
         is conditioned on are validation losses, so (X, y) should be validation-like data that
         the result is NOT scored on afterwards (e.g. one half of the validation split,
         `hyforget_fast.hypernet.evaluate.validation_halves`), or the score is fitted to itself.
-        sample_kw: `sample`'s sampler, steps, batch, eta, guidance, progress. Round r uses seed + r.
+        sample_kw: `sample`'s sampler, steps, batch, eta, guidance, progress. Round r = 0, 1, ... samples with
+        seed + 1 + r.
         -> (k, P) float32 on the model's device.
         """
         if self.kind != "dihyfo1":
