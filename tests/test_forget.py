@@ -839,3 +839,24 @@ def test_release_alignment_records_dihyfo1_in_closed_loop(setup):
     assert one["settings"]["refine"] == 1 and "half B" in one["settings"]["measured_on"]
     assert set(got["per_guidance"]) == {"1.0", "2.0"} and got["guidance"] == 2.0
     assert "closed_loop" not in R.alignment(hns["dihyfo2"], data, [1.0])
+
+
+def test_forget_closed_loop_probe(setup, capsys):
+    """bench/forget_closed_loop.py: its test accuracies are the module's, and its open-loop row is
+    the forget call's own count; the closed-loop row scores the refined candidates."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import forget_closed_loop as fcl
+    data, hns, splits = setup
+    hn = hns["dihyfo1"]
+    p = torch.from_numpy(CheckpointStore(data).take("params", np.array([7])))[0]
+    d_f, d_r = fcl.test_accuracy(p, hn.spec, splits, [2])
+    pred = as_module(p, hn.spec)(splits.X_test).argmax(1)
+    f = splits.y_test == 2
+    assert d_f == pytest.approx(float((pred[f] == 2).float().mean()), abs=1e-6)
+    assert d_r == pytest.approx(float((pred[~f] == splits.y_test[~f]).float().mean()), abs=1e-6)
+    fcl.main(["--model", hn.meta["path"], "--data", data, "--forget", "2", "--k", "6", "--retain-min", "0.0"])
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].split()[-1] for line in out] == ["open", "closed"]
+    from hyforget_fast.demo import users_model
+    res = F.forget(hn, [2], splits, k=6, model=users_model(data)[0], seed=0, retain_min=0.0, warn=False)
+    assert f"forget&keep {res.forget_keep:.1f}" in out[0]
