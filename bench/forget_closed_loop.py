@@ -27,7 +27,7 @@ from hyforget_fast.unlearn import forget as F  # noqa: E402
 from hyforget_fast.unlearn.selection import class_indices, group_accuracy  # noqa: E402
 
 
-def test_accuracy(params: torch.Tensor, spec, splits, fidx) -> tuple[float, float]:
+def accuracy_on_test_split(params: torch.Tensor, spec, splits, fidx) -> tuple[float, float]:
     """(test accuracy on D_f, on D_r) of one flat network."""
     met = hf.class_metrics(params[None].float(), spec, splits.X_test, splits.y_test)
     counts = torch.bincount(splits.y_test, minlength=spec.num_classes)
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
             again = hn.refine(res.prompt, cand, splits.X_val, splits.y_val, rounds=1, seed=s, guidance=w.tolist())
             for name, c in (("open", cand), ("closed", again)):
                 i, met = F.choose(c, hn.spec, splits, fidx, args.retain_min)
-                d_f, d_r = test_accuracy(c[i], hn.spec, splits, fidx)
+                d_f, d_r = accuracy_on_test_split(c[i], hn.spec, splits, fidx)
                 rows[name].append((int(met["forget_keep"]), d_f, d_r))
         for name, r in rows.items():
             a = np.array(r, dtype=np.float64)

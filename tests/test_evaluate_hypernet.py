@@ -153,8 +153,9 @@ def test_retrieval_control_is_a_lookup_among_training_runs(store):
         np.mean([look["r2_retrieval"][c] for c in look["free_classes"]]))
 
 
-def test_other_classes_prompted_as_in_data_and_measured_on_validation(store, monkeypatch):
-    fake = FakeHN(store, "nearest")
+@pytest.fixture
+def scored_on(monkeypatch):
+    """The (X, y) of every `class_metrics` call the evaluator makes, in order (it still scores)."""
     seen = []
     real = ev.class_metrics
 
@@ -163,6 +164,12 @@ def test_other_classes_prompted_as_in_data_and_measured_on_validation(store, mon
         return real(params, spec, X, y)
 
     monkeypatch.setattr(ev, "class_metrics", spy)
+    return seen
+
+
+def test_other_classes_prompted_as_in_data_and_measured_on_validation(store, scored_on):
+    fake = FakeHN(store, "nearest")
+    seen = scored_on
     res = ev.evaluate_hypernet(fake, None, None, num_prompts=5, per_prompt=3, classes=[3])   # from meta
     sp = load_digits(store.classes, store.manifest["split_seed"], fractions=store.manifest["split"]["fractions"])
     assert len(seen) == 1 and torch.equal(seen[0][0], sp.X_val) and torch.equal(seen[0][1], sp.y_val)
@@ -398,16 +405,9 @@ def test_validation_halves_are_disjoint_stratified_and_keep_order(labels):
         ev.validation_halves(X[:-1], y)
 
 
-def test_refine_gets_feedback_from_one_half_and_is_scored_on_the_other(store, monkeypatch):
+def test_refine_gets_feedback_from_one_half_and_is_scored_on_the_other(store, scored_on):
     fake = FakeHN(store, "nearest", kind="dihyfo1")
-    seen = []
-    real = ev.class_metrics
-
-    def spy(params, spec, X, y):
-        seen.append((X, y))
-        return real(params, spec, X, y)
-
-    monkeypatch.setattr(ev, "class_metrics", spy)
+    seen = scored_on
     res = ev.evaluate_hypernet(fake, None, None, num_prompts=4, per_prompt=3, classes=[2], refine=2)
     (XA, yA), (XB, yB) = ev.validation_halves(*ev.validation_split(store))
     assert len(fake.refined) == 1 and fake.refined[0]["rounds"] == 2

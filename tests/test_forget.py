@@ -849,7 +849,7 @@ def test_forget_closed_loop_probe(setup, capsys):
     data, hns, splits = setup
     hn = hns["dihyfo1"]
     p = torch.from_numpy(CheckpointStore(data).take("params", np.array([7])))[0]
-    d_f, d_r = fcl.test_accuracy(p, hn.spec, splits, [2])
+    d_f, d_r = fcl.accuracy_on_test_split(p, hn.spec, splits, [2])
     pred = as_module(p, hn.spec)(splits.X_test).argmax(1)
     f = splits.y_test == 2
     assert d_f == pytest.approx(float((pred[f] == 2).float().mean()), abs=1e-6)
